@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each bootstraps .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= demo-output
+SHARED_WEIGHTS ?= ../shared/weights/tf_efficientnet_lite0_imagenet.safetensors
+
+.PHONY: venv demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch/torchvision first, pinned: these wheels install from the local disk here
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	FAKESCOPE_CACHE_DIR=$(DEMO_DIR)/cache SHARED_WEIGHTS=$(SHARED_WEIGHTS) DEMO_DIR=$(DEMO_DIR) \
+		bash scripts/demo.sh
+
+test: venv
+	FAKESCOPE_PROGRESS=0 $(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

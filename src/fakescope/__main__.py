@@ -1,0 +1,3 @@
+from fakescope.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""``data inspect``: what is in a data root, and what is wrong with it."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+
+from torch.utils.data import DataLoader, Dataset
+
+from fakescope.data.io import DEFAULT_MAX_PIXELS, probe_image, read_image
+from fakescope.data.layout import Index, limit_per_class
+from fakescope.data.dataset import default_workers
+from fakescope.errors import ImageReadError
+from fakescope.progress import progress
+
+
+class _Probe(Dataset):
+    def __init__(self, files: list[str], max_pixels: int) -> None:
+        self.files, self.max_pixels = files, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            fmt, w, h = probe_image(self.files[i], self.max_pixels)
+            read_image(self.files[i], max_pixels=self.max_pixels)  # full decode: finds truncation
+            return i, fmt, w, h, None
+        except ImageReadError as e:
+            return i, None, 0, 0, e.reason
+
+
+def inspect_index(index: Index, *, sample: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  num_workers: int | None = None) -> dict:
+    """Counts per generator/split/class, formats per class, sizes, unreadable files, warnings.
+
+    Every file is decoded once (use ``sample`` to check at most that many per generator, split
+    and class on a very large root); counts always cover the whole index."""
+    probed = limit_per_class(index, sample) if sample else index
+    files = [probed.abspath(i) for i in range(len(probed))]
+    loader = DataLoader(_Probe(files, max_pixels), batch_size=64, collate_fn=list,
+                        num_workers=default_workers() if num_workers is None else num_workers)
+    formats: dict[str, Counter] = {"nature": Counter(), "ai": Counter()}
+    sizes: Counter = Counter()
+    shorts: list[int] = []
+    bad: dict[str, str] = {}
+    names = ("nature", "ai")
+    for batch in progress(loader, desc="inspecting", total=len(loader)):
+        for i, fmt, w, h, err in batch:
+            if err is not None:
+                bad[files[i]] = err
+                continue
+            formats[names[probed.labels[i]]][fmt] += 1
+            sizes[f"{w}x{h}"] += 1
+            shorts.append(min(w, h))
+    warnings = []
+    major = {c: (f.most_common(1)[0] if f else None) for c, f in formats.items()}
+    if major["ai"] and major["nature"]:
+        (fa, na), (fn, nn) = major["ai"], major["nature"]
+        share_a, share_n = na / sum(formats["ai"].values()), nn / sum(formats["nature"].values())
+        if fa != fn and share_a > 0.5 and share_n > 0.5:
+            warnings.append(
+                f"format shortcut: 'ai' images are mostly {fa} ({share_a:.0%}) but 'nature' images are mostly "
+                f"{fn} ({share_n:.0%}); a detector can learn the compression instead of the generator "
+                f"(use --jpeg-align Q to re-encode both classes)")
+    if bad:
+        warnings.append(f"{len(bad)} unreadable files (listed under 'unreadable')")
+    for g, splits in index.counts().items():
+        for s, c in splits.items():
+            for cls in ("nature", "ai"):
+                if c[cls] == 0:
+                    warnings.append(f"{g}/{s} has no '{cls}' images")
+    return {
+        "root": index.root,
+        "layout": index.layout,
+        "total": len(index),
+        "counts": index.counts(),
+        "checked": len(files),
+        "formats": {c: dict(f.most_common()) for c, f in formats.items()},
+        "sizes": {
+            "most_common": dict(sizes.most_common(10)),
+            "shorter_side": ({"min": min(shorts), "median": statistics.median(shorts), "max": max(shorts)}
+                             if shorts else None),
+        },
+        "unreadable": bad,
+        "warnings": warnings,
+    }
+
+
+def sample_images(index: Index, per_class: int = 6, size: int = 96) -> list[tuple[str, list]]:
+    """Rows for the sample grid: ``(generator / class, [HxWx3 uint8])``, readable files only."""
+    from fakescope.data.transforms import fit
+
+    rows = []
+    picked = limit_per_class(index, per_class * 3)
+    for g in picked.generator_names:
+        for cls, name in ((1, "ai"), (0, "nature")):
+            imgs = []
+            for i in range(len(picked)):
+                if picked.generators[i] == g and picked.labels[i] == cls and len(imgs) < per_class:
+                    try:
+                        img = read_image(picked.abspath(i))
+                    except ImageReadError:
+                        continue
+                    imgs.append(fit(img, size).permute(1, 2, 0).numpy())
+            if imgs:
+                rows.append((f"{g}\n{name}", imgs))
+    return rows
+
+

@@ -1,0 +1,267 @@
+"""Data roots: layout detection, generator names, the file index and the validation carve.
+
+Two layouts are recognised (``ai`` and ``nature`` are the class folders, any case):
+
+1. GenImage / tiny-GenImage: ``ROOT/<generator>/{train,val}/{ai,nature}/*``, where the
+   generator folder may be GenImage's README name (``Stable Diffusion V1.4``), an archive's inner
+   name (``imagenet_ai_0419_biggan``), both nested (``BigGAN/imagenet_ai_0419_biggan/train/...``)
+   or any plain name.
+2. A single generator: ``ROOT/{train,val}/{ai,nature}/*`` (the generator is named after ROOT).
+
+Indexing lists directories only (``os.scandir``); it never opens an image. The index is cached
+under the user's cache directory and rebuilt when any indexed directory changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fakescope import LABELS
+from fakescope.data.io import is_image_path
+from fakescope.errors import DataError
+from fakescope.utils import atomic_write_text, cache_dir
+
+SPLITS = ("train", "val")
+INDEX_FORMAT = 1
+
+_ALIASES = {
+    "midjourney": ["midjourney", "imagenet_midjourney", "mj"],
+    "sd14": ["Stable Diffusion V1.4", "stable_diffusion_v_1_4", "imagenet_ai_0419_sdv4", "sdv14", "sd14"],
+    "sd15": ["Stable Diffusion V1.5", "stable_diffusion_v_1_5", "imagenet_ai_0424_sdv5", "sdv15", "sd15"],
+    "adm": ["ADM", "imagenet_ai_0508_adm"],
+    "glide": ["GLIDE", "imagenet_glide"],
+    "wukong": ["Wukong", "imagenet_ai_0424_wukong"],
+    "vqdm": ["VQDM", "imagenet_ai_0419_vqdm"],
+    "biggan": ["BigGAN", "imagenet_ai_0419_biggan"],
+}
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "", name.lower())
+
+
+GENERATOR_NAMES: dict[str, str] = {_key(a): canon for canon, names in _ALIASES.items() for a in names}
+"""Normalised folder name -> canonical generator name (GenImage's eight generators)."""
+
+EXPECTED_LAYOUTS = (
+    "expected one of these layouts:\n"
+    "  ROOT/<generator>/{train,val}/{ai,nature}/*   (GenImage, tiny-GenImage)\n"
+    "  ROOT/{train,val}/{ai,nature}/*               (a single generator)"
+)
+
+
+def canonical_generator(folder: str) -> str | None:
+    """GenImage folder name -> canonical name (``sd14``, ``biggan``...), or None if unknown."""
+    return GENERATOR_NAMES.get(_key(folder))
+
+
+def _subdirs(path: str) -> dict[str, str]:
+    try:
+        with os.scandir(path) as it:
+            return {e.name: e.path for e in it if e.is_dir(follow_symlinks=True) and not e.name.startswith(".")}
+    except OSError:
+        return {}
+
+
+def _split_dirs(path: str) -> dict[str, dict[str, str]]:
+    """``{split: {class: dir}}`` for the splits under ``path`` that have at least one class folder."""
+    out: dict[str, dict[str, str]] = {}
+    for name, p in _subdirs(path).items():
+        split = name.lower()
+        if split not in SPLITS:
+            continue
+        classes = {c.lower(): cp for c, cp in _subdirs(p).items() if c.lower() in LABELS}
+        if classes:
+            out[split] = classes
+    return out
+
+
+@dataclass
+class Index:
+    """The files of a data root, as parallel columns. ``paths`` are relative to ``root``."""
+
+    root: str
+    layout: str
+    paths: list[str]
+    labels: list[int]
+    generators: list[str]
+    splits: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def abspath(self, i: int) -> str:
+        return os.path.join(self.root, self.paths[i])
+
+    def subset(self, keep: list[int]) -> "Index":
+        return Index(
+            self.root, self.layout,
+            [self.paths[i] for i in keep], [self.labels[i] for i in keep],
+            [self.generators[i] for i in keep], [self.splits[i] for i in keep],
+        )
+
+    @property
+    def generator_names(self) -> list[str]:
+        return sorted(set(self.generators))
+
+    def select(self, generators: list[str] | None = None, split: str | None = None) -> "Index":
+        """Keep the given generators (canonical or folder names) and split; errors name the choices."""
+        keep = list(range(len(self)))
+        if split is not None:
+            if split not in SPLITS:
+                raise DataError(f"expected --split to be one of {', '.join(SPLITS)}, got {split!r}")
+            have = sorted(set(self.splits))
+            if split not in have:
+                raise DataError(f"{self.root} has no '{split}' split (it has: {', '.join(have) or 'none'})")
+            keep = [i for i in keep if self.splits[i] == split]
+        if generators:
+            valid = self.generator_names
+            wanted = []
+            for g in generators:
+                canon = g if g in valid else canonical_generator(g)
+                if canon not in valid:
+                    raise DataError(f"unknown generator {g!r}: expected one of {', '.join(valid)}")
+                wanted.append(canon)
+            keep = [i for i in keep if self.generators[i] in set(wanted)]
+        return self.subset(keep)
+
+    def counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """``{generator: {split: {"ai": n, "nature": n}}}``."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        names = {v: k for k, v in LABELS.items()}
+        for g, s, y in zip(self.generators, self.splits, self.labels):
+            d = out.setdefault(g, {}).setdefault(s, {"nature": 0, "ai": 0})
+            d[names[y]] += 1
+        return out
+
+    def to_json(self) -> dict:
+        return {"root": self.root, "layout": self.layout, "paths": self.paths, "labels": self.labels,
+                "generators": self.generators, "splits": self.splits}
+
+
+def _find_generators(root: str) -> tuple[str, list[tuple[str, dict[str, dict[str, str]]]]]:
+    splits = _split_dirs(root)
+    if splits:
+        name = os.path.basename(os.path.normpath(root))
+        return "single", [(canonical_generator(name) or name, splits)]
+    found = []
+    for outer, p in sorted(_subdirs(root).items()):
+        splits = _split_dirs(p)
+        name = canonical_generator(outer)
+        if not splits:  # GenImage archives: BigGAN/imagenet_ai_0419_biggan/train/...
+            for inner, ip in sorted(_subdirs(p).items()):
+                splits = _split_dirs(ip)
+                if splits:
+                    name = name or canonical_generator(inner)
+                    break
+        if splits:
+            found.append((name or outer, splits))
+    return "genimage", found
+
+
+def _scan(root: str) -> tuple[Index, dict[str, int]]:
+    layout, gens = _find_generators(root)
+    if not gens:
+        raise DataError(f"no dataset found under {root}: {EXPECTED_LAYOUTS}")
+    names = [g for g, _ in gens]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise DataError(f"{root}: several folders map to the same generator {sorted(dupes)}; rename one")
+    paths, labels, generators, splits = [], [], [], []
+    dirs: dict[str, int] = {root: os.stat(root).st_mtime_ns}
+    for gen, split_dirs in gens:
+        for split in SPLITS:
+            for cls in ("nature", "ai"):
+                d = split_dirs.get(split, {}).get(cls)
+                if d is None:
+                    continue
+                for dirpath, dirnames, files in os.walk(d, followlinks=True):
+                    dirnames.sort()
+                    dirs[dirpath] = os.stat(dirpath).st_mtime_ns
+                    for f in sorted(files):
+                        if is_image_path(f):
+                            paths.append(os.path.relpath(os.path.join(dirpath, f), root))
+                            labels.append(LABELS[cls])
+                            generators.append(gen)
+                            splits.append(split)
+    # parent folders too, so that a new generator or split folder invalidates the cache
+    for gen, split_dirs in gens:
+        for classes in split_dirs.values():
+            for d in classes.values():
+                for parent in (os.path.dirname(d), os.path.dirname(os.path.dirname(d))):
+                    if parent.startswith(root):
+                        dirs[parent] = os.stat(parent).st_mtime_ns
+    return Index(root, layout, paths, labels, generators, splits), dirs
+
+
+def _cache_file(root: str) -> Path:
+    return cache_dir() / "index" / (hashlib.sha1(root.encode()).hexdigest()[:20] + ".json")
+
+
+def _still_valid(dirs: dict[str, int]) -> bool:
+    try:
+        return all(os.stat(d).st_mtime_ns == m for d, m in dirs.items())
+    except OSError:
+        return False
+
+
+def index_root(root: str | os.PathLike, *, use_cache: bool = True) -> Index:
+    """Index a data root (cached; the cache is checked against every indexed folder's mtime)."""
+    root = os.path.abspath(str(root))
+    if not os.path.isdir(root):
+        raise DataError(f"data root not found: {root} (expected a folder; {EXPECTED_LAYOUTS.splitlines()[0]})")
+    cf = _cache_file(root)
+    if use_cache and cf.is_file():
+        try:
+            blob = json.loads(cf.read_text())
+            if blob.get("format") == INDEX_FORMAT and blob["index"]["root"] == root and _still_valid(blob["dirs"]):
+                return Index(**blob["index"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    index, dirs = _scan(root)
+    if use_cache:
+        try:
+            atomic_write_text(cf, json.dumps({"format": INDEX_FORMAT, "dirs": dirs, "index": index.to_json()}))
+        except OSError:
+            pass  # a read-only cache directory only costs speed
+    return index
+
+
+def carve_validation(index: Index, fraction: float = 0.1) -> tuple[Index, Index]:
+    """Split a training index into (train, validation), deterministically and disjointly.
+
+    Within each (generator, class) stratum, files are ordered by a hash of their relative path
+    and the first ``round(fraction * n)`` go to validation, so the carve does not depend on the
+    seed, on listing order, or on files added to other strata.
+    """
+    if not 0 <= fraction < 1:
+        raise DataError(f"expected a validation fraction in [0, 1), got {fraction}")
+    strata: dict[tuple[str, int], list[int]] = {}
+    for i, (g, y) in enumerate(zip(index.generators, index.labels)):
+        strata.setdefault((g, y), []).append(i)
+    val: set[int] = set()
+    for members in strata.values():
+        members.sort(key=lambda i: hashlib.sha1(index.paths[i].encode()).hexdigest())
+        val.update(members[: round(fraction * len(members))])
+    train_ids = [i for i in range(len(index)) if i not in val]
+    val_ids = [i for i in range(len(index)) if i in val]
+    return index.subset(train_ids), index.subset(val_ids)
+
+
+def limit_per_class(index: Index, n: int) -> Index:
+    """Keep at most ``n`` files per (generator, split, class), chosen by path hash (deterministic)."""
+    if n <= 0:
+        raise DataError(f"expected a positive --limit, got {n}")
+    strata: dict[tuple[str, str, int], list[int]] = {}
+    for i, key in enumerate(zip(index.generators, index.splits, index.labels)):
+        strata.setdefault(key, []).append(i)
+    keep: list[int] = []
+    for members in strata.values():
+        members.sort(key=lambda i: hashlib.sha1(index.paths[i].encode()).hexdigest())
+        keep.extend(members[:n])
+    return index.subset(sorted(keep))

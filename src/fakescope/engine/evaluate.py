@@ -1,0 +1,123 @@
+"""``evaluate`` and ``predict`` for a run directory: the library functions behind the commands."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fakescope.data.io import DEFAULT_MAX_PIXELS, list_images
+from fakescope.data.layout import index_root
+from fakescope.data.transforms import Pipeline, parse_degradations
+from fakescope.engine import runtime
+from fakescope.engine.checkpoint import load_run
+from fakescope.engine.infer import evaluate_index, score_files
+from fakescope.errors import FakescopeError
+from fakescope.metrics import check_threshold
+from fakescope.utils import write_json
+
+
+def native_size_for(config: dict, override: str | int | None) -> int | None:
+    """The run's recorded native size, or an override: ``auto`` (the run's), ``off`` or N."""
+    if override is None or override == "auto":
+        return config.get("native_size")
+    if override == "off":
+        return None
+    try:
+        n = int(override)
+    except (TypeError, ValueError):
+        n = 0
+    if n <= 0:
+        raise FakescopeError(f"expected --native-size auto, off or a positive integer, got {override!r}")
+    return n
+
+
+def prepare(run_dir, *, device="auto", precision="auto", native_size=None, jpeg_align=None):
+    """``(model, config, pipeline, device, precision)`` for inference with a run."""
+    runtime.init_distributed()
+    model, config = load_run(run_dir)
+    dev = runtime.resolve_device(device)
+    prec = runtime.resolve_precision(precision, dev, inference=True)
+    model.to(dev)
+    if prec.channels_last:
+        model.to(memory_format=__import__("torch").channels_last)
+    if jpeg_align is None:
+        jpeg_align = config.get("train", {}).get("jpeg_align")
+    pipeline = Pipeline(model.preprocess.input_size, native_size_for(config, native_size), jpeg_align)
+    return model, config, pipeline, dev, prec
+
+
+def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: str = "val", generators=None,
+                 threshold: float = 0.5, native_size=None, jpeg_align: int | None = None, degrade=None,
+                 device: str = "auto", precision: str = "auto", batch_size: int | None = None,
+                 num_workers: int | None = None, use_cache: bool = True, cache_dir=None, out_dir=None,
+                 json_out=None, max_pixels: int | None = None, plots: bool = True) -> dict:
+    """Evaluate a run on ``data``'s ``split``; writes the JSON and the ROC / confusion PNGs."""
+    check_threshold(threshold)
+    try:
+        degradations = parse_degradations(degrade)
+    except ValueError as e:
+        raise FakescopeError(str(e)) from None
+    model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision,
+                                                 native_size=native_size, jpeg_align=jpeg_align)
+    index = index_root(data).select(generators, split)
+    if len(index) == 0:
+        raise FakescopeError(f"no images in {data} for split {split!r}")
+    result = evaluate_index(model, index, pipeline, device=dev, precision=prec, threshold=threshold,
+                            batch_size=batch_size or 64, num_workers=num_workers, use_cache=use_cache,
+                            cache_root=cache_dir, degradations=degradations,
+                            max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    scores = result.pop("_scores")
+    result["model"] = {"name": config["model"]["name"], "run": str(Path(run_dir).resolve()),
+                       "options": config["model"].get("options", {})}
+    result["data"] = {"root": index.root, "split": split, "generators": index.generator_names,
+                      "n_files": len(index), "native_size": pipeline.native_size, "jpeg_align": pipeline.jpeg_align}
+    result["threshold"] = threshold
+    result["precision"] = prec.name
+    folder = Path(out_dir or Path(run_dir) / f"eval-{split}")
+    json_path = Path(json_out) if json_out else folder / "metrics.json"
+    result["outputs"] = {"json": str(json_path), "folder": str(folder)}
+    if runtime.is_main():
+        if plots:
+            from fakescope.report import plots as P
+
+            name = config["model"]["name"]
+            curves = {"all": (scores["labels"], scores["p_ai"])}
+            for g in sorted(set(scores["generators"].tolist())):
+                m = scores["generators"] == g
+                curves[g] = (scores["labels"][m], scores["p_ai"][m])
+            P.roc_plot(curves, folder / "roc.png", title=f"ROC — {name}")
+            P.confusion_plot(result["overall"]["confusion"], folder / "confusion.png", title=name)
+            for kind, rows in result.get("degradations", {}).items():
+                P.curve_plot([r["level"] for r in rows], {
+                    "accuracy": [r["overall"]["accuracy"] for r in rows],
+                    "roc_auc": [r["overall"]["roc_auc"] for r in rows]}, folder / f"degrade-{kind}.png",
+                    xlabel={"jpeg": "JPEG quality", "blur": "blur sigma", "resize": "scale factor"}[kind],
+                    ylabel="score", title=f"{name} under {kind}", invert_x=kind in ("jpeg", "resize"))
+            np.savez_compressed(folder / "scores.npz", labels=scores["labels"], p_ai=scores["p_ai"],
+                                generators=scores["generators"].astype(str))
+        write_json(json_path, result)
+    return result
+
+
+def predict_paths(run_dir, paths: list[str], *, threshold: float = 0.5, device: str = "auto",
+                  precision: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
+                  max_file_size: int | None = 50 * 2**20, max_pixels: int | None = None,
+                  native_size=None) -> list[dict]:
+    """One row per image: ``{"path", "p_ai", "verdict"}`` or ``{"path", "error"}``; bad files never stop the rest."""
+    check_threshold(threshold)
+    missing = [p for p in paths if not os.path.lexists(p)]
+    files = list_images([p for p in paths if os.path.lexists(p)])
+    model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision,
+                                                 native_size=native_size)
+    p, errors = score_files(model, files, pipeline, device=dev, precision=prec, batch_size=batch_size or 64,
+                            num_workers=num_workers, use_cache=False, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                            max_file_size=max_file_size, desc="predicting")
+    rows: list[dict] = [{"path": m, "error": "file not found"} for m in missing]
+    for i, f in enumerate(files):
+        if i in errors:
+            rows.append({"path": f, "error": errors[i]})
+        else:
+            rows.append({"path": f, "p_ai": round(float(p[i]), 6), "verdict": "ai" if p[i] >= threshold else "nature"})
+    return rows

@@ -1,0 +1,7 @@
+"""Detectors: a registry of factories (``create_model``), each model carrying its preprocessing."""
+
+from fakescope.models import cnn32, timm_models  # noqa: F401  (registers the models)
+from fakescope.models.base import Detector, Preprocess
+from fakescope.models.registry import create_model, list_models, register_model
+
+__all__ = ["Detector", "Preprocess", "create_model", "list_models", "register_model"]

@@ -1,0 +1,1 @@
+"""Tables and figures: terminal/Markdown tables, ROC and confusion plots, grids, reports."""

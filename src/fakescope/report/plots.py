@@ -1,0 +1,104 @@
+"""Figures as PNG files (matplotlib's Agg backend, nothing shown on screen)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = "ROC") -> str | None:
+    """One ROC curve per name: ``{name: (labels, p_ai)}``; names with a single class are skipped."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    drawn = 0
+    for name, (y, p) in curves.items():
+        y = np.asarray(y)
+        if len(set(y.tolist())) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="false positive rate (real called AI)", ylabel="true positive rate (AI caught)", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def confusion_plot(confusion: Sequence[Sequence[int]], path: str | os.PathLike, title: str = "confusion") -> str:
+    cm = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks([0, 1], ["nature", "ai"])
+    ax.set_yticks([0, 1], ["nature", "ai"])
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    return _save(fig, path)
+
+
+def curve_plot(xs: Sequence[float], series: dict[str, Sequence[float | None]], path: str | os.PathLike, *,
+               xlabel: str, ylabel: str, title: str, invert_x: bool = False) -> str:
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, ys in series.items():
+        ax.plot(list(xs), [np.nan if v is None else v for v in ys], marker="o", label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if invert_x:
+        ax.invert_xaxis()
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | os.PathLike, *,
+            title: str, xlabel: str, ylabel: str) -> str:
+    m = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(cols), 1.0 + 0.7 * len(rows)))
+    ax.imshow(m, cmap="viridis", vmin=0, vmax=1)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, "-" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center",
+                    color="white" if m[i, j] < 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return _save(fig, path)
+
+
+def image_grid(rows: list[tuple[str, list[np.ndarray]]], path: str | os.PathLike, title: str = "") -> str:
+    """A labelled grid: one row per ``(label, [HxWx3 uint8 images])``."""
+    ncols = max((len(imgs) for _, imgs in rows), default=1)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.4 * ncols + 1.2, 1.45 * len(rows)), squeeze=False)
+    for r, (label, imgs) in enumerate(rows):
+        for c in range(ncols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if c < len(imgs):
+                ax.imshow(imgs[c])
+            if c == 0:
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
