@@ -175,9 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--native-size", default=None, help="override the run's native size: N or off")
     _add_runtime(pr)
 
-    from fakescope import commands  # the heavier sub-commands (attack, benchmark, cross)
+    from types import SimpleNamespace
 
-    commands.add_parsers(sub, _Parser, _add_data, _add_runtime, _threshold, _number, _csv, _positive_int)
+    from fakescope import commands  # the study-level sub-commands (attack, benchmark, cross)
+
+    commands.add_parsers(sub, SimpleNamespace(
+        parser_class=_Parser, add_data=_add_data, add_runtime=_add_runtime, add_model_options=_add_model_options,
+        model_options=_model_options, threshold=_threshold, number=_number, csv=_csv, positive_int=_positive_int,
+        nonneg_int=_nonneg_int, quality=_quality))
     return p
 
 
