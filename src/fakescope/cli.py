@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"fakescope {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    sub.add_parser("models", help="list the registered models")
+    mo = sub.add_parser("models", help="list the registered models")
+    mo.add_argument("--check", metavar="NAME", default=None,
+                    help="build NAME with its pretrained weights and say whether they can be had here")
+    mo.add_argument("--pretrained-file", default=None, help="with --check: local weights to try")
 
     d = sub.add_parser("data", help="inspect, show or create datasets")
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -189,7 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
 # --- handlers -------------------------------------------------------------------------------------
 
 def _cmd_models(args) -> int:
-    from fakescope.models import list_models
+    from fakescope.models import create_model, list_models
+
+    if args.check:
+        opts = {"pretrained_file": args.pretrained_file} if args.pretrained_file else {}
+        m = create_model(args.check, **opts)
+        print(f"{args.check}: pretrained weights available; input {m.preprocess.input_size}px, "
+              f"mean {m.preprocess.mean}, std {m.preprocess.std}, "
+              f"{sum(p.numel() for p in m.parameters()):,} parameters")
+        return 0
 
     for name, desc in list_models().items():
         if name != "timm":

@@ -2,19 +2,22 @@
 
 Every image that enters fakescope goes through :func:`read_image`. It returns an RGB
 ``uint8`` tensor of shape ``[3, H, W]`` or raises :class:`~fakescope.errors.ImageReadError`
-with a short reason; it never returns garbage and never lets a decoder warning pass.
+with a short reason; it never returns garbage, never lets a decoder warning pass, and never
+raises anything else for a bad file (whatever the bytes, the caller sees an ``ImageReadError``).
 
 What it handles: greyscale and 16-bit images, CMYK JPEG, palette images with transparency,
 RGBA and LA (composited on a fixed white background), animated GIF/WebP (first frame),
 EXIF orientation, BMP/TIFF/WebP, files whose extension lies about their format.
-What it rejects: empty, truncated or non-image files, dangling links, unreadable files, and
-images with more than ``max_pixels`` pixels (decompression bombs).
+What it rejects: empty, truncated or non-image files, dangling links, unreadable files, files
+over ``max_file_size`` bytes, and images with more than ``max_pixels`` pixels (decompression
+bombs: the limit is checked on the header, before any pixel memory is allocated).
+Only the decoders of :data:`FORMATS` are ever run, whatever the file claims to be.
 """
 
 from __future__ import annotations
 
 import os
-import struct
+import threading
 import warnings
 from pathlib import Path
 
@@ -24,9 +27,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fakescope.errors import ImageReadError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF")
+"""The Pillow decoders fakescope runs (by content, not by extension); anything else is refused."""
 DEFAULT_MAX_PIXELS = 120_000_000  # 6000x4000 is 24 M; a 40000x40000 bomb is 1.6 G
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+_ORIENTATION = 0x0112
+_PILLOW_LIMIT = threading.Lock()
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -38,36 +45,82 @@ def _check_file(path: str, max_file_size: int | None) -> int:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        kind = "dangling symbolic link" if os.path.islink(path) else "file not found"
-        raise ImageReadError(path, kind) from None
+        if os.path.islink(path):
+            raise ImageReadError(path, f"dangling symbolic link (its target {os.readlink(path)} does not exist)") \
+                from None
+        raise ImageReadError(path, "file not found") from None
+    except PermissionError:
+        raise ImageReadError(path, "permission denied") from None
     except OSError as e:
-        raise ImageReadError(path, f"cannot stat file ({e.strerror})") from None
+        raise ImageReadError(path, f"cannot stat file ({e.strerror or e})") from None
     if not os.path.isfile(path):
-        raise ImageReadError(path, "not a regular file")
+        kind = "a folder" if os.path.isdir(path) else "not a regular file"
+        raise ImageReadError(path, f"{kind}, not an image file")
     if st.st_size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
     if max_file_size is not None and st.st_size > max_file_size:
-        raise ImageReadError(path, f"file too large ({st.st_size} bytes > limit {max_file_size})")
+        raise ImageReadError(path, f"file too large ({st.st_size} bytes > limit {max_file_size}; "
+                                   f"raise --max-file-size)")
     if not os.access(path, os.R_OK):
         raise ImageReadError(path, "permission denied")
     return st.st_size
 
 
+def _what_is_it(path: str) -> str:
+    """The reason for a file no decoder recognises: say what it looks like, when that is clear."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2048)
+    except OSError:
+        head = b""
+    low = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if low.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in low[:512]:
+        return "not an image: an HTML page (often a failed download)"
+    if low.startswith(b"<?xml") or b"<svg" in low[:512]:
+        return "not an image: an XML/SVG document (vector images are not supported)"
+    if head and b"\x00" not in head:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as e:  # a multi-byte character cut at the end of the block
+            text = head[: e.start].decode("utf-8", "replace") if e.start > len(head) - 4 else ""
+        if text and sum(c.isprintable() or c.isspace() for c in text) >= 0.95 * len(text):
+            return "not an image: a text file"
+    return f"not an image (unrecognised or unsupported format; supported: {', '.join(FORMATS[:-2])}, TIFF)"
+
+
+def _pillow_open(path: str) -> Image.Image:
+    try:
+        return Image.open(path, formats=FORMATS)
+    except Image.DecompressionBombError:
+        pass
+    # Pillow's own guard (a global, 89 M pixels by default) fired before ours: read the header
+    # again without it, so that ``max_pixels`` alone decides and the message gives the size.
+    with _PILLOW_LIMIT:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path, formats=FORMATS)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _reason(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= 200 else msg[:197] + "..."
+
+
 def _open(path: str, max_pixels: int) -> Image.Image:
+    """Open (header only) and check the pixel count before anything is decoded."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            warnings.simplefilter("ignore")  # bomb warnings: our own limit decides; format-guess chatter
+            im = _pillow_open(path)
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not an image (unrecognised format)") from None
-    except Image.DecompressionBombError:
-        raise ImageReadError(path, f"decompression bomb (more than {max_pixels} pixels)") from None
-    except Image.DecompressionBombWarning:
-        raise ImageReadError(path, f"decompression bomb (more than {max_pixels} pixels)") from None
+        raise ImageReadError(path, _what_is_it(path)) from None
     except PermissionError:
         raise ImageReadError(path, "permission denied") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageReadError(path, f"cannot open image ({e})") from None
+    except Exception as e:  # any decoder failure on hostile bytes is a bad file, never a crash
+        raise ImageReadError(path, f"cannot open image ({_reason(e)})") from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()
@@ -91,22 +144,27 @@ def probe_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
         im.close()
 
 
+def _grey_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit integer and float greyscale to 8 bits."""
+    if mode == "F":
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+        return np.clip(arr * scale, 0, 255).astype(np.uint8)
+    arr = np.clip(arr.astype(np.int64), 0, None)
+    if mode.startswith("I;16") or (arr.size and 255 < arr.max() <= 65535):
+        return (np.clip(arr, 0, 65535) >> 8).astype(np.uint8)
+    if arr.size and arr.max() > 65535:  # 32-bit data: scale the full range down
+        return (arr * 255 // int(arr.max())).astype(np.uint8)
+    return arr.astype(np.uint8)
+
+
 def _to_rgb_array(im: Image.Image) -> np.ndarray:
     mode = im.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(im).astype(np.int64)
-        arr = np.clip(arr, 0, 65535) if mode == "I" and arr.max() > 255 else arr
-        if mode != "I" or arr.max() > 255:
-            arr = arr >> 8
-        arr = arr.astype(np.uint8)
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        arr = _grey_to_uint8(np.asarray(im), mode)
         return np.repeat(arr[:, :, None], 3, axis=2)
-    if mode == "F":
-        arr = np.asarray(im)
-        scale = 255.0 if arr.max() <= 1.0 else 1.0
-        arr = np.clip(np.nan_to_num(arr) * scale, 0, 255).astype(np.uint8)
-        return np.repeat(arr[:, :, None], 3, axis=2)
-    if mode == "P":
-        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    if "transparency" in im.info and mode in ("P", "L", "RGB"):
+        im = im.convert("RGBA")
         mode = im.mode
     if mode in ("RGBA", "LA", "La", "RGBa", "PA"):
         im = im.convert("RGBA")
@@ -115,6 +173,16 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     if im.mode != "RGB":
         im = im.convert("RGB")
     return np.array(im)
+
+
+def _orient(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a malformed EXIF block must not cost the image."""
+    try:
+        if im.getexif().get(_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+            return ImageOps.exif_transpose(im)
+    except Exception:
+        pass
+    return im
 
 
 def read_image(
@@ -128,31 +196,29 @@ def read_image(
 
     ``draft_size`` lets the JPEG decoder scale down by a power of two while keeping both sides
     at least ``2 * draft_size`` (a large speed-up for big photos that will be resized anyway).
-    Raises :class:`ImageReadError` with a one-line reason for anything that is not a valid image.
+    Raises :class:`ImageReadError` with a one-line reason for anything that is not a valid image,
+    and nothing else.
     """
     path = str(path)
     _check_file(path, max_file_size)
     im = _open(path, max_pixels)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # e.g. truncated data, bad EXIF, palette warnings
+            warnings.simplefilter("error")  # e.g. truncated data, bad palette: the image is not trusted
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked above, on the header
+            warnings.simplefilter("ignore", ResourceWarning)
             if getattr(im, "is_animated", False):
                 im.seek(0)
-            if draft_size and im.format == "JPEG":
+            if draft_size and im.format in ("JPEG", "MPO"):
                 im.draft("RGB", (2 * draft_size, 2 * draft_size))
             im.load()
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # a malformed EXIF block must not cost the image
-                pass
-            arr = _to_rgb_array(im)
-    except ImageReadError:
-        raise
-    except Image.DecompressionBombError:
-        raise ImageReadError(path, f"decompression bomb (more than {max_pixels} pixels)") from None
-    except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError,
-            MemoryError, struct.error, Warning) as e:
-        msg = str(e) or type(e).__name__
+            arr = _to_rgb_array(_orient(im))
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(path, f"decompression bomb ({_reason(e)})") from None
+    except MemoryError:
+        raise ImageReadError(path, "not enough memory to decode the image") from None
+    except Exception as e:  # any decoder failure (or warning) on hostile bytes is a bad file
+        msg = _reason(e)
         if "truncated" in msg.lower() or isinstance(e, EOFError):
             msg = f"truncated or corrupt image data ({msg})"
         else:

@@ -1,0 +1,336 @@
+"""The benchmark report: ``report.md`` (figures as files beside it) and a self-contained
+``report.html`` (the same content, every PNG embedded as base64, no external resources).
+
+Both are rendered from one list of blocks (headings, paragraphs, tables, figures) built from a
+benchmark's ``results.json``, the evaluation files of its run directories and any
+cross-generator results under ``<out>/cross``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from fakescope.report.tables import fmt
+from fakescope.utils import atomic_write_text
+
+STUDY_COLUMNS = ("accuracy", "precision", "recall", "f1", "roc_auc")
+_TITLES = {"accuracy": "accuracy", "precision": "precision", "recall": "recall", "f1": "F1", "roc_auc": "ROC-AUC",
+           "average_precision": "AP", "real_accuracy": "real acc.", "fake_accuracy": "fake acc.", "n": "n"}
+_KIND_LABEL = {"jpeg": "JPEG quality", "blur": "blur sigma", "resize": "scale factor"}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{border-bottom:2px solid #ddd;padding-bottom:.3em}
+h2{border-bottom:1px solid #eee;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}th{background:#f4f4f4}
+td:first-child,th:first-child{text-align:left}
+figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}figcaption{font-size:.85em;color:#555}
+img{max-width:100%}code{background:#f4f4f4;padding:0 .2em}.note{color:#555;font-size:.9em}
+"""
+
+
+class Doc:
+    """Blocks rendered to Markdown (figures referenced by relative path) and to self-contained HTML."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.blocks: list[tuple] = []
+
+    def heading(self, level: int, text: str) -> None:
+        self.blocks.append(("h", level, text))
+
+    def para(self, text: str, note: bool = False) -> None:
+        self.blocks.append(("p", text, note))
+
+    def table(self, header: list[str], rows: list[list]) -> None:
+        self.blocks.append(("table", header, [[c if isinstance(c, str) else fmt(c) for c in r] for r in rows]))
+
+    def figures(self, items: list[tuple[str | None, str]]) -> None:
+        items = [(p, c) for p, c in items if p and Path(p).is_file()]
+        if items:
+            self.blocks.append(("fig", items))
+
+    # -- renderers --
+    def _rel(self, path: str) -> str:
+        return os.path.relpath(path, self.folder).replace(os.sep, "/")
+
+    def markdown(self) -> str:
+        out: list[str] = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append("#" * b[1] + " " + b[2])
+            elif b[0] == "p":
+                out.append(("_" + b[1] + "_") if b[2] else b[1])
+            elif b[0] == "table":
+                header, rows = b[1], b[2]
+                lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+                lines += ["| " + " | ".join(r) + " |" for r in rows]
+                out.append("\n".join(lines))
+            else:
+                out.append("\n".join(f"![{c}]({self._rel(p)})" for p, c in b[1]))
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+               f"<style>{_CSS}</style></head><body>"]
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(b[1]))
+                out.append(f"<p class=\"note\">{text}</p>" if b[2] else f"<p>{text}</p>")
+            elif b[0] == "table":
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in b[1])
+                body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b[2])
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            else:
+                figs = []
+                for p, c in b[1]:
+                    data = base64.b64encode(Path(p).read_bytes()).decode("ascii")
+                    figs.append(f"<figure><img alt=\"{html.escape(c)}\" src=\"data:image/png;base64,{data}\">"
+                                f"<figcaption>{html.escape(c)}</figcaption></figure>")
+                out.append("<div>" + "".join(figs) + "</div>")
+        out.append("</body></html>\n")
+        return "\n".join(out)
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "model"
+
+
+def _mean(v):
+    return v["mean"] if isinstance(v, dict) and "mean" in v else v
+
+
+def _confusion(c):
+    """A confusion matrix, or the per-seed sum of a multi-seed summary."""
+    return c["sum"] if isinstance(c, dict) else c
+
+
+# --- cross-generator ------------------------------------------------------------------------------
+
+def cross_tables(result: dict) -> tuple[list[str], list[list]]:
+    header = ["trained on \\ tested on", *result["test"], "average"]
+    rows = [[tr, *row, avg] for tr, row, avg in zip(result["train"], result["matrix"],
+                                                               result["row_average"], strict=True)]
+    return header, rows
+
+
+def write_cross(result: dict, stem: str | os.PathLike) -> dict:
+    """``stem.md`` (the matrix with row averages) and ``stem.png`` (its heatmap); returns the paths."""
+    from fakescope.report.plots import heatmap
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    m = np.array([[np.nan if v is None else v for v in row] for row in result["matrix"]], dtype=float)
+    full = np.concatenate([m, np.asarray(result["row_average"], dtype=float)[:, None]], axis=1)
+    png = heatmap(full, result["train"], [*result["test"], "average"], stem.with_suffix(".png"),
+                  title=f"{result['model']}: {result['metric']} ({result['protocol']})", xlabel="tested on",
+                  ylabel="trained on")
+    header, rows = cross_tables(result)
+    lines = [f"# Cross-generator {result['metric']}: {result['model']} ({result['protocol']}, {result['split']} split)",
+             "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in r) + " |" for r in rows]
+    if "mean_held_out" in result:
+        lines += ["", f"mean accuracy on the generator left out: {fmt(result['mean_held_out'])}"]
+    else:
+        lines += ["", f"mean in-distribution (diagonal): {fmt(result.get('mean_in_distribution'))}; "
+                      f"mean cross-generator (off-diagonal): {fmt(result.get('mean_cross'))}"]
+    lines += ["", f"![heatmap]({Path(png).name})", ""]
+    md = stem.with_suffix(".md")
+    atomic_write_text(md, "\n".join(lines))
+    return {"json": str(stem.with_suffix(".json")), "markdown": str(md), "png": str(png)}
+
+
+def _cross_results(out: Path, results: dict) -> dict[str, dict]:
+    found: dict[str, dict] = {}
+    for f in sorted((out / "cross").glob("*.json")):
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(r, dict) and "matrix" in r and "protocol" in r:
+            found[f.stem] = r
+    for label, r in (results.get("cross") or {}).items():
+        key = _slug(label) + ("-loo" if r.get("protocol") == "leave-one-out" else "")
+        found.setdefault(key, r)
+    return found
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+def _scores(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    f = Path(run.get("figures", "")) / "scores.npz"
+    if not f.is_file():
+        return None
+    with np.load(f, allow_pickle=False) as z:
+        return z["labels"], z["p_ai"]
+
+
+def write_report(out: str | os.PathLike, results: dict | None = None) -> dict:
+    """Write ``out/report.md`` and ``out/report.html`` (and ``out/figures/*.png``); return their paths."""
+    from fakescope.report import plots as P
+
+    out = Path(out)
+    if results is None:
+        results = json.loads((out / "results.json").read_text())
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    models: dict = results.get("models", {})
+    cfg = results.get("config", {})
+    gens = results.get("data", {}).get("generators") or cfg.get("generators") or []
+    split = results.get("data", {}).get("split", cfg.get("split", "val"))
+    multi = len(cfg.get("seeds", [0])) > 1
+
+    doc = Doc(out)
+    doc.heading(1, "fakescope benchmark")
+    seeds = ", ".join(map(str, cfg.get("seeds", [])))
+    doc.para(f"Data: `{cfg.get('data')}` — generators: {', '.join(gens)}; trained on the train split of all "
+             f"selected generators, evaluated on the {split} split. Seeds: {seeds}; "
+             f"epochs: {cfg.get('epochs')}; threshold {cfg.get('threshold')}.")
+    if multi:
+        doc.para("With several seeds each figure is mean ± sample std [95 % bootstrap interval of the mean, "
+                 "per-seed figures resampled].", note=True)
+
+    if models:
+        doc.heading(2, "Results")
+        doc.table(["model", *(_TITLES[c] for c in STUDY_COLUMNS)],
+                  [[label, *(m["overall"].get(c) for c in STUDY_COLUMNS)] for label, m in models.items()])
+        doc.table(["model", "params", "trainable", "input", "epochs run", "train s", "train img/s", "eval img/s",
+                   "eval precision"],
+                  [[label, m.get("params"), m.get("trainable_params"), m.get("input_size"), m.get("epochs_run"),
+                    m.get("train_seconds"), m.get("images_per_second"), m.get("eval_images_per_second"),
+                    str(m.get("eval_precision"))] for label, m in models.items()])
+
+        doc.heading(2, "Per generator")
+        for metric in ("accuracy", "roc_auc", "real_accuracy", "fake_accuracy"):
+            doc.para(f"{_TITLES[metric]} per generator:")
+            doc.table(["model", *gens], [[label, *(m["per_generator"].get(g, {}).get(metric) for g in gens)]
+                                         for label, m in models.items()])
+
+        curves = {}
+        for label, m in models.items():
+            s = _scores(m["runs"][0]) if m.get("runs") else None
+            if s is not None:
+                curves[label] = s
+        roc = P.roc_plot(curves, figs / "roc.png", title=f"ROC on {split}") if curves else None
+        conf = [(P.confusion_plot(_confusion(m["overall"]["confusion"]), figs / f"confusion-{_slug(label)}.png",
+                                  title=label + (" (seeds summed)" if multi else "")), f"confusion matrix: {label}")
+                for label, m in models.items()]
+        doc.heading(2, "ROC curves and confusion matrices")
+        doc.figures([(roc, "ROC curves of all models" + (" (first seed)" if multi else ""))])
+        doc.figures(conf)
+
+    sample = _sample_grid(cfg, gens, split, figs / "samples.png")
+    if sample:
+        doc.heading(2, "Sample images")
+        doc.figures([(sample, f"samples of the {split} split per generator and class")])
+
+    shortcut = {label: m["shortcut"] for label, m in models.items() if m.get("shortcut")}
+    if shortcut:
+        q = next(iter(shortcut.values()))["jpeg_align"]
+        doc.heading(2, "Shortcut control: JPEG alignment")
+        doc.para(f"Every image of both classes re-encoded as JPEG at quality {q} before the model sees it. A large "
+                 f"drop from the first column to the second means the detector relied on the file format "
+                 f"(e.g. GenImage's JPEG real vs PNG AI images) rather than on the generator's traces.")
+        trained = any("train_aligned" in s for s in shortcut.values())
+        header = ["model", "accuracy", f"accuracy, evaluated aligned (Q={q})", "difference"]
+        if trained:
+            header += [f"accuracy, trained + evaluated aligned (Q={q})"]
+        rows = []
+        for label, s in shortcut.items():
+            a, b = _mean(models[label]["overall"]["accuracy"]), _mean(s["eval_aligned"]["overall"]["accuracy"])
+            row = [label, models[label]["overall"]["accuracy"], s["eval_aligned"]["overall"]["accuracy"],
+                   None if a is None or b is None else b - a]
+            if trained:
+                row.append(s.get("train_aligned", {}).get("overall", {}).get("accuracy"))
+            rows.append(row)
+        doc.table(header, rows)
+
+    kinds = {}
+    for label, m in models.items():
+        for kind, rows in (m.get("degradations") or {}).items():
+            kinds.setdefault(kind, {})[label] = rows
+    if kinds:
+        doc.heading(2, "Degradations")
+        doc.para("Accuracy under each degradation of the evaluation images (JPEG re-compression, Gaussian blur, "
+                 "down-scaling); the per-run figures also show ROC-AUC.")
+        items = []
+        for kind, per_model in kinds.items():
+            levels = [r["level"] for r in next(iter(per_model.values()))]
+            doc.para(f"{_KIND_LABEL.get(kind, kind)}:")
+            doc.table(["model", "clean", *(f"{kind} {lv:g}" for lv in levels)],
+                      [[label, models[label]["overall"]["accuracy"], *(r["overall"]["accuracy"] for r in rows)]
+                       for label, rows in per_model.items()])
+            path = P.curve_plot(levels, {label: [_mean(r["overall"]["accuracy"]) for r in rows]
+                                         for label, rows in per_model.items()}, figs / f"degrade-{kind}.png",
+                                xlabel=_KIND_LABEL.get(kind, kind), ylabel="accuracy", title=f"accuracy under {kind}",
+                                invert_x=kind in ("jpeg", "resize"))
+            items.append((path, f"accuracy under {kind}"))
+        doc.figures(items)
+
+    cross = _cross_results(out, results)
+    if cross:
+        doc.heading(2, "Cross-generator generalisation")
+        doc.para("GenImage's protocol: train on each generator alone and test on every generator (rows: training "
+                 "generator, columns: test generator, last column: row average); leave-one-out: train on all "
+                 "generators but one, test on every generator (the diagonal is the generator left out).")
+        for key, r in cross.items():
+            doc.heading(3, f"{r['model']} ({r['protocol']})")
+            header, rows = cross_tables(r)
+            doc.table(header, rows)
+            if "mean_held_out" in r:
+                doc.para(f"mean accuracy on the generator left out: {fmt(r['mean_held_out'])}")
+            else:
+                doc.para(f"mean in-distribution (diagonal): {fmt(r.get('mean_in_distribution'))}; mean "
+                         f"cross-generator (off-diagonal): {fmt(r.get('mean_cross'))}")
+            doc.figures([(r.get("outputs", {}).get("png") or str(out / "cross" / f"{key}.png"),
+                          f"cross-generator accuracy: {r['model']}")])
+
+    checks = {label: m["precision_check"] for label, m in models.items() if m.get("precision_check")}
+    if checks:
+        doc.heading(2, "Numerical precision: fp32 vs bf16")
+        doc.para("The same run scores the evaluation images in fp32 and in bf16 (first seed): share of identical "
+                 "verdicts and the largest change of P(ai).")
+        doc.table(["model", "agreement", "max |Δp|", "mean |Δp|", "n"],
+                  [[label, c.get("agreement"), c.get("max_abs_diff"), c.get("mean_abs_diff"), c.get("n")]
+                   if "skipped" not in c else [label, "—", "—", "—", c["skipped"]] for label, c in checks.items()])
+
+    if models:
+        doc.heading(2, "Run directories")
+        doc.para("Each is a normal run: `fakescope evaluate RUN --data ROOT` and `fakescope predict RUN FILES` "
+                 "accept it.")
+        doc.table(["model", "seed", "run", "evaluation"],
+                  [[label, str(r["seed"]), os.path.relpath(r["dir"], out), os.path.relpath(r["eval"], out)]
+                   for label, m in models.items() for r in m.get("runs", [])])
+
+    md, page = out / "report.md", out / "report.html"
+    atomic_write_text(md, doc.markdown())
+    atomic_write_text(page, doc.html("fakescope benchmark"))
+    return {"markdown": str(md), "html": str(page), "figures": str(figs)}
+
+
+def _sample_grid(cfg: dict, gens: list[str], split: str, path: Path) -> str | None:
+    """The study's Fig. 1: a grid of sample images per generator and class."""
+    if not cfg.get("data") or not cfg.get("sample_per_class", 6):
+        return None
+    from fakescope.data.inspect import sample_images
+    from fakescope.data.layout import index_root
+    from fakescope.errors import FakescopeError
+    from fakescope.report.plots import image_grid
+
+    try:
+        index = index_root(cfg["data"]).select(gens or None, split)
+    except FakescopeError:
+        return None
+    rows = sample_images(index, int(cfg.get("sample_per_class", 6)))
+    return image_grid(rows, path, title="samples") if rows else None

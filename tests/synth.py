@@ -1,0 +1,62 @@
+"""Small datasets generated in code, for tests: learnable, deterministic, tiny."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CIFAKE_TAR = SHARED / "data" / "cifake_sdv14.tar"
+PHOTOS_TAR = SHARED / "data" / "real_photos_misc.tar"
+LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0_imagenet.safetensors"
+
+
+def synthetic_image(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """'nature' (0): smooth colour gradients; 'ai' (1): the same plus a faint periodic grid (an
+    up-sampling trace). Separable by a small CNN, not by mean colour."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = np.stack([np.clip(rng.uniform(0.2, 0.8) + rng.uniform(-0.3, 0.3) * xx + rng.uniform(-0.3, 0.3) * yy, 0, 1)
+                     for _ in range(3)], axis=-1)
+    base += rng.normal(0, 0.02, base.shape)
+    if label == 1:
+        grid = ((np.arange(size)[:, None] % 2) ^ (np.arange(size)[None, :] % 2)).astype(float)
+        base += 0.12 * (grid[..., None] - 0.5)
+    return (np.clip(base, 0, 1) * 255).round().astype(np.uint8)
+
+
+def make_dataset(root: Path, generators=("alpha", "beta"), n_train: int = 40, n_val: int = 16, size: int = 32,
+                 single: bool = False, seed: int = 0, fmt: str = "png") -> Path:
+    """``root/<gen>/{train,val}/{ai,nature}/*.png`` (or ``root/{train,val}/...`` when ``single``)."""
+    rng = np.random.default_rng(seed)
+    for gen in ([None] if single else generators):
+        for split, n in (("train", n_train), ("val", n_val)):
+            if n == 0:
+                continue
+            for label, cls in ((0, "nature"), (1, "ai")):
+                d = root / split / cls if gen is None else root / gen / split / cls
+                d.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    Image.fromarray(synthetic_image(label, rng, size)).save(d / f"{i:04d}.{fmt}")
+    return root
+
+
+def extract_cifake(dest: Path, per_class_train: int, per_class_val: int) -> Path:
+    """The first N members of each CIFAKE folder (the tar is read once, sequentially)."""
+    want = {("train", "ai"): per_class_train, ("train", "nature"): per_class_train,
+            ("val", "ai"): per_class_val, ("val", "nature"): per_class_val}
+    got = dict.fromkeys(want, 0)
+    with tarfile.open(CIFAKE_TAR) as tar:
+        for m in tar:
+            parts = Path(m.name).parts
+            if not m.isfile() or len(parts) < 4:
+                continue
+            key = (parts[-3], parts[-2])
+            if key in want and got[key] < want[key]:
+                tar.extract(m, dest, filter="data")
+                got[key] += 1
+            if got == want:
+                break
+    return dest / "cifake_sdv14"

@@ -1,0 +1,129 @@
+import json
+
+import pytest
+import torch
+from synth import make_dataset
+
+from fakescope.engine import checkpoint as ckpt
+from fakescope.engine.evaluate import evaluate_run, predict_paths
+from fakescope.engine.train import TrainOptions, train
+from fakescope.errors import DataError
+from fakescope.metrics import METRIC_KEYS
+
+
+def _weights(run):
+    return ckpt.load_tensors(run / ckpt.WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def cifake_run(cifake_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "cnn32"
+    summary = train(TrainOptions(model="cnn32", data=str(cifake_small), epochs=6, patience=0, seed=42), out)
+    return out, summary
+
+
+def test_cnn32_learns_real_cifake_above_chance(cifake_run):
+    out, summary = cifake_run
+    assert summary["validation"]["accuracy"] > 0.7, summary["validation"]
+    assert summary["input_path"] == "memory"
+    log = [json.loads(line) for line in (out / ckpt.LOG).read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert set(log[0]) >= {"train_loss", "val_loss", "val_accuracy"}
+    cfg = json.loads((out / ckpt.CONFIG).read_text())
+    assert cfg["model"]["name"] == "cnn32" and cfg["seed"] == 42 and cfg["native_size"] == 32
+    assert cfg["preprocess"]["input_size"] == 32 and "torch" in cfg["versions"]
+    assert {p.suffix for p in out.iterdir() if p.is_file()} <= {".json", ".jsonl", ".safetensors"}
+
+
+def test_same_seed_gives_identical_weights_and_metrics(cifake_small, cifake_run, tmp_path):
+    out, summary = cifake_run
+    again = train(TrainOptions(model="cnn32", data=str(cifake_small), epochs=6, patience=0, seed=42), tmp_path / "b")
+    assert again["validation"] == summary["validation"]
+    a, b = _weights(out), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "data", n_train=30, n_val=4)
+    opts = dict(model="cnn32", data=str(data), epochs=4, patience=0, seed=7, batch_size=16)
+    train(TrainOptions(**opts), tmp_path / "full")
+
+    real_save = ckpt.save_train_state
+
+    def crash_after_epoch_2(run_dir, model, optimizer, scheduler, state):
+        real_save(run_dir, model, optimizer, scheduler, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save_train_state", crash_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainOptions(**opts), tmp_path / "cut")
+    monkeypatch.setattr(ckpt, "save_train_state", real_save)
+    assert json.loads((tmp_path / "cut" / ckpt.LAST_STATE).read_text())["epoch"] == 1
+    train(TrainOptions(model="cnn32", data="ignored-on-resume"), tmp_path / "cut", resume=True)
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = [json.loads(x) for x in (tmp_path / "full" / ckpt.LOG).read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "cut" / ckpt.LOG).read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(la) == strip(lb)
+
+
+def test_early_stopping_stops_and_keeps_best(tmp_path):
+    data = make_dataset(tmp_path / "data", n_train=20, n_val=2)
+    s = train(TrainOptions(model="cnn32", data=str(data), epochs=30, patience=1, lr=0.05, batch_size=8),
+              tmp_path / "run")
+    assert s["epochs_run"] < 30
+    assert s["best_epoch"] <= s["epochs_run"]
+
+
+def test_training_needs_both_classes(tmp_path):
+    data = make_dataset(tmp_path / "data", n_train=5, n_val=2)
+    for f in (data / "alpha" / "train" / "ai").iterdir():
+        f.unlink()
+    for f in (data / "beta" / "train" / "ai").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match="no 'ai' images"):
+        train(TrainOptions(model="cnn32", data=str(data), epochs=1), tmp_path / "run")
+
+
+def test_evaluate_json_shape_and_one_class_root(cifake_run, cifake_small, tmp_path):
+    out, _ = cifake_run
+    res = evaluate_run(out, cifake_small, json_out=tmp_path / "e.json", out_dir=tmp_path / "figs")
+    blob = json.loads((tmp_path / "e.json").read_text())
+    assert set(blob["overall"]) == set(METRIC_KEYS)
+    assert set(blob["per_generator"]) == {"cifake_sdv14"}
+    assert set(blob["per_generator"]["cifake_sdv14"]) == set(METRIC_KEYS)
+    assert {"model", "data"} <= set(blob)
+    assert blob["overall"]["n"] == 300 and res["overall"]["accuracy"] > 0.7
+    assert (tmp_path / "figs" / "roc.png").stat().st_size > 1000
+    assert (tmp_path / "figs" / "confusion.png").stat().st_size > 1000
+    # a root of real photos only: the metrics that need both classes are null
+    real_only = tmp_path / "real" / "val" / "nature"
+    real_only.mkdir(parents=True)
+    for f in sorted((cifake_small / "val" / "nature").iterdir())[:20]:
+        (real_only / f.name).write_bytes(f.read_bytes())
+    one = evaluate_run(out, tmp_path / "real", json_out=tmp_path / "r.json", plots=False)["overall"]
+    assert one["n"] == 20 and one["roc_auc"] is None and one["real_accuracy"] is not None
+
+
+def test_predict_scores_files_and_reports_bad_ones(cifake_run, cifake_small, tmp_path):
+    out, _ = cifake_run
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"<html>not an image</html>")
+    files = sorted((cifake_small / "val" / "ai").iterdir())[:3]
+    rows = predict_paths(out, [str(f) for f in files] + [str(bad)], threshold=0.5)
+    assert len(rows) == 4
+    assert all(0 <= r["p_ai"] <= 1 and r["verdict"] in ("ai", "nature") for r in rows[:3])
+    assert rows[3]["path"] == str(bad) and "not an image" in rows[3]["error"]
+
+
+def test_frozen_backbone_path_with_real_imagenet_weights(cifake_small, lite0_weights, tmp_path):
+    s = train(TrainOptions(model="timm:tf_efficientnet_lite0", data=str(cifake_small), epochs=8, patience=0,
+                           limit=150, model_options={"pretrained_file": str(lite0_weights)}), tmp_path / "lite0")
+    assert s["input_path"] == "features"
+    assert s["validation"]["accuracy"] > 0.65, s["validation"]
+    cfg = json.loads((tmp_path / "lite0" / ckpt.CONFIG).read_text())
+    assert "pretrained_file" not in cfg["model"]["options"]
+    res = evaluate_run(tmp_path / "lite0", cifake_small, plots=False, json_out=tmp_path / "x.json")
+    assert res["overall"]["accuracy"] > 0.65
