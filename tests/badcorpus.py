@@ -79,7 +79,7 @@ def valid_samples() -> dict[str, bytes]:
         "tiff": encode(im, "TIFF"),
         "webp": webp.getvalue(),
         "webp_lossy": encode(im, "WEBP", quality=80),
-        "png16": encode(Image.fromarray((np.arange(16 * 8, dtype=np.uint16).reshape(8, 16) * 500)), "PNG"),
+        "png16": encode(Image.fromarray(np.arange(16 * 8, dtype=np.uint16).reshape(8, 16) * 500), "PNG"),
         "palette": encode(im.convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG", transparency=0),
     }
 

@@ -326,6 +326,9 @@ def _cmd_evaluate(args) -> int:
         if result["bad_files"]:
             print(f"\n{len(result['bad_files'])} unreadable files skipped (listed in the JSON)")
         print(f"\nresults: {result['outputs']['json']}  figures: {result['outputs']['folder']}")
+    if not result["overall"].get("n"):  # exit code 0 unless nothing could be read
+        print(f"fakescope: error: none of the {len(result['bad_files'])} images could be read", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -378,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fakescope: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # e.g. an --out folder that cannot be written, a full disk: one line, no traceback
+        print(f"fakescope: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

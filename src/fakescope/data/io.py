@@ -109,6 +109,13 @@ def _reason(e: BaseException) -> str:
     return msg if len(msg) <= 200 else msg[:197] + "..."
 
 
+def _failure(what: str, e: BaseException) -> str:
+    msg = _reason(e)
+    if "truncated" in msg.lower() or isinstance(e, EOFError):
+        return f"truncated or corrupt image data ({msg})"
+    return f"{what} ({msg})"
+
+
 def _open(path: str, max_pixels: int) -> Image.Image:
     """Open (header only) and check the pixel count before anything is decoded."""
     try:
@@ -120,7 +127,7 @@ def _open(path: str, max_pixels: int) -> Image.Image:
     except PermissionError:
         raise ImageReadError(path, "permission denied") from None
     except Exception as e:  # any decoder failure on hostile bytes is a bad file, never a crash
-        raise ImageReadError(path, f"cannot open image ({_reason(e)})") from None
+        raise ImageReadError(path, _failure("cannot open image", e)) from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()
@@ -218,12 +225,7 @@ def read_image(
     except MemoryError:
         raise ImageReadError(path, "not enough memory to decode the image") from None
     except Exception as e:  # any decoder failure (or warning) on hostile bytes is a bad file
-        msg = _reason(e)
-        if "truncated" in msg.lower() or isinstance(e, EOFError):
-            msg = f"truncated or corrupt image data ({msg})"
-        else:
-            msg = f"cannot decode image ({msg})"
-        raise ImageReadError(path, msg) from None
+        raise ImageReadError(path, _failure("cannot decode image", e)) from None
     finally:
         im.close()
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:

@@ -214,7 +214,7 @@ def index_root(root: str | os.PathLike, *, use_cache: bool = True) -> Index:
     """Index a data root (cached; the cache is checked against every indexed folder's mtime)."""
     root = os.path.abspath(str(root))
     if not os.path.isdir(root):
-        raise DataError(f"data root not found: {root} (expected a folder; {EXPECTED_LAYOUTS.splitlines()[0]})")
+        raise DataError(f"data root not found: {root} (expected a folder with ai/ and nature/ images)")
     cf = _cache_file(root)
     if use_cache and cf.is_file():
         try:

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -37,19 +36,52 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     atomic_write_bytes(path, st_save(data, metadata={k: str(v) for k, v in meta.items()}))
 
 
+_PICKLE_HINT = ("fakescope never unpickles weights (convert it with safetensors.torch.save_file on a machine "
+                "where you trust the file)")
+
+
+def _looks_like_pickle(data: bytes) -> bool:
+    """``torch.save`` zip archives and pickles of any protocol (protocol 2+ starts with 0x80)."""
+    if data[:4] == b"PK\x03\x04":
+        return True
+    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return True
+    return data[:1] in (b"(", b"}", b"]", b"c") and data.rstrip()[-1:] == b"."
+
+
+def _header_problem(data: bytes) -> str | None:
+    """Why ``data`` cannot be a safetensors file (8-byte little-endian header length, JSON header), or None."""
+    if len(data) < 8:
+        return f"{len(data)} bytes, shorter than a safetensors header"
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        return f"the header claims {n} bytes but the file has {len(data) - 8} after it (truncated?)"
+    if data[8:9] != b"{":
+        return "no JSON header"
+    return None
+
+
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; anything else (a pickle, a torch.save zip, a truncated file) is refused."""
+    """Read a safetensors file; anything else (a pickle, a torch.save zip, a truncated file) is refused.
+
+    Only the safetensors parser ever sees the bytes: nothing is unpickled, whatever the file holds."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
-    data = path.read_bytes()
-    if data[:1] == b"\x80" or data[:2] == b"PK":
-        raise CheckpointError(f"{path} is a pickle / torch.save file, not safetensors: fakescope never unpickles "
-                              f"weights (convert it with safetensors.torch.save_file)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror or e})") from None
+    problem = _header_problem(data)
+    if problem is not None and _looks_like_pickle(data):
+        raise CheckpointError(f"{path} is a pickle / torch.save file, not safetensors: {_PICKLE_HINT}")
+    if problem is not None:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({problem})")
     try:
         return st_load(data)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
-        raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupt: {e})") from None
+    except Exception as e:  # the parser's own errors on corrupt data (SafetensorError, ValueError...)
+        msg = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupt: {msg})") from None
 
 
 def write_config(run_dir: str | os.PathLike, config: dict) -> None:
@@ -57,6 +89,7 @@ def write_config(run_dir: str | os.PathLike, config: dict) -> None:
 
 
 def read_config(run_dir: str | os.PathLike) -> dict:
+    """The run's config.json, checked: a fakescope run, of the run format this version reads."""
     run_dir = Path(run_dir)
     path = run_dir / CONFIG
     if not run_dir.is_dir():
@@ -64,11 +97,14 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a fakescope run: it has no {CONFIG}")
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or "model" not in cfg:
-        raise CheckpointError(f"{path} is not a fakescope run config (no 'model' entry)")
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror or e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or not isinstance(
+            cfg["model"].get("name"), str):
+        raise CheckpointError(f"{path} is not a fakescope run config (no 'model' entry with a 'name')")
     if cfg.get("format") != RUN_FORMAT:
         raise CheckpointError(f"{run_dir} was written by fakescope {cfg.get('fakescope_version', '?')} "
                               f"(run format {cfg.get('format')}); this fakescope {__version__} reads run format "
@@ -81,12 +117,16 @@ def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], so
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+    wrong = [f"{k}: {tuple(tensors[k].shape)} in the file, {tuple(v.shape)} in the model" for k, v in expected.items()
              if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or wrong:
+    kinds = [f"{k}: {tensors[k].dtype} in the file, {v.dtype} in the model" for k, v in expected.items()
+             if k in tensors and tensors[k].is_floating_point() != v.is_floating_point()]
+    if missing or unexpected or wrong or kinds:
         parts = []
         if wrong:
             parts.append(f"shape mismatch ({'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''})")
+        if kinds:
+            parts.append(f"dtype mismatch ({'; '.join(kinds[:3])}{' ...' if len(kinds) > 3 else ''})")
         if missing:
             parts.append(f"{len(missing)} missing tensors (e.g. {missing[0]})")
         if unexpected:
@@ -97,13 +137,20 @@ def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], so
 
 def build_model(config: dict):
     """Rebuild the model described by a run config, without downloading pretrained weights."""
+    from fakescope.errors import FakescopeError
     from fakescope.models import create_model
 
     m = config["model"]
-    options = dict(m.get("options", {}))
+    options = dict(m.get("options") or {})
     options["pretrained"] = False
     options.pop("pretrained_file", None)
-    return create_model(m["name"], **options)
+    try:
+        return create_model(m["name"], **options)
+    except FakescopeError as e:
+        raise CheckpointError(f"the run's {CONFIG} names a model this fakescope cannot build: {e}") from None
+    except Exception as e:  # e.g. an edited config with options the model does not take
+        raise CheckpointError(f"the run's {CONFIG} describes a model that cannot be built "
+                              f"({m['name']} with options {options}: {type(e).__name__}: {e})") from None
 
 
 def load_run(run_dir: str | os.PathLike):
@@ -159,21 +206,50 @@ def save_train_state(run_dir: str | os.PathLike, model: torch.nn.Module, optimiz
             old.unlink(missing_ok=True)
 
 
+def remove_partial_files(run_dir: str | os.PathLike) -> list[str]:
+    """Delete what a crash can leave behind: temporary files of interrupted atomic writes and
+    training-state tensors that ``last.json`` does not name. Returns the names removed."""
+    run_dir = Path(run_dir)
+    keep = None
+    try:
+        keep = json.loads((run_dir / LAST_STATE).read_text()).get("tensors")
+    except (OSError, ValueError, AttributeError):
+        pass
+    removed = []
+    for p in run_dir.iterdir() if run_dir.is_dir() else []:
+        stale_tmp = p.name.startswith(".") and p.name.endswith(".tmp")
+        stale_state = p.name.startswith("last-") and p.suffix == ".safetensors" and p.name != keep
+        if p.is_file() and (stale_tmp or stale_state):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
 def load_train_state(run_dir: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      scheduler) -> dict | None:
-    """Restore the last complete epoch into model/optimizer/scheduler; None when there is none."""
+    """Restore the last complete epoch into model/optimizer/scheduler; None when there is none.
+
+    Leftovers of a crash (half-written temporary files, tensors of an epoch whose ``last.json``
+    was never written) are removed first: the state in force is always the last complete one."""
     run_dir = Path(run_dir)
     path = run_dir / LAST_STATE
+    remove_partial_files(run_dir)
     if not path.is_file():
         return None
     try:
         state = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path} is corrupt ({e})") from None
-    tensors = load_tensors(run_dir / state["tensors"])
-    load_state_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, str(path))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng/torch"])
+        tensors = load_tensors(run_dir / state["tensors"])
+        load_state_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, str(path))
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(tensors["rng/torch"])
+        absent = [k for k in ("epoch", "best_val_loss", "bad_epochs", "history") if k not in state]
+        if absent:
+            raise KeyError(absent[0])
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is corrupt or from another fakescope version ({type(e).__name__}: {e}); "
+                              f"delete it to restart the run from scratch") from None
     return state

@@ -30,9 +30,9 @@ from fakescope.data.transforms import Augment, Pipeline
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
 from fakescope.engine.features import extract_features
-from fakescope.errors import DataError, FakescopeError
+from fakescope.errors import CheckpointError, DataError, FakescopeError
 from fakescope.metrics import binary_metrics
-from fakescope.models import create_model
+from fakescope.models import check_model_name, create_model
 from fakescope.progress import progress
 from fakescope.utils import atomic_write_text, seed_everything, write_json
 
@@ -179,6 +179,23 @@ def _make_source(model, files, labels, pipeline, opts, device, infer_precision, 
     return _StreamSource(ds, y, errors, device, opts.num_workers), False
 
 
+def _check_readable(src: _Source, files: list[str], what: str, out: Path) -> None:
+    """Unreadable files are skipped, but a class left with no readable image is an error (bad files listed)."""
+    have = set(src.labels[src.usable].tolist())
+    for cls, name in ((0, "nature"), (1, "ai")):
+        if cls not in have:
+            bad = {files[i]: r for i, r in sorted(src.errors.items())}
+            if runtime.is_main():
+                write_json(out / ckpt.BAD_FILES, bad)
+            eg = next((f"e.g. {files[i]}: {r}" for i, r in sorted(src.errors.items()) if src.labels[i] == cls), "")
+            raise DataError(f"no readable '{name}' images in the {what} ({len(bad)} unreadable files, listed in "
+                            f"{out / ckpt.BAD_FILES}; {eg})")
+
+
+def _inf_if_none(x: float | None) -> float:
+    return math.inf if x is None else x  # JSON stores an infinite best loss (no finite loss yet) as null
+
+
 def _check_classes(labels: list[int], what: str) -> None:
     for cls, name in ((0, "nature"), (1, "ai")):
         if cls not in labels:
@@ -212,9 +229,15 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
     """Train ``opts.model`` on ``opts.data`` into run directory ``out``; return the final metrics."""
     runtime.init_distributed()
     out = Path(out)
+    if resume and not (out / ckpt.CONFIG).exists() and not (out / ckpt.LAST_STATE).exists():
+        resume = False  # killed before its config was written: there is nothing to continue
     if resume:
         stored = ckpt.read_config(out)
-        opts = replace(TrainOptions.from_dict(stored["train"]), device=opts.device, num_workers=opts.num_workers)
+        try:
+            opts = replace(TrainOptions.from_dict(stored["train"]), device=opts.device, num_workers=opts.num_workers)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{out / ckpt.CONFIG} holds no usable training options ({type(e).__name__}: {e}); "
+                                  f"it cannot be resumed") from None
     elif (out / ckpt.CONFIG).exists() and (out / ckpt.LAST_STATE).exists():
         raise FakescopeError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     if opts.epochs < 1 or opts.batch_size < 1 or opts.lr <= 0 or opts.patience < 0:
@@ -222,6 +245,7 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
                              f"{opts.epochs}, {opts.batch_size}, {opts.lr}, {opts.patience}")
     if opts.lr_schedule not in ("constant", "cosine"):
         raise FakescopeError(f"expected --lr-schedule constant or cosine, got {opts.lr_schedule!r}")
+    check_model_name(opts.model)
     device = runtime.resolve_device(opts.device)
     train_precision = runtime.resolve_precision(opts.precision, device, inference=False)
     infer_precision = runtime.resolve_precision(opts.precision, device, inference=True)
@@ -271,7 +295,12 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
     if opts.strict and (train_src.errors or val_src.errors):
         bad = [(tr_files[i], r) for i, r in train_src.errors.items()] + \
               [(va_files[i], r) for i, r in val_src.errors.items()]
-        raise DataError(f"--strict: {len(bad)} unreadable files, e.g. {bad[0][0]}: {bad[0][1]}")
+        if runtime.is_main():
+            write_json(out / ckpt.BAD_FILES, dict(bad))
+        raise DataError(f"--strict: {len(bad)} unreadable files (listed in {out / ckpt.BAD_FILES}), "
+                        f"e.g. {bad[0][0]}: {bad[0][1]}")
+    _check_readable(train_src, tr_files, "training split", out)
+    _check_readable(val_src, va_files, "validation carve", out)
 
     trainable = model.head_net if on_features else model
     forward_plain = model.head if on_features else model
@@ -294,7 +323,7 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
     if resume:
         state = ckpt.load_train_state(out, model, optimizer, scheduler)
         if state is not None:
-            start, best, bad_epochs = state["epoch"] + 1, state["best_val_loss"], state["bad_epochs"]
+            start, best, bad_epochs = state["epoch"] + 1, _inf_if_none(state["best_val_loss"]), state["bad_epochs"]
             history, best_epoch = state["history"], state.get("best_epoch")
             train_src.errors.update({int(k): v for k, v in state.get("train_errors", {}).items()})
             if state.get("stopped"):
@@ -330,6 +359,8 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
         if scheduler is not None:
             scheduler.step()
         seen += n_seen
+        if epoch == start and not runtime.is_distributed():  # streamed inputs: bad files known after one pass
+            _check_readable(train_src, tr_files, "training split", out)
         val = _evaluate_source(model, forward_plain, val_src, max(opts.batch_size, 256), device, train_precision)
         improved = val["loss"] < best
         if improved:
@@ -353,6 +384,8 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
         if stopped:
             break
     train_seconds = time.perf_counter() - t_train
+    if runtime.is_main():  # also when a resumed run had no epoch left (killed before its log was written)
+        atomic_write_text(out / ckpt.LOG, "".join(json.dumps(r) + "\n" for r in history))
 
     # final validation metrics with the best weights
     ckpt.load_state_into(model, ckpt.load_tensors(out / ckpt.WEIGHTS), str(out / ckpt.WEIGHTS))

@@ -29,14 +29,27 @@ def list_models() -> dict[str, str]:
     return dict(sorted(_DESCRIPTIONS.items()))
 
 
+def check_model_name(name: str) -> str:
+    """Raise the registry's error for an unknown name, without building anything."""
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        backbone = name[len(TIMM_PREFIX):]
+        if not backbone or not timm.is_model(backbone.split(".")[0]):
+            raise FakescopeError(f"unknown timm model {backbone!r}: expected a name from timm.list_models(), "
+                                 f"e.g. timm:resnet18")
+    elif name not in _FACTORIES or name == "timm":
+        choices = ", ".join([*list_models(), "timm:<name>"])
+        raise FakescopeError(f"unknown model {name!r}: expected one of {choices}")
+    return name
+
+
 def create_model(name: str, **options):
     """Build the detector registered as ``name`` (or ``timm:<backbone>``) with ``options``."""
+    check_model_name(name)
     if name.startswith(TIMM_PREFIX):
         backbone = name[len(TIMM_PREFIX):]
         if not backbone:
             raise FakescopeError("expected a timm model name after 'timm:', e.g. timm:resnet18")
         return _FACTORIES["timm"](backbone=backbone, **options)
-    if name not in _FACTORIES or name == "timm":
-        choices = ", ".join([*list_models(), "timm:<name>"])
-        raise FakescopeError(f"unknown model {name!r}: expected one of {choices}")
     return _FACTORIES[name](**options)

@@ -38,6 +38,10 @@ img{max-width:100%}code{background:#f4f4f4;padding:0 .2em}.note{color:#555;font-
 """
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 class Doc:
     """Blocks rendered to Markdown (figures referenced by relative path) and to self-contained HTML."""
 
@@ -71,7 +75,7 @@ class Doc:
             elif b[0] == "p":
                 out.append(("_" + b[1] + "_") if b[2] else b[1])
             elif b[0] == "table":
-                header, rows = b[1], b[2]
+                header, rows = [_cell(h) for h in b[1]], [[_cell(c) for c in r] for r in b[2]]
                 lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
                 lines += ["| " + " | ".join(r) + " |" for r in rows]
                 out.append("\n".join(lines))
@@ -301,7 +305,7 @@ def write_report(out: str | os.PathLike, results: dict | None = None) -> dict:
         doc.heading(2, "Numerical precision: fp32 vs bf16")
         doc.para("The same run scores the evaluation images in fp32 and in bf16 (first seed): share of identical "
                  "verdicts and the largest change of P(ai).")
-        doc.table(["model", "agreement", "max |Δp|", "mean |Δp|", "n"],
+        doc.table(["model", "agreement", "max abs Δp", "mean abs Δp", "n"],
                   [[label, c.get("agreement"), c.get("max_abs_diff"), c.get("mean_abs_diff"), c.get("n")]
                    if "skipped" not in c else [label, "—", "—", "—", c["skipped"]] for label, c in checks.items()])
 

@@ -72,7 +72,7 @@ def curve_plot(xs: Sequence[float], series: dict[str, Sequence[float | None]], p
 def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | os.PathLike, *,
             title: str, xlabel: str, ylabel: str) -> str:
     m = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(cols), 1.0 + 0.7 * len(rows)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 + 0.8 * len(cols)), max(3.4, 1.4 + 0.7 * len(rows))))
     ax.imshow(m, cmap="viridis", vmin=0, vmax=1)
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
