@@ -93,3 +93,27 @@ def test_demo_dataset_is_in_genimage_layout(tmp_path, capsys):
     idx = index_root(tmp_path / "demo", use_cache=False)
     assert idx.generator_names == ["demo_shuffle", "demo_upconv"]
     assert idx.counts()["demo_upconv"] == {"train": {"nature": 4, "ai": 4}, "val": {"nature": 2, "ai": 2}}
+
+
+def test_attack_command_json_table_and_plot(run, data, tmp_path, capsys):
+    js = tmp_path / "atk.json"
+    assert main(["attack", str(run), "--data", str(data), "--attack", "pgd", "--eps", "0,4/255,16/255",
+                 "--steps", "3", "--limit", "4", "--json", str(js), "--out", str(tmp_path / "atk"),
+                 "--save-examples", str(tmp_path / "ex")]) == 0
+    assert "robust_accuracy" in capsys.readouterr().out
+    blob = json.loads(js.read_text())
+    assert blob["attack"] == "pgd" and [r["eps"] for r in blob["results"]] == [0, 4 / 255, 16 / 255]
+    r0 = blob["results"][0]
+    assert r0["robust_accuracy"] == blob["clean_accuracy"]
+    assert set(r0) >= {"eps", "robust_accuracy", "success_rate", "mean_linf", "mean_l2", "psnr", "per_generator",
+                       "per_direction"}
+    assert blob["results"][2]["robust_accuracy"] <= blob["results"][1]["robust_accuracy"] <= r0["robust_accuracy"]
+    assert blob["results"][2]["mean_linf"] <= 16 / 255 + 1e-6
+    assert (tmp_path / "atk" / "robust_accuracy.png").exists()
+    assert any(p.name.endswith("_adv.png") for p in (tmp_path / "ex").iterdir())
+
+
+def test_attack_rejects_eps_out_of_range(run, data, capsys):
+    assert main(["attack", str(run), "--data", str(data), "--eps", "0,2"]) == 2
+    err = capsys.readouterr().err
+    assert "eps" in err and len(err.strip().splitlines()) == 1

@@ -1,7 +1,50 @@
-"""Placeholder: this command's CLI glue is being written."""
+"""``fakescope attack``: adversarial robustness of a trained run."""
 
-HANDLERS: dict = {}
+from __future__ import annotations
 
 
 def register(sub, kit) -> None:
-    return None
+    p = sub.add_parser("attack", help="robust accuracy of a run under an adversarial attack")
+    p.add_argument("run")
+    kit.add_data(p)
+    p.add_argument("--attack", default="pgd", choices=["fgsm", "pgd", "pgd-l2", "square"])
+    p.add_argument("--eps", default="0,1/255,2/255,4/255,8/255",
+                   help="comma-separated budgets in pixel units of [0, 1] images (fractions allowed)")
+    p.add_argument("--steps", type=kit.positive_int, default=10, help="PGD steps")
+    p.add_argument("--step-size", type=kit.number, default=None, help="PGD step size (default 2.5 * eps / steps)")
+    p.add_argument("--queries", type=kit.positive_int, default=None, help="Square attack query budget")
+    p.add_argument("--direction", default="both", choices=["ai-to-real", "real-to-ai", "both"])
+    p.add_argument("--source", default=None, metavar="RUN_A", help="craft on this run, evaluate on RUN (transfer)")
+    p.add_argument("--limit", type=kit.positive_int, default=None, help="at most N images per generator and class")
+    p.add_argument("--save-examples", default=None, metavar="DIR")
+    p.add_argument("--threshold", type=kit.threshold, default=0.5)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT")
+    p.add_argument("--out", default=None, help="folder for the plot (default RUN/attack-<name>)")
+    kit.add_runtime(p)
+
+
+def _cmd_attack(args) -> int:
+    from fakescope.attacks import parse_eps
+    from fakescope.engine.robust import attack_run
+    from fakescope.report.tables import markdown_table
+
+    eps = parse_eps(args.eps, norm="l2" if args.attack == "pgd-l2" else "linf")
+    options = {"n_queries": args.queries} if args.queries and args.attack == "square" else None
+    res = attack_run(args.run, args.data, attack=args.attack, eps_list=eps, steps=args.steps,
+                     step_size=args.step_size, direction=args.direction, split=args.split,
+                     generators=args.generators, limit=args.limit, source=args.source,
+                     save_examples=args.save_examples, threshold=args.threshold, seed=args.seed, device=args.device,
+                     precision=args.precision, batch_size=args.batch_size or 64, num_workers=args.workers,
+                     json_out=args.json_out, out_dir=args.out, attack_options=options)
+    rows = {f"{r['eps'] * 255:g}/255": {**r, **{f"{d} acc": v.get("robust_accuracy")
+                                              for d, v in r.get("per_direction", {}).items()}}
+            for r in res["results"]}
+    print(markdown_table(rows, ("robust_accuracy", "success_rate", "ai-to-real acc", "real-to-ai acc",
+                                "mean_linf", "mean_l2", "psnr"), first=f"{args.attack} eps"))
+    print(f"\nclean accuracy {res['clean_accuracy']:.4f} on {res['n']} images; "
+          f"results: {res['outputs']['json']}  plot: {res['outputs']['plot']}")
+    return 0
+
+
+HANDLERS = {"attack": _cmd_attack}

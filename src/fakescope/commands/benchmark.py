@@ -162,6 +162,7 @@ def _cmd_cross(args) -> int:
     if args.filters:
         entry["filters"] = [int(f) for f in args.filters]
     over["models"] = {args.model: entry}
+    over.pop("leave_one_out", None)
     result = run_cross(base, args.model, leave_one_out=args.leave_one_out, **over)
     if runtime.is_main():
         header, rows = cross_tables(result)

@@ -179,12 +179,18 @@ def _flatten_optimizer(prefix: str, sd: dict) -> tuple[dict[str, torch.Tensor], 
     return tensors, meta
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict, optimizer=None) -> dict:
     state = {}
     for pid, entry in meta["state"].items():
         state[int(pid)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
                            for k, v in entry.items()}
-    return {"state": state, "param_groups": meta["param_groups"]}
+    groups = [dict(g) for g in meta["param_groups"]]
+    if optimizer is not None:  # JSON turned tuples (Adam's betas) into lists: restore the exact types
+        for g, cur in zip(groups, optimizer.param_groups, strict=False):
+            for k, v in g.items():
+                if isinstance(v, list) and isinstance(cur.get(k), tuple):
+                    g[k] = tuple(v)
+    return {"state": state, "param_groups": groups}
 
 
 def save_train_state(run_dir: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -240,7 +246,7 @@ def load_train_state(run_dir: str | os.PathLike, model: torch.nn.Module, optimiz
         state = json.loads(path.read_text())
         tensors = load_tensors(run_dir / state["tensors"])
         load_state_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, str(path))
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"], optimizer))
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(tensors["rng/torch"])

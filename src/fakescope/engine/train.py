@@ -179,17 +179,18 @@ def _make_source(model, files, labels, pipeline, opts, device, infer_precision, 
     return _StreamSource(ds, y, errors, device, opts.num_workers), False
 
 
-def _check_readable(src: _Source, files: list[str], what: str, out: Path) -> None:
+def _check_readable(sources: list[tuple[_Source, list[str], str]], out: Path) -> None:
     """Unreadable files are skipped, but a class left with no readable image is an error (bad files listed)."""
-    have = set(src.labels[src.usable].tolist())
-    for cls, name in ((0, "nature"), (1, "ai")):
-        if cls not in have:
-            bad = {files[i]: r for i, r in sorted(src.errors.items())}
-            if runtime.is_main():
-                write_json(out / ckpt.BAD_FILES, bad)
-            eg = next((f"e.g. {files[i]}: {r}" for i, r in sorted(src.errors.items()) if src.labels[i] == cls), "")
-            raise DataError(f"no readable '{name}' images in the {what} ({len(bad)} unreadable files, listed in "
-                            f"{out / ckpt.BAD_FILES}; {eg})")
+    bad = {files[i]: r for src, files, _ in sources for i, r in sorted(src.errors.items())}
+    for src, files, what in sources:
+        have = set(src.labels[src.usable].tolist())
+        for cls, name in ((0, "nature"), (1, "ai")):
+            if cls not in have:
+                if runtime.is_main():
+                    write_json(out / ckpt.BAD_FILES, bad)
+                eg = next((f"e.g. {files[i]}: {r}" for i, r in sorted(src.errors.items()) if src.labels[i] == cls), "")
+                raise DataError(f"no readable '{name}' images in the {what} ({len(bad)} unreadable files, listed in "
+                                f"{out / ckpt.BAD_FILES}; {eg})")
 
 
 def _inf_if_none(x: float | None) -> float:
@@ -299,8 +300,8 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
             write_json(out / ckpt.BAD_FILES, dict(bad))
         raise DataError(f"--strict: {len(bad)} unreadable files (listed in {out / ckpt.BAD_FILES}), "
                         f"e.g. {bad[0][0]}: {bad[0][1]}")
-    _check_readable(train_src, tr_files, "training split", out)
-    _check_readable(val_src, va_files, "validation carve", out)
+    readable = [(train_src, tr_files, "training split"), (val_src, va_files, "validation carve")]
+    _check_readable(readable, out)
 
     trainable = model.head_net if on_features else model
     forward_plain = model.head if on_features else model
@@ -360,7 +361,7 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
             scheduler.step()
         seen += n_seen
         if epoch == start and not runtime.is_distributed():  # streamed inputs: bad files known after one pass
-            _check_readable(train_src, tr_files, "training split", out)
+            _check_readable(readable, out)
         val = _evaluate_source(model, forward_plain, val_src, max(opts.batch_size, 256), device, train_precision)
         improved = val["loss"] < best
         if improved:

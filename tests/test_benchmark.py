@@ -1,0 +1,276 @@
+"""The benchmark (results table, report, reuse of runs) and the cross-generator matrix, end to end on
+CPU with tiny generated data: two generators, 48 + 16 images per class each, two small models."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fakescope import benchmark as B
+from fakescope.cli import main
+from fakescope.engine.evaluate import evaluate_run
+from fakescope.errors import FakescopeError
+from fakescope.metrics import METRIC_KEYS
+
+TRAIN, VAL = 48, 16
+
+
+def make_root(root: Path, generators=("checker", "stripes"), train=TRAIN, val=VAL, size=32, seed=0) -> Path:
+    """``root/<generator>/{train,val}/{nature (JPEG), ai (PNG)}``: smooth random 'photos'; the AI
+    images carry a generator-specific periodic pattern (checkerboard or stripes)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    patterns = {"checker": ((yy + xx) % 2) * 2 - 1, "stripes": (xx % 4 < 2) * 2 - 1}
+    for g in generators:
+        for split, n in (("train", train), ("val", val)):
+            for cls in ("nature", "ai"):
+                d = root / g / split / cls
+                d.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    low = rng.uniform(0, 255, (4, 4, 3))
+                    img = np.asarray(Image.fromarray(low.astype(np.uint8)).resize((size, size), Image.BILINEAR),
+                                     dtype=np.float64) + rng.normal(0, 4, (size, size, 3))
+                    if cls == "ai":
+                        img += 10 * patterns[g][..., None]
+                    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+                    if cls == "nature":
+                        im.save(d / f"{i:03d}.jpg", quality=90)
+                    else:
+                        im.save(d / f"{i:03d}.png")
+    return root
+
+
+MODELS = {
+    "cnn32": {"filters": [8, 16, 32], "hidden": 32},
+    "vit-tiny": {"model": "timm:test_vit", "pretrained": False, "input_size": 32},  # frozen: trains on features
+}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is much faster on a shared, busy machine
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FAKESCOPE_CACHE_DIR", str(tmp / "cache"))
+            mp.setenv("FAKESCOPE_PROGRESS", "0")
+            yield {"tmp": tmp, "data": make_root(tmp / "data")}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench(env):
+    cfg = {"data": str(env["data"]), "out": str(env["tmp"] / "out"), "models": MODELS, "seeds": [1, 2],
+           "epochs": 2, "workers": 0, "precision": "fp32", "jpeg_align": 75, "degrade": ["jpeg:50", "blur:1"],
+           "sample_per_class": 3}
+    return cfg, B.run_benchmark(cfg)
+
+
+def _equal(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        if isinstance(a[k], float):
+            assert a[k] == pytest.approx(b[k], abs=1e-12), k
+        else:
+            assert a[k] == b[k], k
+
+
+def test_results_structure(bench, env):
+    cfg, res = bench
+    assert set(res["models"]) == set(MODELS)
+    assert res["config"]["generators"] == ["checker", "stripes"]
+    for label, m in res["models"].items():
+        assert set(m["overall"]) == set(METRIC_KEYS)
+        assert set(m["per_generator"]) == {"checker", "stripes"}
+        assert m["seeds"] == [1, 2]
+        assert isinstance(m["params"], int) and m["params"] > 0
+        for key in ("train_seconds", "images_per_second"):
+            assert set(m[key]) >= {"mean", "std", "ci95"}
+        acc = m["overall"]["accuracy"]
+        assert set(acc) == {"mean", "std", "ci95", "values"} and len(acc["values"]) == 2
+        assert acc["ci95"][0] <= acc["mean"] <= acc["ci95"][1]
+        assert m["overall"]["n"] == 2 * 2 * VAL
+        assert [r["seed"] for r in m["runs"]] == [1, 2]
+        for r in m["runs"]:
+            assert B.ModelSpec(label, "").slug in Path(r["dir"]).name
+        pc = m["precision_check"]
+        assert "skipped" in pc or (set(pc) >= {"agreement", "max_abs_diff", "n"} and pc["n"] == 2 * 2 * VAL
+                                   and 0 <= pc["agreement"] <= 1 and pc["max_abs_diff"] >= 0)
+        # degradations: one row per level, aggregated over seeds
+        assert [r["level"] for r in m["degradations"]["jpeg"]] == [50.0]
+        assert [r["level"] for r in m["degradations"]["blur"]] == [1.0]
+        # shortcut control: every run evaluated again with both classes JPEG-aligned
+        s = m["shortcut"]
+        assert s["jpeg_align"] == 75 and "accuracy" in s["eval_aligned"]["overall"]
+        for f in s["eval_aligned_runs"]:
+            assert json.loads(Path(f).read_text())["data"]["jpeg_align"] == 75
+    saved = json.loads((Path(cfg["out"]) / "results.json").read_text())
+    assert set(saved["models"]) == set(MODELS)
+    resolved = json.loads((Path(cfg["out"]) / B.CONFIG_FILE).read_text())
+    assert resolved["models"]["vit-tiny"]["model"] == "timm:test_vit" and resolved["epochs"] == 2
+
+
+def test_numbers_equal_evaluate_json_of_the_runs(bench, env, tmp_path):
+    cfg, res = bench
+    for label, m in res["models"].items():
+        fresh = [evaluate_run(r["dir"], cfg["data"], precision="fp32", num_workers=0, out_dir=tmp_path / label,
+                              plots=False) for r in m["runs"]]
+        for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
+            vals = [f["overall"][key] for f in fresh]
+            assert m["overall"][key]["values"] == pytest.approx(vals, abs=1e-12)
+            known = [v for v in vals if v is not None]  # precision is undefined when nothing is called AI
+            assert m["overall"][key]["mean"] == (pytest.approx(np.mean(known), abs=1e-12) if known else None)
+            for g in ("checker", "stripes"):
+                assert m["per_generator"][g][key]["values"] == pytest.approx(
+                    [f["per_generator"][g][key] for f in fresh], abs=1e-12)
+        # and the evaluate JSON the benchmark wrote beside each run is the same evaluation
+        for r, f in zip(m["runs"], fresh, strict=True):
+            stored = json.loads(Path(r["eval"]).read_text())
+            _equal(stored["overall"], json.loads(json.dumps(f["overall"])))
+
+
+def test_run_dirs_are_normal_runs(bench, env, capsys):
+    _, res = bench
+    run = res["models"]["cnn32"]["runs"][0]["dir"]
+    img = next((env["data"] / "checker" / "val" / "ai").iterdir())
+    assert main(["predict", run, str(img), "--format", "json", "--workers", "0"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["verdict"] in ("ai", "nature")
+
+
+def test_report_md_and_self_contained_html(bench):
+    cfg, res = bench
+    out = Path(cfg["out"])
+    md = (out / "report.md").read_text()
+    assert "| model | accuracy | precision | recall | F1 | ROC-AUC |" in md
+    for label in MODELS:
+        assert re.search(rf"^\| {re.escape(label)} \| \d\.\d{{4}} ± ", md, re.M)
+    for section in ("Per generator", "ROC curves", "Sample images", "Shortcut control", "Degradations",
+                    "fp32 vs bf16"):
+        assert section in md
+    for ref in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (out / ref).is_file(), ref
+    page = (out / "report.html").read_text()
+    assert "figures/" not in page and "http" not in page.split("<body>")[1]
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 6  # ROC, 2 confusion matrices, samples, 2 degradation curves
+    for b64 in images:
+        Image.open(io.BytesIO(base64.b64decode(b64))).verify()
+
+
+def test_rerun_reuses_finished_runs(bench, monkeypatch):
+    cfg, res = bench
+
+    def boom(*a, **k):
+        raise AssertionError("a finished run was retrained or re-evaluated")
+
+    monkeypatch.setattr("fakescope.engine.train.train", boom)
+    monkeypatch.setattr("fakescope.engine.evaluate.evaluate_run", boom)
+    again = B.run_benchmark({**cfg, "precision_check": False})
+    for label, m in res["models"].items():
+        assert again["models"][label]["overall"] == m["overall"]
+
+
+def test_cli_reuse_force_and_errors(env, tmp_path, capsys):
+    out = tmp_path / "b"
+    args = ["benchmark", "--data", str(env["data"]), "--models", "cnn32", "--epochs", "1", "--out", str(out),
+            "--workers", "0", "--no-precision-check", "--generators", "checker"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    assert "| cnn32 |" in cap.out and "[1/1] cnn32 seed 42: training" in cap.err
+    weights = out / "runs" / "cnn32-seed42" / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    assert main(args) == 0
+    assert "reusing the finished run" in capsys.readouterr().err and weights.stat().st_mtime_ns == mtime
+    assert main([*args, "--force"]) == 0
+    assert "replacing" in capsys.readouterr().err
+    # a configuration file holds the same options; command-line flags win
+    (tmp_path / "c.yaml").write_text(f"data: {env['data']}\nmodels: [cnn32]\nepochs: 3\nbogus: 1\n")
+    assert main(["benchmark", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "unknown benchmark option 'bogus'" in capsys.readouterr().err
+    assert main(["benchmark", "--models", "cnn32"]) == 2
+    assert "expected a data root" in capsys.readouterr().err
+
+
+def test_config_files_yaml_toml_and_model_options(env, tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        f"data: {env['data']}\nseeds: [1, 2]\nepochs: 3\naugment: {{flip: true, blur_prob: 0.5}}\n"
+        "models:\n  cnn32: {filters: [8, 16, 32]}\n  small: {model: cnn32, filters: [4, 8, 8], lr: 0.01}\n")
+    (tmp_path / "c.toml").write_text(
+        f'data = "{env["data"]}"\nseeds = [1, 2]\nepochs = 3\n[augment]\nflip = true\nblur_prob = 0.5\n'
+        '[models.cnn32]\nfilters = [8, 16, 32]\n[models.small]\nmodel = "cnn32"\nfilters = [4, 8, 8]\nlr = 0.01\n')
+    a = B.make_config(B.load_config_file(tmp_path / "c.yaml"))
+    b = B.make_config(B.load_config_file(tmp_path / "c.toml"))
+    assert a.resolved() == b.resolved()
+    small = a.model("small")
+    opts = B.train_options(a, small, 1, a.generators)
+    assert (opts.model, opts.model_options, opts.lr, opts.epochs) == ("cnn32", {"filters": [4, 8, 8]}, 0.01, 3)
+    assert opts.augment.flip and opts.augment.blur_prob == 0.5 and opts.augment.active
+    g = B.make_config({"data": str(env["data"]), "models": ["cnn32", "timm:x"],
+                       "model_options": {"pretrained_file": str(tmp_path / "w.safetensors"), "freeze": True}})
+    assert g.model("cnn32").options == {} and g.model("timm:x").options["freeze"] is True
+    with pytest.raises(FakescopeError, match="unknown option 'colour'"):
+        B.make_config({"data": str(env["data"]), "models": {"cnn32": {"colour": 1}}})
+    with pytest.raises(FakescopeError, match="augmentation"):
+        B.make_config({"data": str(env["data"]), "augment": {"rotate": 1}})
+    with pytest.raises(FakescopeError, match="unknown generator"):
+        B.make_config({"data": str(env["data"]), "generators": ["nope"]})
+
+
+def test_summarize_bootstrap():
+    s = B.summarize([0.8, 0.9, 1.0])
+    assert s["mean"] == pytest.approx(0.9) and s["std"] == pytest.approx(0.1)
+    assert 0.8 <= s["ci95"][0] < 0.9 < s["ci95"][1] <= 1.0
+    assert B.summarize([0.8, 0.9, 1.0]) == s  # fixed RNG: reproducible
+    one = B.summarize([0.7])
+    assert one["std"] == 0.0 and one["ci95"] == [0.7, 0.7]
+    agg = B.aggregate([{"accuracy": 0.5, "n": 10, "confusion": [[1, 2], [3, 4]]},
+                       {"accuracy": 0.7, "n": 10, "confusion": [[3, 2], [1, 4]]}])
+    assert agg["n"] == 10 and agg["accuracy"]["mean"] == pytest.approx(0.6)
+    assert agg["confusion"]["sum"] == [[4, 4], [4, 8]]
+
+
+def test_cross_diagonal_equals_in_distribution(env, capsys):
+    cfg = {"data": str(env["data"]), "out": str(env["tmp"] / "xout"), "models": {"cnn32": MODELS["cnn32"]},
+           "seeds": [7], "epochs": 2, "workers": 0, "precision": "fp32"}
+    res = B.run_cross(cfg, "cnn32")
+    gens = ["checker", "stripes"]
+    assert res["train"] == gens and res["test"] == gens and np.asarray(res["matrix"]).shape == (2, 2)
+    for i, g in enumerate(gens):
+        (run,) = res["runs"][g]
+        assert "cnn32" in Path(run).name and g in Path(run).name
+        cfg_run = json.loads((Path(run) / "config.json").read_text())
+        assert cfg_run["data"]["generators"] == [g]  # trained on that generator alone
+        ind = evaluate_run(run, cfg["data"], generators=[g], precision="fp32", num_workers=0, plots=False,
+                           out_dir=env["tmp"] / f"ind-{g}")
+        assert res["matrix"][i][i] == pytest.approx(ind["overall"]["accuracy"], abs=1e-12)
+        assert res["row_average"][i] == pytest.approx(np.mean(res["matrix"][i]))
+    for suffix in (".json", ".md", ".png"):
+        assert (Path(cfg["out"]) / "cross" / f"cnn32{suffix}").is_file()
+
+    # leave-one-out: the diagonal is the accuracy on the generator left out
+    loo = B.run_cross(cfg, "cnn32", leave_one_out=True)
+    assert loo["protocol"] == "leave-one-out" and set(loo["held_out"]) == set(gens)
+    for i, g in enumerate(gens):
+        (run,) = loo["runs"][g]
+        assert json.loads((Path(run) / "config.json").read_text())["data"]["generators"] == [x for x in gens if x != g]
+        assert loo["held_out"][g] == loo["matrix"][i][i]
+
+    # the CLI (model options from a configuration file) reuses the same runs and prints the matrix
+    conf = env["tmp"] / "cross.yaml"
+    conf.write_text("models:\n  cnn32: {filters: [8, 16, 32], hidden: 32}\nseeds: [7]\nepochs: 2\n")
+    assert main(["cross", "--config", str(conf), "--model", "cnn32", "--data", cfg["data"], "--out", cfg["out"],
+                 "--workers", "0", "--precision", "fp32"]) == 0
+    cap = capsys.readouterr()
+    assert "| trained on \\ tested on | checker | stripes | average |" in cap.out
+    assert "reusing the finished run" in cap.err

@@ -1,0 +1,329 @@
+"""The safe reader on awkward, broken and hostile files (generated in code), plus property tests:
+whatever the bytes, ``read_image`` returns an RGB uint8 image or raises ``ImageReadError``."""
+
+import os
+import resource
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from badcorpus import IS_ROOT, build_corpus, encode, png_bomb, valid_samples
+from fakescope.data import io as fio
+from fakescope.data.io import list_images, probe_image, read_image
+from fakescope.errors import FakescopeError, ImageReadError
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _cases(ok: bool):
+    # names only (the fixture builds the files); kept in step with badcorpus.build_corpus
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        return sorted(n for n, c in build_corpus(d, large=False).items() if c.ok == ok) + \
+            (["large_6000x4000.jpg"] if ok else [])
+
+
+@pytest.mark.parametrize("name", _cases(True))
+def test_valid_unusual_images_decode_to_rgb_uint8(corpus, name):
+    case = corpus[name]
+    img = read_image(case.path)
+    assert img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3, case.kind
+    assert tuple(img.shape[1:]) == case.shape, case.kind
+    assert img.is_contiguous()
+
+
+@pytest.mark.parametrize("name", _cases(False))
+def test_invalid_files_raise_image_read_error_with_reason(corpus, name):
+    case = corpus[name]
+    if case.root_skips and IS_ROOT:
+        pytest.skip("tests run as root, and root can read a chmod-000 file (covered by a mocked test below)")
+    with pytest.raises(ImageReadError) as e:
+        read_image(case.path)
+    assert case.reason.lower() in e.value.reason.lower(), (case.kind, e.value.reason)
+    assert isinstance(e.value, FakescopeError) and "\n" not in str(e.value)
+    assert e.value.path == str(case.path)
+
+
+def test_pixel_content_of_awkward_images(corpus):
+    rgba = read_image(corpus["rgba.png"].path)
+    assert rgba[:, 0, 0].tolist() == [255, 255, 255]  # transparent -> white background
+    assert rgba[:, 0, -1].tolist() == [200, 0, 0]  # opaque pixels unchanged
+    grey16 = read_image(corpus["grey16.png"].path)
+    assert grey16[:, 0, 0].tolist() == [0, 0, 0] and grey16[:, -1, -1].tolist() == [255, 255, 255]
+    assert torch.equal(grey16[0], grey16[1]) and torch.equal(grey16[1], grey16[2])
+    la = read_image(corpus["grey_alpha.png"].path)  # grey 50 at alpha 128 over white
+    assert abs(int(la[0, 0, 0]) - round(50 * 128 / 255 + 255 * 127 / 255)) <= 1
+    for name in ("animated.gif", "animated.webp"):  # first frame: red
+        assert read_image(corpus[name].path)[:, 5, 5].tolist() == [255, 0, 0], name
+    pal = read_image(corpus["palette_transparent.png"].path)
+    src = Image.open(corpus["palette_transparent.png"].path)
+    transparent = np.asarray(src) == 0
+    assert transparent.any() and (pal.permute(1, 2, 0).numpy()[transparent] == 255).all()
+    one = read_image(corpus["one_pixel.png"].path)
+    assert one[:, 0, 0].tolist() == [10, 20, 30]
+
+
+def test_exif_orientation_is_applied(corpus):
+    case = corpus["exif_rotated.jpg"]
+    stored = np.asarray(Image.open(case.path).convert("RGB")).astype(int)  # 20 x 40 as stored
+    shown = read_image(case.path).permute(1, 2, 0).numpy().astype(int)  # 40 x 20 as displayed
+    assert stored.shape == (20, 40, 3) and shown.shape == (40, 20, 3)
+    assert np.abs(shown - np.rot90(stored, k=-1)).max() <= 2  # orientation 6: 90 degrees clockwise
+
+
+def test_cmyk_jpeg_colours_are_right(tmp_path):
+    p = tmp_path / "c.jpg"
+    p.write_bytes(encode(Image.new("RGB", (16, 16), (200, 40, 30)).convert("CMYK"), "JPEG", quality=95))
+    px = read_image(p)[:, 8, 8].tolist()
+    assert all(abs(a - b) <= 12 for a, b in zip(px, (200, 40, 30), strict=True)), px
+
+
+def test_extension_does_not_decide_format(corpus, tmp_path):
+    png_as_jpg = read_image(corpus["png_named.jpg"].path)
+    (tmp_path / "x.png").write_bytes(corpus["png_named.jpg"].path.read_bytes())
+    assert torch.equal(png_as_jpg, read_image(tmp_path / "x.png"))
+    assert probe_image(corpus["png_named.jpg"].path)[0] == "PNG"
+
+
+def test_probe_reads_headers_only(corpus):
+    assert probe_image(corpus["large_6000x4000.jpg"].path) == ("JPEG", 6000, 4000)
+    with pytest.raises(ImageReadError, match="decompression bomb"):
+        probe_image(corpus["bomb.png"].path)
+    with pytest.raises(ImageReadError, match="empty file"):
+        probe_image(corpus["empty.jpg"].path)
+
+
+def test_decompression_bomb_rejected_fast_without_allocating(corpus):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    for _ in range(20):
+        with pytest.raises(ImageReadError) as e:
+            read_image(corpus["bomb.png"].path)
+    elapsed = time.perf_counter() - t0
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert elapsed < 1.0, elapsed
+    assert grown_mb < 50, grown_mb  # 40000 x 40000 RGB would be 4.8 GB
+    assert "40000x40000" in e.value.reason and "--max-pixels" in e.value.reason
+
+
+def test_max_pixels_is_configurable_and_pillow_limit_does_not_interfere(tmp_path, monkeypatch):
+    p = tmp_path / "a.png"
+    p.write_bytes(encode(Image.new("RGB", (50, 40), (1, 2, 3)), "PNG"))  # 2000 pixels
+    with pytest.raises(ImageReadError, match=r"50x40 = 2000 pixels > limit 1999"):
+        read_image(p, max_pixels=1999)
+    assert read_image(p, max_pixels=2000).shape == (3, 40, 50)
+    # Pillow's own global guard (a warning above the limit, an error above twice it) must neither
+    # leak as a warning nor override fakescope's limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 900)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_image(p).shape == (3, 40, 50)
+        assert probe_image(p) == ("PNG", 50, 40)
+    assert Image.MAX_IMAGE_PIXELS == 900  # restored
+    big = tmp_path / "bomb.png"
+    big.write_bytes(png_bomb(30000, 30000))
+    with pytest.raises(ImageReadError, match="30000x30000"):
+        read_image(big)
+
+
+def test_large_valid_jpeg_reads_and_draft_is_fast(corpus):
+    path = corpus["large_6000x4000.jpg"].path
+    t0 = time.perf_counter()
+    full = read_image(path)
+    t_full = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    small = read_image(path, draft_size=32)
+    t_draft = time.perf_counter() - t0
+    assert full.shape == (3, 4000, 6000)
+    assert small.shape[1] >= 64 and small.shape[2] >= 64 and small.shape[1] * small.shape[2] <= 4000 * 6000 // 16
+    assert t_draft < t_full and t_draft < 0.5, (t_draft, t_full)
+
+
+def test_max_file_size(corpus):
+    path = corpus["with space.jpg"].path
+    size = path.stat().st_size
+    assert read_image(path, max_file_size=size).shape[0] == 3
+    with pytest.raises(ImageReadError, match=rf"file too large \({size} bytes > limit {size - 1}"):
+        read_image(path, max_file_size=size - 1)
+
+
+def test_permission_denied_mocked(corpus, monkeypatch):
+    """Root reads chmod-000 files, so the unreadable case is simulated: both the access check and
+    an open() that fails with EACCES are reported as 'permission denied'."""
+    path = corpus["grey.png"].path
+    monkeypatch.setattr(fio.os, "access", lambda p, mode: False)
+    with pytest.raises(ImageReadError, match="permission denied"):
+        read_image(path)
+    monkeypatch.undo()
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fio.Image, "open", denied)
+    with pytest.raises(ImageReadError, match="permission denied"):
+        read_image(path)
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root can read chmod-000 files")
+def test_permission_denied_real(corpus):
+    with pytest.raises(ImageReadError, match="permission denied"):
+        read_image(corpus["unreadable.png"].path)
+
+
+def test_special_files_are_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # reading it would block forever
+    with pytest.raises(ImageReadError, match="not a regular file"):
+        read_image(fifo)
+    (tmp_path / "folder.jpg").mkdir()
+    with pytest.raises(ImageReadError, match="folder"):
+        read_image(tmp_path / "folder.jpg")
+    os.symlink(tmp_path / "loop_a.png", tmp_path / "loop_b.png")
+    os.symlink(tmp_path / "loop_b.png", tmp_path / "loop_a.png")
+    with pytest.raises(ImageReadError, match="cannot stat"):
+        read_image(tmp_path / "loop_a.png")
+    with pytest.raises(ImageReadError, match="file not found"):
+        read_image(tmp_path / "missing.png")
+
+
+def test_unsupported_formats_are_not_decoded(tmp_path):
+    """Only the whitelisted decoders run: an EPS (Ghostscript), ICO or PPM is refused, not decoded."""
+    for name, data in (("a.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"),
+                       ("b.png", encode(Image.new("RGB", (16, 16)), "ICO")),
+                       ("c.png", encode(Image.new("RGB", (16, 16)), "PPM"))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageReadError, match="not an image"):
+            read_image(tmp_path / name)
+    (tmp_path / "d.svg.png").write_bytes(b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>')
+    with pytest.raises(ImageReadError, match="SVG"):
+        read_image(tmp_path / "d.svg.png")
+
+
+def test_no_warnings_and_no_leaked_file_handles(corpus):
+    fd_dir = "/proc/self/fd"
+    n_before = len(os.listdir(fd_dir)) if os.path.isdir(fd_dir) else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for case in corpus.values():
+            try:
+                read_image(case.path, draft_size=32)
+                probe_image(case.path)
+            except ImageReadError:
+                pass
+    assert not caught, [str(w.message) for w in caught]
+    if n_before is not None:
+        assert len(os.listdir(fd_dir)) <= n_before
+
+
+def test_list_images_expands_folders_and_keeps_named_files(corpus, tmp_path):
+    folder = corpus["grey.png"].path.parent
+    found = list_images([folder])
+    assert str(folder / "photo été 写真.png") in found and str(folder / "animated.gif") in found
+    assert found == sorted(found)
+    (tmp_path / "picture.dat").write_bytes(encode(Image.new("RGB", (4, 4)), "PNG"))
+    assert list_images([tmp_path / "picture.dat"]) == [str(tmp_path / "picture.dat")]
+    assert read_image(tmp_path / "picture.dat").shape == (3, 4, 4)
+
+
+def test_mode_conversions(tmp_path):
+    cases = {
+        "1": Image.new("1", (8, 6), 1),
+        "I": Image.fromarray(np.full((6, 8), 70000, np.int32)),
+        "F": Image.fromarray(np.full((6, 8), 0.5, np.float32)),
+        "P": Image.new("P", (8, 6), 3),
+        "RGBA-tiff": Image.new("RGBA", (8, 6), (0, 0, 0, 0)),
+    }
+    for name, im in cases.items():
+        p = tmp_path / f"{name}.tif"
+        im.save(p, "TIFF")
+        img = read_image(p)
+        assert img.shape == (3, 6, 8) and img.dtype == torch.uint8, name
+    assert read_image(tmp_path / "RGBA-tiff.tif")[:, 0, 0].tolist() == [255, 255, 255]
+    assert read_image(tmp_path / "1.tif")[:, 0, 0].tolist() == [255, 255, 255]
+
+
+# --- property-based: any bytes -> an image or ImageReadError, nothing else --------------------------
+
+SAMPLES = valid_samples()
+_PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+def _check_bytes(tmp_path, data: bytes, name: str = "x.jpg") -> None:
+    p = tmp_path / name
+    p.write_bytes(data)
+    try:
+        img = read_image(p, max_pixels=2_000_000, draft_size=16)
+    except ImageReadError as e:
+        assert e.reason and "\n" not in e.reason
+        return
+    assert img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3 and min(img.shape[1:]) >= 1
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@_PROPERTY
+@given(data=st.binary(min_size=0, max_size=2048))
+def test_random_bytes(scratch, data):
+    _check_bytes(scratch, data)
+
+
+@_PROPERTY
+@given(data=st.sampled_from(sorted(SAMPLES)).flatmap(
+    lambda k: st.tuples(st.just(k), st.binary(min_size=0, max_size=64))))
+def test_valid_header_then_garbage(scratch, data):
+    kind, tail = data
+    raw = SAMPLES[kind]
+    _check_bytes(scratch, raw[: min(len(raw), 48)] + tail, "h.png")
+
+
+@_PROPERTY
+@given(kind=st.sampled_from(sorted(SAMPLES)),
+       edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8),
+       cut=st.one_of(st.none(), st.floats(0, 1)))
+def test_mutated_valid_files(scratch, kind, edits, cut):
+    """Byte flips anywhere (headers, sizes, chunk lengths, pixel data) and truncation of valid
+    PNG/JPEG/GIF/BMP/TIFF/WebP files."""
+    buf = bytearray(SAMPLES[kind])
+    for pos, value in edits:
+        buf[int(pos * len(buf))] = value
+    if cut is not None:
+        buf = buf[: int(cut * len(buf))]
+    _check_bytes(scratch, bytes(buf), f"m.{kind}")
+
+
+@_PROPERTY
+@given(kind=st.sampled_from(["png", "bmp", "tiff", "gif"]), width=st.integers(0, 70000), height=st.integers(0, 70000))
+def test_lying_dimensions(scratch, kind, width, height):
+    """A header whose size fields are rewritten: a bomb is refused on the header, never decoded."""
+    im = Image.new("RGB", (7, 5), (9, 9, 9))
+    buf = bytearray(encode(im, kind.upper()))
+    if kind == "png":
+        buf[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    elif kind == "bmp":
+        buf[18:26] = width.to_bytes(4, "little") + height.to_bytes(4, "little", signed=False)
+    elif kind == "gif":
+        w, h = min(width, 65535), min(height, 65535)
+        buf[6:10] = w.to_bytes(2, "little") + h.to_bytes(2, "little")
+    else:
+        for tag, value in ((256, width), (257, height)):  # ImageWidth / ImageLength, SHORT or LONG
+            i = bytes(buf).find(tag.to_bytes(2, "little"), 8)
+            if i > 0:
+                typ = int.from_bytes(buf[i + 2:i + 4], "little")
+                n = 2 if typ == 3 else 4
+                buf[i + 8:i + 8 + n] = min(value, 256 ** n - 1).to_bytes(n, "little")
+    t0 = time.perf_counter()
+    _check_bytes(scratch, bytes(buf), f"d.{kind}")
+    assert time.perf_counter() - t0 < 5
