@@ -151,11 +151,10 @@ def test_unwritable_output_is_one_line(data, tmp_path, capsys):
     assert "plain_file" in err
 
 
-def test_subprocess_exit_codes_and_no_traceback(tmp_path):
+def test_subprocess_exit_code_and_no_traceback(tmp_path):
     """The real entry point: exit status 2 and one stderr line for a user error."""
-    for argv, needle in (([ "train", "--model", "nope", "--data", str(tmp_path), "--out", str(tmp_path / "o")],
-                          "unknown model"),
-                         (["predict", str(tmp_path), "a.png", "--threshold", "7"], "threshold")):
-        r = subprocess.run([sys.executable, "-m", "fakescope", *argv], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2, r.stderr
-        assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    argv = ["train", "--model", "nope", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    r = subprocess.run([sys.executable, "-m", "fakescope", *argv], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "unknown model 'nope'" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

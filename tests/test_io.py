@@ -146,7 +146,7 @@ def test_large_valid_jpeg_reads_and_draft_is_fast(corpus):
     t_draft = time.perf_counter() - t0
     assert full.shape == (3, 4000, 6000)
     assert small.shape[1] >= 64 and small.shape[2] >= 64 and small.shape[1] * small.shape[2] <= 4000 * 6000 // 16
-    assert t_draft < t_full and t_draft < 0.5, (t_draft, t_full)
+    assert t_draft < t_full and t_draft < 1.0, (t_draft, t_full)
 
 
 def test_max_file_size(corpus):
@@ -305,7 +305,8 @@ def test_mutated_valid_files(scratch, kind, edits, cut):
 
 
 @_PROPERTY
-@given(kind=st.sampled_from(["png", "bmp", "tiff", "gif"]), width=st.integers(0, 70000), height=st.integers(0, 70000))
+@given(kind=st.sampled_from(["png", "jpeg", "bmp", "tiff", "gif"]), width=st.integers(0, 70000),
+       height=st.integers(0, 70000))
 def test_lying_dimensions(scratch, kind, width, height):
     """A header whose size fields are rewritten: a bomb is refused on the header, never decoded."""
     im = Image.new("RGB", (7, 5), (9, 9, 9))
@@ -314,6 +315,9 @@ def test_lying_dimensions(scratch, kind, width, height):
         buf[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
     elif kind == "bmp":
         buf[18:26] = width.to_bytes(4, "little") + height.to_bytes(4, "little", signed=False)
+    elif kind == "jpeg":  # the SOF0 frame header: height and width, 16 bits each
+        i = bytes(buf).find(b"\xff\xc0")
+        buf[i + 5:i + 9] = min(height, 65535).to_bytes(2, "big") + min(width, 65535).to_bytes(2, "big")
     elif kind == "gif":
         w, h = min(width, 65535), min(height, 65535)
         buf[6:10] = w.to_bytes(2, "little") + h.to_bytes(2, "little")

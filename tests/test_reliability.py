@@ -260,8 +260,9 @@ def _log(run: Path) -> list[dict]:
             for line in (run / ckpt.LOG).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bit_identical(tmp_path, monkeypatch):
-    data = make_dataset(tmp_path / "data", single=True, n_train=100, n_val=2)
+    data = make_dataset(tmp_path / "data", single=True, n_train=64, n_val=2)
     env = {**os.environ, "FAKESCOPE_PROGRESS": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "FAKESCOPE_CACHE_DIR": str(tmp_path / "cache")}
     monkeypatch.setenv("FAKESCOPE_CACHE_DIR", env["FAKESCOPE_CACHE_DIR"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -212,6 +213,9 @@ def save_train_state(run_dir: str | os.PathLike, model: torch.nn.Module, optimiz
             old.unlink(missing_ok=True)
 
 
+_OWN_TMP = tuple(f".{n}." for n in (CONFIG, WEIGHTS, LAST_STATE, LOG, METRICS, BAD_FILES))
+
+
 def remove_partial_files(run_dir: str | os.PathLike) -> list[str]:
     """Delete what a crash can leave behind: temporary files of interrupted atomic writes and
     training-state tensors that ``last.json`` does not name. Returns the names removed."""
@@ -223,8 +227,8 @@ def remove_partial_files(run_dir: str | os.PathLike) -> list[str]:
         pass
     removed = []
     for p in run_dir.iterdir() if run_dir.is_dir() else []:
-        stale_tmp = p.name.startswith(".") and p.name.endswith(".tmp")
-        stale_state = p.name.startswith("last-") and p.suffix == ".safetensors" and p.name != keep
+        stale_tmp = p.name.endswith(".tmp") and (p.name.startswith(_OWN_TMP) or p.name.startswith(".last-"))
+        stale_state = re.fullmatch(r"last-\d+\.safetensors", p.name) is not None and p.name != keep
         if p.is_file() and (stale_tmp or stale_state):
             p.unlink(missing_ok=True)
             removed.append(p.name)

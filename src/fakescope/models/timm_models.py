@@ -94,7 +94,7 @@ class TimmDetector(Detector):
                 p.requires_grad_(False)
             self.backbone.eval()
         self.head_net = nn.Sequential(
-            nn.Linear(net.num_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 1)
+            nn.Linear(getattr(net, "head_hidden_size", None) or net.num_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 1)
         )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
