@@ -176,9 +176,11 @@ def test_rerun_reuses_finished_runs(bench, monkeypatch):
 
     monkeypatch.setattr("fakescope.engine.train.train", boom)
     monkeypatch.setattr("fakescope.engine.evaluate.evaluate_run", boom)
-    again = B.run_benchmark({**cfg, "precision_check": False})
+    monkeypatch.setattr(B, "_agreement", boom)
+    again = B.run_benchmark(cfg)
     for label, m in res["models"].items():
         assert again["models"][label]["overall"] == m["overall"]
+        assert again["models"][label]["precision_check"] == m["precision_check"]
 
 
 def test_cli_reuse_force_and_errors(env, tmp_path, capsys):
@@ -221,10 +223,29 @@ def test_config_files_yaml_toml_and_model_options(env, tmp_path):
     assert g.model("cnn32").options == {} and g.model("timm:x").options["freeze"] is True
     with pytest.raises(FakescopeError, match="unknown option 'colour'"):
         B.make_config({"data": str(env["data"]), "models": {"cnn32": {"colour": 1}}})
-    with pytest.raises(FakescopeError, match="augmentation"):
+    with pytest.raises(FakescopeError, match="augmentation option 'rotate'"):
         B.make_config({"data": str(env["data"]), "augment": {"rotate": 1}})
+    with pytest.raises(FakescopeError, match="augmentation option 'rotate'"):
+        B.make_config({"data": str(env["data"]), "models": {"cnn32": {"augment": {"rotate": 1}}}})
     with pytest.raises(FakescopeError, match="unknown generator"):
         B.make_config({"data": str(env["data"]), "generators": ["nope"]})
+
+
+def test_aligned_training_and_cross_inside_the_benchmark(env):
+    cfg = {"data": str(env["data"]), "out": str(env["tmp"] / "aligned"), "models": {"cnn32": MODELS["cnn32"]},
+           "seeds": [5], "epochs": 1, "workers": 0, "precision": "fp32", "precision_check": False,
+           "jpeg_align": 75, "jpeg_align_train": True, "cross": True, "sample_per_class": 0}
+    res = B.run_benchmark(cfg)
+    s = res["models"]["cnn32"]["shortcut"]
+    (run,) = s["train_aligned_runs"]
+    assert "jpeg75" in Path(run).name and "cnn32" in Path(run).name
+    assert json.loads((Path(run) / "config.json").read_text())["train"]["jpeg_align"] == 75
+    assert json.loads((Path(run) / "eval-val" / "metrics.json").read_text())["data"]["jpeg_align"] == 75
+    assert set(s["train_aligned"]["overall"]) == set(METRIC_KEYS)
+    assert np.asarray(res["cross"]["cnn32"]["matrix"]).shape == (2, 2)
+    md = (Path(cfg["out"]) / "report.md").read_text()
+    assert "trained + evaluated aligned (Q=75)" in md and "## Cross-generator generalisation" in md
+    assert "## Sample images" not in md
 
 
 def test_summarize_bootstrap():
@@ -274,3 +295,25 @@ def test_cross_diagonal_equals_in_distribution(env, capsys):
     cap = capsys.readouterr()
     assert "| trained on \\ tested on | checker | stripes | average |" in cap.out
     assert "reusing the finished run" in cap.err
+
+
+@pytest.mark.slow
+def test_benchmark_on_cifake_with_frozen_lite0(cifake_small, lite0_weights, tmp_path, monkeypatch):
+    """The done-when check, scaled down: cnn32 and a frozen ImageNet tf_efficientnet_lite0 (shared
+    weights from a model option) on real CIFAKE images; the report renders."""
+    monkeypatch.setenv("FAKESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = B.run_benchmark({
+            "data": str(cifake_small), "out": str(tmp_path / "out"), "epochs": 4, "limit": 100, "workers": 0,
+            "precision_check": False, "sample_per_class": 4,
+            "models": {"cnn32": {}, "timm:tf_efficientnet_lite0": {"pretrained_file": str(lite0_weights),
+                                                                  "freeze": True}}})
+    finally:
+        torch.set_num_threads(threads)
+    lite0 = res["models"]["timm:tf_efficientnet_lite0"]
+    assert lite0["trainable_params"] < lite0["params"] and lite0["input_path"] == "features"
+    assert lite0["overall"]["roc_auc"] > 0.6  # ImageNet features separate CIFAKE's classes even from 200 images
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| timm:tf_efficientnet_lite0 | " in md and (tmp_path / "out" / "figures" / "roc.png").is_file()

@@ -27,6 +27,7 @@ Per-model entries accept model options (``model``, ``pretrained``, ``pretrained_
 ``batch_size``, ``lr``, ``lr_schedule``, ``patience``, ``val_fraction``, ``limit``,
 ``native_size``, ``augment``, ``precision``). Top-level ``model_options`` apply to every
 timm-backed model (``timm:<name>``, ``resnet50``, ``convnext_small``) that does not set them itself.
+Relative paths (``data``, ``out``, ``pretrained_file``) are taken from the current directory.
 
 Statistics over seeds: with several seeds, every figure becomes ``{"mean", "std", "ci95",
 "values"}``; ``std`` is the sample standard deviation (ddof=1) of the per-seed figures and
@@ -169,6 +170,15 @@ def _as_list(v, what: str) -> list:
     raise FakescopeError(f"expected {what} as a list or a comma-separated string, got {v!r}")
 
 
+def _check_augment(aug) -> dict:
+    aug = dict(aug or {})
+    known = [f.name for f in fields(Augment)]
+    bad = sorted(set(aug) - set(known))
+    if bad:
+        raise FakescopeError(f"unknown augmentation option {bad[0]!r}: expected one of {', '.join(known)}")
+    return aug
+
+
 def _model_specs(models, global_options: dict) -> list[ModelSpec]:
     entries: list[tuple[str, dict]] = []
     if models is None:
@@ -208,7 +218,10 @@ def _model_specs(models, global_options: dict) -> list[ModelSpec]:
             options["pretrained_file"] = str(Path(options["pretrained_file"]).expanduser().resolve())
         if "filters" in options:
             options["filters"] = [int(f) for f in _as_list(options["filters"], "filters")]
-        specs.append(ModelSpec(label, name, options, {k: opts[k] for k in TRAIN_KEYS if k in opts}))
+        train = {k: opts[k] for k in TRAIN_KEYS if k in opts}
+        if "augment" in train:
+            train["augment"] = _check_augment(train["augment"])
+        specs.append(ModelSpec(label, name, options, train))
     from fakescope.models import list_models
 
     known = set(list_models())
@@ -264,8 +277,11 @@ def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> B
         raise FakescopeError(f"unknown model option {bad[0]!r}: expected one of {', '.join(MODEL_KEYS)}")
     d["models"] = _model_specs(d.get("models"), gopts)
     d["model_options"] = gopts
-    d["seeds"] = [int(s) for s in _as_list(d.get("seeds", [42]), "seeds")] if not isinstance(d.get("seeds"), int) \
-        else [d["seeds"]]
+    try:
+        seeds = d.get("seeds", [42])
+        d["seeds"] = [seeds] if isinstance(seeds, int) else [int(s) for s in _as_list(seeds, "seeds")]
+    except (TypeError, ValueError):
+        raise FakescopeError(f"expected integer seeds like [42, 43], got {d.get('seeds')!r}") from None
     if not d["seeds"] or len(set(d["seeds"])) != len(d["seeds"]):
         raise FakescopeError(f"expected distinct seeds, got {d['seeds']}")
     if d.get("generators") is not None:
@@ -275,13 +291,7 @@ def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> B
         parse_degradations(d["degrade"])
     except ValueError as e:
         raise FakescopeError(str(e)) from None
-    aug = dict(d.get("augment") or {})
-    try:
-        Augment(**{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
-    except TypeError:
-        raise FakescopeError(f"unknown augmentation option in {sorted(aug)}: expected "
-                             f"{', '.join(f.name for f in fields(Augment))}") from None
-    d["augment"] = aug
+    d["augment"] = _check_augment(d.get("augment"))
     if d.get("jpeg_align") is not None and not 1 <= int(d["jpeg_align"]) <= 100:
         raise FakescopeError(f"expected jpeg_align to be a JPEG quality in [1, 100], got {d['jpeg_align']}")
     if isinstance(d.get("cross"), str):
@@ -398,16 +408,38 @@ def evaluate_cached(cfg: BenchmarkConfig, run_dir: Path, *, folder: str, generat
     return json.loads(dumps(result))
 
 
-def precision_agreement(run_dir, cfg: BenchmarkConfig, generators: list[str]) -> dict:
+def precision_agreement(run_dir, cfg: BenchmarkConfig, generators: list[str], what: str = "") -> dict:
     """fp32 vs bf16 predictions of a run on the evaluation split: ``{"agreement", "max_abs_diff", "n"}``
-    (``{"skipped": reason}`` where the device has no bf16)."""
+    (``{"skipped": reason}`` where the device has no bf16). Saved in ``run_dir/precision-check.json``
+    and reused while the weights and the evaluation data are unchanged."""
+    dev = runtime.resolve_device(cfg.device)
+    if not runtime.bf16_supported(dev):
+        return {"skipped": f"bf16 is not supported on this {dev.type} device"}
+    weights = Path(run_dir) / ckpt.WEIGHTS
+    request = json.loads(dumps({"data": cfg.data, "split": cfg.split, "generators": generators,
+                                "threshold": cfg.threshold, "device": dev.type,
+                                "weights_mtime_ns": weights.stat().st_mtime_ns if weights.is_file() else None}))
+    saved = Path(run_dir) / "precision-check.json"
+    if not cfg.force and saved.is_file():
+        try:
+            blob = json.loads(saved.read_text())
+            if blob.get("request") == request:
+                log(f"{what}: reusing the fp32-vs-bf16 comparison {saved}")
+                return blob["result"]
+        except (ValueError, KeyError):
+            pass
+    log(f"{what}: comparing fp32 and bf16 predictions")
+    result = _agreement(run_dir, cfg, generators)
+    if runtime.is_main():
+        write_json(saved, {"request": request, "result": result})
+    return result
+
+
+def _agreement(run_dir, cfg: BenchmarkConfig, generators: list[str]) -> dict:
     from fakescope.data.io import DEFAULT_MAX_PIXELS
     from fakescope.engine.evaluate import prepare
     from fakescope.engine.infer import score_files
 
-    dev = runtime.resolve_device(cfg.device)
-    if not runtime.bf16_supported(dev):
-        return {"skipped": f"bf16 is not supported on this {dev.type} device"}
     index = index_root(cfg.data).select(generators, cfg.split)
     files = [index.abspath(i) for i in range(len(index))]
     scores = {}
@@ -533,9 +565,8 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
         if cfg.jpeg_align is not None:
             entry["shortcut"] = _shortcut(cfg, spec, runs)
         if cfg.precision_check:
-            what = f"{spec.label} seed {cfg.seeds[0]}"
-            log(f"{what}: comparing fp32 and bf16 predictions")
-            entry["precision_check"] = precision_agreement(runs[0]["dir"], cfg, cfg.generators)
+            entry["precision_check"] = precision_agreement(runs[0]["dir"], cfg, cfg.generators,
+                                                           what=f"{spec.label} seed {cfg.seeds[0]}")
         results["models"][spec.label] = entry
         if runtime.is_main():
             write_json(out / RESULTS, results)  # partial results survive an interruption
@@ -562,11 +593,16 @@ def _f(v) -> str:
 
 
 def _timing(summaries: list[dict], evals: list[dict]) -> dict:
-    """Training seconds and throughput (training images/s; ``eval_images_per_second``: inference)."""
+    """Training seconds and throughput (training images/s; ``eval_images_per_second``: inference).
+
+    ``data_seconds`` is the time spent preparing the inputs before the first epoch (decoding, or the
+    frozen backbone's feature extraction); ``train_seconds`` and ``images_per_second`` cover the
+    epochs only (for a frozen backbone: the head on cached features, see ``input_path``)."""
     def agg(vals):
         return vals[0] if len(vals) == 1 else summarize(vals)
 
     return {"train_seconds": agg([s.get("train_seconds") for s in summaries]),
+            "data_seconds": agg([s.get("data_seconds") for s in summaries]),
             "images_per_second": agg([s.get("train_images_per_second") for s in summaries]),
             "eval_images_per_second": agg([e.get("images_per_second") for e in evals]),
             "epochs_run": agg([s.get("epochs_run") for s in summaries]),

@@ -44,9 +44,9 @@ def _add_common(p, kit, *, models: bool) -> None:
     p.add_argument("--lr", type=kit.number, default=None)
     p.add_argument("--limit", type=kit.positive_int, default=None, help="at most N images per generator and class")
     p.add_argument("--force", action="store_true", default=None, help="retrain and re-evaluate every run")
-    p.add_argument("--jpeg-align", type=kit.quality, default=None, metavar="Q",
-                   help="shortcut control: also evaluate every run with both classes re-encoded as JPEG at Q")
     if models:
+        p.add_argument("--jpeg-align", type=kit.quality, default=None, metavar="Q",
+                       help="shortcut control: also evaluate every run with both classes re-encoded as JPEG at Q")
         g = p.add_argument_group("models")
         g.add_argument("--models", type=kit.csv, default=None,
                        help="comma-separated models (default: cnn32,resnet50,convnext_small)")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fakescope.data.transforms import IDENTITY_LEVEL
 from fakescope.report.tables import fmt
 from fakescope.utils import atomic_write_text
 
@@ -209,11 +210,14 @@ def write_report(out: str | os.PathLike, results: dict | None = None) -> dict:
         doc.heading(2, "Results")
         doc.table(["model", *(_TITLES[c] for c in STUDY_COLUMNS)],
                   [[label, *(m["overall"].get(c) for c in STUDY_COLUMNS)] for label, m in models.items()])
-        doc.table(["model", "params", "trainable", "input", "epochs run", "train s", "train img/s", "eval img/s",
-                   "eval precision"],
+        doc.table(["model", "params", "trainable", "input", "epochs run", "data s", "train s", "train img/s",
+                   "trained on", "eval img/s", "eval precision"],
                   [[label, m.get("params"), m.get("trainable_params"), m.get("input_size"), m.get("epochs_run"),
-                    m.get("train_seconds"), m.get("images_per_second"), m.get("eval_images_per_second"),
-                    str(m.get("eval_precision"))] for label, m in models.items()])
+                    m.get("data_seconds"), m.get("train_seconds"), m.get("images_per_second"),
+                    str(m.get("input_path")), m.get("eval_images_per_second"), str(m.get("eval_precision"))]
+                   for label, m in models.items()])
+        doc.para("data s: decoding the images or extracting a frozen backbone's features before the first epoch; "
+                 "train s and train img/s: the epochs (on cached features for a frozen backbone).", note=True)
 
         doc.heading(2, "Per generator")
         for metric in ("accuracy", "roc_auc", "real_accuracy", "fake_accuracy"):
@@ -275,8 +279,13 @@ def write_report(out: str | os.PathLike, results: dict | None = None) -> dict:
             doc.table(["model", "clean", *(f"{kind} {lv:g}" for lv in levels)],
                       [[label, models[label]["overall"]["accuracy"], *(r["overall"]["accuracy"] for r in rows)]
                        for label, rows in per_model.items()])
-            path = P.curve_plot(levels, {label: [_mean(r["overall"]["accuracy"]) for r in rows]
-                                         for label, rows in per_model.items()}, figs / f"degrade-{kind}.png",
+            xs, series = list(levels), {label: [_mean(r["overall"]["accuracy"]) for r in rows]
+                                        for label, rows in per_model.items()}
+            clean = IDENTITY_LEVEL.get(kind)
+            if clean is not None and clean not in xs:  # the clean images as the identity level
+                xs = [clean, *xs]
+                series = {label: [_mean(models[label]["overall"]["accuracy"]), *ys] for label, ys in series.items()}
+            path = P.curve_plot(xs, series, figs / f"degrade-{kind}.png",
                                 xlabel=_KIND_LABEL.get(kind, kind), ylabel="accuracy", title=f"accuracy under {kind}",
                                 invert_x=kind in ("jpeg", "resize"))
             items.append((path, f"accuracy under {kind}"))
