@@ -14,7 +14,7 @@ PHOTOS_TAR = SHARED / "data" / "real_photos_misc.tar"
 LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0_imagenet.safetensors"
 
 
-def synthetic_image(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+def synthetic_image(label: int, rng: np.random.Generator, size: int = 32, strength: float = 0.12) -> np.ndarray:
     """'nature' (0): smooth colour gradients; 'ai' (1): the same plus a faint periodic grid (an
     up-sampling trace). Separable by a small CNN, not by mean colour."""
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -23,12 +23,12 @@ def synthetic_image(label: int, rng: np.random.Generator, size: int = 32) -> np.
     base += rng.normal(0, 0.02, base.shape)
     if label == 1:
         grid = ((np.arange(size)[:, None] % 2) ^ (np.arange(size)[None, :] % 2)).astype(float)
-        base += 0.12 * (grid[..., None] - 0.5)
+        base += strength * (grid[..., None] - 0.5)
     return (np.clip(base, 0, 1) * 255).round().astype(np.uint8)
 
 
 def make_dataset(root: Path, generators=("alpha", "beta"), n_train: int = 40, n_val: int = 16, size: int = 32,
-                 single: bool = False, seed: int = 0, fmt: str = "png") -> Path:
+                 single: bool = False, seed: int = 0, fmt: str = "png", strength: float = 0.12) -> Path:
     """``root/<gen>/{train,val}/{ai,nature}/*.png`` (or ``root/{train,val}/...`` when ``single``)."""
     rng = np.random.default_rng(seed)
     for gen in ([None] if single else generators):
@@ -39,7 +39,7 @@ def make_dataset(root: Path, generators=("alpha", "beta"), n_train: int = 40, n_
                 d = root / split / cls if gen is None else root / gen / split / cls
                 d.mkdir(parents=True, exist_ok=True)
                 for i in range(n):
-                    Image.fromarray(synthetic_image(label, rng, size)).save(d / f"{i:04d}.{fmt}")
+                    Image.fromarray(synthetic_image(label, rng, size, strength)).save(d / f"{i:04d}.{fmt}")
     return root
 
 
