@@ -37,14 +37,19 @@ if [ ${#BACKBONE[@]} -ge 1 ]; then
   [ ${#BACKBONE[@]} -ge 2 ] && EXTRA=(--pretrained-file "${BACKBONE[1]}")
 fi
 $FS benchmark --data "$DEMO_DIR/data" --models "$MODELS" --epochs 8 --out "$DEMO_DIR/benchmark" \
-  --degrade jpeg:90,50 --degrade blur:1 "${EXTRA[@]}"
+  --degrade jpeg:90,50 --degrade blur:1 --jpeg-align 90 --cross "${EXTRA[@]}"
 
-echo "== 4. predict on a few files"
 RUN=$(ls -d "$DEMO_DIR"/benchmark/runs/cnn32* | head -1)
+echo "== 4. adversarial robustness of $RUN (PGD-Linf, 40 images per generator and class)"
+$FS attack "$RUN" --data "$DEMO_DIR/data" --attack pgd --eps 0,1/255,2/255,4/255,8/255 --limit 40 \
+  --out "$DEMO_DIR/attack"
+
+echo "== 5. predict on a few files"
 $FS predict "$RUN" "$DEMO_DIR/data/demo_upconv/val/ai/00000.png" "$DEMO_DIR/data/demo_upconv/val/nature/00000.png"
 
 echo
 echo "Done. Results:"
 echo "  $DEMO_DIR/benchmark/report.html   (open in a browser; also report.md, results.json)"
 echo "  $DEMO_DIR/benchmark/runs/         (one run directory per model and seed)"
+echo "  $DEMO_DIR/attack/                 (robust accuracy versus eps)"
 echo "  $DEMO_DIR/samples.png             (sample grid)"

@@ -126,9 +126,13 @@ def robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
     ``save_examples``: a folder that receives, for up to ``max_examples`` images in scope and each
     eps > 0, ``{i:04d}_eps{eps:.4f}_clean.png`` and ``..._adv.png`` (8-bit PNGs, so rounded).
     """
-    from fakescope.attacks import attack_class
+    from fakescope.attacks import attack_class, create_attack
 
     cls = attack_class(attack)
+    for role, m in (("model", model), ("source_model", source_model)):
+        if m is not None and not (callable(getattr(m, "ai_logit", None)) and callable(getattr(m, "p_ai", None))):
+            raise AttackError(f"expected {role} to be a fakescope Detector (with ai_logit and p_ai), "
+                              f"got {type(m).__name__}")
     if direction not in DIRECTIONS:
         raise AttackError(f"expected direction to be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     if isinstance(eps_list, (str, bytes)) or not isinstance(eps_list, Iterable):
@@ -151,7 +155,8 @@ def robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
     if source_model is not None and _input_size(source_model) != _input_size(model):
         raise AttackError(f"expected source_model to take the same input size as model ({_input_size(model)}), "
                           f"got {_input_size(source_model)}")
-    attacks = [cls(crafter, eps=e, seed=seed, threshold=threshold, **options) if e > 0 else None for e in eps_values]
+    attacks = [create_attack(attack, crafter, eps=e, seed=seed, threshold=threshold, **options) if e > 0 else None
+               for e in eps_values]
 
     out_dir = Path(save_examples) if save_examples is not None else None
     if out_dir is not None:
@@ -177,7 +182,7 @@ def robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
             keep = in_scope.nonzero().squeeze(1).tolist()
             gens = [generators[i] for i in keep]
             to_save = keep[:max(0, max_examples - n_saved)] if out_dir is not None else []
-            for res, att in zip(results, attacks):
+            for res, att in zip(results, attacks, strict=True):
                 if att is None:
                     x_adv, adv_ok = x, clean_ok
                 else:
@@ -188,7 +193,7 @@ def robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
                     sel = y == label
                     res.per_direction[d].add(clean_ok[sel], adv_ok[sel])
                 ok_c, ok_a = clean_ok[in_scope].tolist(), adv_ok[in_scope].tolist()
-                for g, c_ok, a_ok in zip(gens, ok_c, ok_a):
+                for g, c_ok, a_ok in zip(gens, ok_c, ok_a, strict=True):
                     t = res.per_generator.setdefault(g, _Tally())
                     t.n += 1
                     t.clean_correct += int(c_ok)

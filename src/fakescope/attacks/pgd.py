@@ -38,8 +38,9 @@ class PGD(Attack):
     also drives the first step); (2) per example, the candidate with the highest loss among the
     clean point, the FGSM point and every iterate (the random start and the final one included) is
     returned, not the final iterate. Because the decision is monotone in the loss, an example that
-    FGSM flips at some eps is also flipped by PGD at that eps. Cost: ``steps + 1`` gradients and
-    two extra forward passes.
+    FGSM flips at some eps is also flipped by PGD at that eps. Cost: ``steps + 1`` gradients
+    (``steps`` without random start) and two extra forward passes. An example whose loss no
+    candidate raises is returned unchanged.
     """
 
     name = "pgd"
