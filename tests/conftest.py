@@ -2,6 +2,7 @@ import os
 import tempfile
 
 import pytest
+
 from synth import CIFAKE_TAR, LITE0_WEIGHTS, PHOTOS_TAR, extract_cifake
 
 # every test run gets its own cache directory (index and feature caches), never the user's

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from synth import make_dataset
 
 from fakescope.attacks import PGD
 from fakescope.engine.train import TrainOptions, train
+
+from synth import make_dataset
 
 
 @pytest.mark.parametrize("mix", [0.0, 0.5])
@@ -35,7 +36,7 @@ def test_training_batches_are_pgd_examples(tmp_path, monkeypatch, mix):
     train(TrainOptions(model="cnn32", data=str(data), epochs=1, batch_size=8, adv_train="pgd", adv_eps=eps,
                        adv_steps=3, adv_mix=mix), tmp_path / "run")
     assert len(seen) == len(fed) > 0  # one attack per training batch
-    for (clean, adv), x_in in zip(seen, fed):
+    for (clean, _adv), x_in in zip(seen, fed):
         k = int(round(len(clean) * mix))
         assert torch.equal(x_in[:k], clean[:k])  # the clean share of the batch
         delta = (x_in[k:] - clean[k:]).abs()

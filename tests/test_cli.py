@@ -3,10 +3,11 @@ import subprocess
 import sys
 
 import pytest
-from synth import make_dataset
 
 from fakescope.cli import main
 from fakescope.data.layout import index_root
+
+from synth import make_dataset
 
 
 @pytest.fixture(scope="module")

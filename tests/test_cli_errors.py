@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from fakescope.cli import build_parser, main
+
 from synth import make_dataset
 
 

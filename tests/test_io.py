@@ -13,10 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from badcorpus import IS_ROOT, build_corpus, encode, png_bomb, valid_samples
 from fakescope.data import io as fio
 from fakescope.data.io import list_images, probe_image, read_image
 from fakescope.errors import FakescopeError, ImageReadError
+
+from badcorpus import IS_ROOT, build_corpus, encode, png_bomb, valid_samples
 
 
 @pytest.fixture(scope="module")

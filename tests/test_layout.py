@@ -2,12 +2,13 @@ import os
 import time
 
 import pytest
-from synth import make_dataset
 
 from fakescope import LABELS
 from fakescope.data import layout
 from fakescope.data.layout import canonical_generator, carve_validation, index_root, limit_per_class
 from fakescope.errors import DataError
+
+from synth import make_dataset
 
 
 def _touch(p, name="x.png"):

@@ -17,12 +17,12 @@ def test_registry_lists_the_study_models():
 
 def test_cnn32_layer_by_layer():
     m = create_model("cnn32")
-    convs = [l for l in m.backbone if isinstance(l, nn.Conv2d)]
-    pools = [l for l in m.backbone if isinstance(l, nn.MaxPool2d)]
+    convs = [m_ for m_ in m.backbone if isinstance(m_, nn.Conv2d)]
+    pools = [m_ for m_ in m.backbone if isinstance(m_, nn.MaxPool2d)]
     assert [c.out_channels for c in convs] == [32, 64, 128]
     assert all(c.kernel_size == (3, 3) and c.padding == "same" for c in convs)
     assert len(pools) == 3 and all(p.kernel_size == 2 for p in pools)
-    kinds = [type(l) for l in m.backbone]
+    kinds = [type(m_) for m_ in m.backbone]
     assert kinds == [nn.Conv2d, nn.ReLU, nn.MaxPool2d] * 3 + [nn.Flatten]
     dense1, relu, drop, dense2 = m.head_net
     assert (dense1.in_features, dense1.out_features) == (128 * 4 * 4, 128)

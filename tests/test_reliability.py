@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from badcorpus import build_corpus
 from fakescope.cli import main
 from fakescope.engine import checkpoint as ckpt
+
+from badcorpus import build_corpus
 from synth import make_dataset
 
 REAL_ACCESS = os.access

@@ -2,13 +2,14 @@ import json
 
 import pytest
 import torch
-from synth import make_dataset
 
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine.evaluate import evaluate_run, predict_paths
 from fakescope.engine.train import TrainOptions, train
 from fakescope.errors import DataError
 from fakescope.metrics import METRIC_KEYS
+
+from synth import make_dataset
 
 
 def _weights(run):

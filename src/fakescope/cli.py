@@ -80,6 +80,7 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cache", action="store_true", help="do not read or write the frozen-feature cache")
     g.add_argument("--max-pixels", type=_positive_int, default=None,
                    help="refuse images with more pixels than this (decompression-bomb guard; default 120M)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
 
 
 def _add_data(p: argparse.ArgumentParser, split_default: str | None = "val") -> None:
@@ -93,7 +94,8 @@ def _add_data(p: argparse.ArgumentParser, split_default: str | None = "val") -> 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="cnn32, resnet50, convnext_small or timm:<name> (see `fakescope models`)")
+    g.add_argument("--model", required=True,
+                   help="cnn32, resnet50, convnext_small or timm:<name> (see `fakescope models`)")
     g.add_argument("--pretrained-file", default=None, help="local ImageNet weights for the backbone")
     g.add_argument("--no-pretrained", action="store_true", help="random backbone weights, on purpose")
     fr = g.add_mutually_exclusive_group()
@@ -144,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--native-size", default="auto", help="auto, off or N (pixels)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--strict", action="store_true", help="any unreadable file is an error before training starts")
+    t.add_argument("--preload", default="auto", choices=["auto", "on", "off"],
+                   help="decode the split once into memory: auto (images of native size <= 64), on, off")
     a = t.add_argument_group("augmentation (off by default, as in the study)")
     a.add_argument("--aug-jpeg", type=_number, default=0.0, metavar="P", help="probability of random JPEG")
     a.add_argument("--aug-jpeg-quality", default="30,100", help="quality range lo,hi")
@@ -286,7 +290,7 @@ def _cmd_train(args) -> int:
         jpeg_align=args.jpeg_align, augment=aug, model_options=_model_options(args), device=args.device,
         precision=args.precision, use_cache=not args.no_cache, cache_dir=args.cache_dir, adv_train=args.adv_train,
         adv_eps=args.adv_eps, adv_steps=args.adv_steps, adv_mix=args.adv_mix, strict=args.strict,
-        num_workers=args.workers, max_pixels=args.max_pixels,
+        num_workers=args.workers, max_pixels=args.max_pixels, compile=args.compile, preload=args.preload,
     )
     summary = train(opts, args.out, resume=args.resume)
     from fakescope.engine import runtime
@@ -310,7 +314,7 @@ def _cmd_evaluate(args) -> int:
         native_size=args.native_size, jpeg_align=args.jpeg_align, degrade=args.degrade, device=args.device,
         precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
         use_cache=not args.no_cache, cache_dir=args.cache_dir, out_dir=args.out, json_out=args.json_out,
-        max_pixels=args.max_pixels,
+        max_pixels=args.max_pixels, compile=args.compile,
     )
     from fakescope.engine import runtime
 
@@ -338,7 +342,7 @@ def _cmd_predict(args) -> int:
     rows = predict_paths(args.run, args.paths, threshold=args.threshold, device=args.device,
                          precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
                          max_file_size=args.max_file_size, max_pixels=args.max_pixels,
-                         native_size=args.native_size)
+                         native_size=args.native_size, compile=args.compile)
     from fakescope.engine import runtime
 
     if not runtime.is_main():

@@ -83,7 +83,8 @@ class DetectionMetrics:
         y = np.asarray(labels).ravel()
         p = np.asarray(p_ai, dtype=np.float64).ravel()
         if not (len(y) == len(p) == len(generators)):
-            raise ValueError(f"expected equal lengths, got labels={len(y)}, p_ai={len(p)}, generators={len(generators)}")
+            raise ValueError(f"expected equal lengths, got labels={len(y)}, p_ai={len(p)}, "
+                             f"generators={len(generators)}")
         self._y.append(y)
         self._p.append(p)
         self._g.extend(generators)

@@ -7,9 +7,9 @@ from collections import Counter
 
 from torch.utils.data import DataLoader, Dataset
 
+from fakescope.data.dataset import default_workers
 from fakescope.data.io import DEFAULT_MAX_PIXELS, probe_image, read_image
 from fakescope.data.layout import Index, limit_per_class
-from fakescope.data.dataset import default_workers
 from fakescope.errors import ImageReadError
 from fakescope.progress import progress
 

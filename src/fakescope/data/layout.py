@@ -98,7 +98,7 @@ class Index:
     def abspath(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i])
 
-    def subset(self, keep: list[int]) -> "Index":
+    def subset(self, keep: list[int]) -> Index:
         return Index(
             self.root, self.layout,
             [self.paths[i] for i in keep], [self.labels[i] for i in keep],
@@ -109,7 +109,7 @@ class Index:
     def generator_names(self) -> list[str]:
         return sorted(set(self.generators))
 
-    def select(self, generators: list[str] | None = None, split: str | None = None) -> "Index":
+    def select(self, generators: list[str] | None = None, split: str | None = None) -> Index:
         """Keep the given generators (canonical or folder names) and split; errors name the choices."""
         keep = list(range(len(self)))
         if split is not None:
@@ -190,7 +190,7 @@ def _scan(root: str) -> tuple[Index, dict[str, int]]:
                             generators.append(gen)
                             splits.append(split)
     # parent folders too, so that a new generator or split folder invalidates the cache
-    for gen, split_dirs in gens:
+    for _, split_dirs in gens:
         for classes in split_dirs.values():
             for d in classes.values():
                 for parent in (os.path.dirname(d), os.path.dirname(os.path.dirname(d))):

@@ -54,7 +54,7 @@ class Detector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
-    def train(self, mode: bool = True) -> "Detector":
+    def train(self, mode: bool = True) -> Detector:
         super().train(mode)
         if self.frozen:  # a frozen backbone keeps its BatchNorm statistics and has no dropout
             self.backbone.eval()

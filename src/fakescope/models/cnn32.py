@@ -34,7 +34,8 @@ class CNN32(Detector):
         return self.backbone(self.normalize(x))
 
 
-@register_model("cnn32", "the study's custom CNN: 3 conv layers (32/64/128), dense 128, dropout 0.5, 2-way softmax; 32x32 input")
+@register_model("cnn32", "the study's custom CNN: 3 conv layers (32/64/128), dense 128, dropout 0.5, "
+                         "2-way softmax; 32x32 input")
 def cnn32(filters: tuple[int, ...] | list[int] = (32, 64, 128), hidden: int = 128, dropout: float = 0.5,
           **_: object) -> CNN32:
     return CNN32(tuple(int(f) for f in filters), hidden, dropout)

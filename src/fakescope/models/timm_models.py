@@ -94,7 +94,8 @@ class TimmDetector(Detector):
                 p.requires_grad_(False)
             self.backbone.eval()
         self.head_net = nn.Sequential(
-            nn.Linear(getattr(net, "head_hidden_size", None) or net.num_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 1)
+            nn.Linear(getattr(net, "head_hidden_size", None) or net.num_features, hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(hidden, 1),
         )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,13 +112,15 @@ def timm_detector(backbone: str, **kw) -> TimmDetector:
     return TimmDetector(backbone, **_options(kw))
 
 
-@register_model("resnet50", "ImageNet ResNet-50, every conv layer frozen; head: GAP, dense 256 + ReLU, dropout 0.5, dense 1 (sigmoid)")
+@register_model("resnet50", "ImageNet ResNet-50, every conv layer frozen; head: GAP, dense 256 + ReLU, "
+                            "dropout 0.5, dense 1 (sigmoid)")
 def resnet50(**kw) -> TimmDetector:
     kw.setdefault("freeze", True)
     return TimmDetector("resnet50.tv_in1k", **_options(kw))
 
 
-@register_model("convnext_small", "ImageNet ConvNeXt-Small with the same head, fine-tuned end to end (--freeze to freeze)")
+@register_model("convnext_small", "ImageNet ConvNeXt-Small with the same head, fine-tuned end to end "
+                                  "(--freeze to freeze)")
 def convnext_small(**kw) -> TimmDetector:
     kw.setdefault("freeze", False)
     return TimmDetector("convnext_small.fb_in1k", **_options(kw))

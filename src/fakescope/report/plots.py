@@ -21,7 +21,8 @@ def _save(fig, path: str | os.PathLike) -> str:
     return str(path)
 
 
-def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = "ROC") -> str | None:
+def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
+             title: str = "ROC") -> str | None:
     """One ROC curve per name: ``{name: (labels, p_ai)}``; names with a single class are skipped."""
     fig, ax = plt.subplots(figsize=(5, 5))
     drawn = 0
