@@ -8,9 +8,16 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from fractions import Fraction
 from pathlib import Path
+
+# CPU thread teams wait asleep instead of spinning (set before torch loads OpenMP; a user's own setting
+# wins): a spinning team stalls at every operator while another process holds one of its cores, which
+# made forward passes 2-6x slower on a shared 2-core CPU (see fakescope.engine.runtime.model_threads).
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 from fakescope import __version__
 from fakescope.errors import FakescopeError

@@ -33,15 +33,14 @@ def native_size_for(config: dict, override: str | int | None) -> int | None:
     return n
 
 
-def prepare(run_dir, *, device="auto", precision="auto", native_size=None, jpeg_align=None):
+def prepare(run_dir, *, device="auto", precision="auto", native_size=None, jpeg_align=None, compile=False):
     """``(model, config, pipeline, device, precision)`` for inference with a run."""
-    runtime.init_distributed()
+    runtime.init_distributed(device)
     model, config = load_run(run_dir)
     dev = runtime.resolve_device(device)
     prec = runtime.resolve_precision(precision, dev, inference=True)
     model.to(dev)
-    if prec.channels_last:
-        model.to(memory_format=__import__("torch").channels_last)
+    runtime.prepare_model(model, prec, compile=compile)
     if jpeg_align is None:
         jpeg_align = config.get("train", {}).get("jpeg_align")
     pipeline = Pipeline(model.preprocess.input_size, native_size_for(config, native_size), jpeg_align)
@@ -52,7 +51,7 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
                  threshold: float = 0.5, native_size=None, jpeg_align: int | None = None, degrade=None,
                  device: str = "auto", precision: str = "auto", batch_size: int | None = None,
                  num_workers: int | None = None, use_cache: bool = True, cache_dir=None, out_dir=None,
-                 json_out=None, max_pixels: int | None = None, plots: bool = True) -> dict:
+                 json_out=None, max_pixels: int | None = None, plots: bool = True, compile: bool = False) -> dict:
     """Evaluate a run on ``data``'s ``split``; writes the JSON and the ROC / confusion PNGs."""
     check_threshold(threshold)
     try:
@@ -60,12 +59,12 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     except ValueError as e:
         raise FakescopeError(str(e)) from None
     model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision,
-                                                 native_size=native_size, jpeg_align=jpeg_align)
+                                                 native_size=native_size, jpeg_align=jpeg_align, compile=compile)
     index = index_root(data).select(generators, split)
     if len(index) == 0:
         raise FakescopeError(f"no images in {data} for split {split!r}")
     result = evaluate_index(model, index, pipeline, device=dev, precision=prec, threshold=threshold,
-                            batch_size=batch_size or 64, num_workers=num_workers, use_cache=use_cache,
+                            batch_size=batch_size, num_workers=num_workers, use_cache=use_cache,
                             cache_root=cache_dir, degradations=degradations,
                             max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     scores = result.pop("_scores")
@@ -104,14 +103,14 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
 def predict_paths(run_dir, paths: list[str], *, threshold: float = 0.5, device: str = "auto",
                   precision: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
                   max_file_size: int | None = 50 * 2**20, max_pixels: int | None = None,
-                  native_size=None) -> list[dict]:
+                  native_size=None, compile: bool = False) -> list[dict]:
     """One row per image: ``{"path", "p_ai", "verdict"}`` or ``{"path", "error"}``; bad files never stop the rest."""
     check_threshold(threshold)
     missing = [p for p in paths if not os.path.lexists(p)]
     files = list_images([p for p in paths if os.path.lexists(p)])
     model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision,
-                                                 native_size=native_size)
-    p, errors = score_files(model, files, pipeline, device=dev, precision=prec, batch_size=batch_size or 64,
+                                                 native_size=native_size, compile=compile)
+    p, errors = score_files(model, files, pipeline, device=dev, precision=prec, batch_size=batch_size,
                             num_workers=num_workers, use_cache=False, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                             max_file_size=max_file_size, desc="predicting")
     rows: list[dict] = [{"path": m, "error": "file not found"} for m in missing]

@@ -1,5 +1,11 @@
 """Inference: score image files with a detector (streamed, batched, sharded under torchrun) and
-evaluate a run on a data root."""
+evaluate a run on a data root.
+
+Evaluation streams: images are decoded batch by batch and only the scores are kept, so its
+memory does not grow with the number of images. Under degradations every file is decoded once
+and scored under every level in the same pass (see ``ImageDataset(variants=...)``); a frozen
+backbone reads (or fills) the feature cache of each level instead.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from fakescope.data.dataset import ImageDataset, make_loader
+from fakescope.data.dataset import ImageDataset, cpu_threads, make_loader, plan_loader
+from fakescope.data.io import DEFAULT_MAX_PIXELS
 from fakescope.data.layout import Index
 from fakescope.data.transforms import Pipeline
 from fakescope.engine import runtime
@@ -18,100 +25,163 @@ from fakescope.engine.runtime import Precision
 from fakescope.metrics import DetectionMetrics
 from fakescope.progress import progress
 
+VARIANT_BATCH_BYTES = 256 << 20
+"""Largest uint8 batch (all variants of a batch together) one streaming pass decodes at once."""
+
+
+def default_batch_size(input_size: int) -> int:
+    """Inference batch size for a model input of ``input_size`` pixels: 64 at 224, larger for small
+    inputs (512 for 32x32, where per-operator overhead dominates), at least 32."""
+    return int(min(512, max(32, 64 * (224 / max(1, input_size)) ** 2)))
+
 
 def forward_p_ai(model, x: torch.Tensor, precision: Precision, device: torch.device) -> torch.Tensor:
     """P(ai) for a float batch in [0, 1]. A frozen backbone's features are rounded to float16 and
     the head runs in fp32, exactly as when they come from the feature cache."""
     with torch.no_grad():
-        with precision.autocast(device):
-            if model.frozen:
-                f = model.features(precision.prepare(x))
         if model.frozen:
-            logits = model.head(f.half().float())
+            with precision.autocast(device):
+                f = model.features(precision.prepare(x))
+            logits = model.head(f.float().half().float())
         else:
             with precision.autocast(device):
                 logits = model(precision.prepare(x))
         return model.p_ai(logits)
 
 
+def _head_scores(model, feats, ok: np.ndarray, device: torch.device, chunk: int = 4096) -> np.ndarray:
+    p = np.full(len(feats), np.nan)
+    with torch.no_grad():
+        for s in range(0, len(ok), chunk):
+            idx = ok[s:s + chunk]
+            f = feats[idx].to(device).float()
+            p[idx] = model.p_ai(model.head(f)).cpu().double().numpy()
+            if hasattr(feats, "release"):
+                feats.release()
+    return p
+
+
+def score_variants(model, files: list[str], pipelines: list[Pipeline], *, device: torch.device,
+                   precision: Precision, batch_size: int | None = None, num_workers: int | None = None,
+                   use_cache: bool = True, cache_root=None, max_pixels: int | None = None,
+                   max_file_size: int | None = None, desc: str = "scoring",
+                   descs: list[str] | None = None) -> tuple[np.ndarray, dict[int, str]]:
+    """``(p_ai [V, N], errors)``: P(ai) of every file under each of ``pipelines`` (NaN where
+    unreadable) and ``{position: reason}``. Every rank returns the full result."""
+    model.eval()
+    n, v = len(files), len(pipelines)
+    bs = batch_size or default_batch_size(model.preprocess.input_size)
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    if model.frozen and use_cache and max_file_size is None:
+        out = np.full((v, n), np.nan)
+        errors: dict[int, str] = {}
+        for j, pl in enumerate(pipelines):
+            feats, errs = extract_features(model, files, pl, device=device, precision=precision, batch_size=bs,
+                                           num_workers=num_workers, cache_root=cache_root,
+                                           desc=(descs or [desc] * v)[j], max_pixels=max_pixels)
+            ok = np.array(sorted(set(range(n)) - set(errs)), dtype=np.int64)
+            out[j] = _head_scores(model, feats, ok, device)
+            errors.update(errs)
+            del feats
+        return out, errors
+    # stream: decode each file once, score it under every variant; whole batches per rank
+    stage = pipelines[0].stage_size()
+    per_variant = bs * 3 * stage * stage
+    group = max(1, min(v, VARIANT_BATCH_BYTES // max(1, per_variant)))
+    out = np.full((v, n), np.nan)
+    errors = {}
+    for g0 in range(0, v, group):
+        part, err = _stream(model, files, pipelines[g0:g0 + group], device=device, precision=precision,
+                            batch_size=bs, num_workers=num_workers, max_pixels=max_pixels,
+                            max_file_size=max_file_size, desc=desc if v == 1 else f"{desc} ({g0 + 1}-"
+                            f"{min(v, g0 + group)} of {v} variants)")
+        out[g0:g0 + group] = part
+        errors.update(err)
+    return out, errors
+
+
+def _stream(model, files, pipelines, *, device, precision, batch_size, num_workers, max_pixels, max_file_size,
+            desc) -> tuple[np.ndarray, dict[int, str]]:
+    n, v = len(files), len(pipelines)
+    kw = {"max_file_size": max_file_size} if max_file_size else {}
+    ds = ImageDataset(files, pipelines[0], stage_only=True, max_pixels=max_pixels,
+                      variants=pipelines if v > 1 else None, **kw)
+    order = [i for b in runtime.shard_batches(n, batch_size) for i in b]
+    plan = plan_loader([files[i] for i in order], pipelines[0], device, num_workers)
+    loader = make_loader(ds, batch_size, order, num_workers=plan.workers, pin_memory=device.type == "cuda")
+    idx_out: list[np.ndarray] = []
+    p_out: list[np.ndarray] = []
+    errors: dict[int, str] = {}
+    with cpu_threads(runtime.fewest_threads(plan.threads, runtime.model_threads(model, device))):
+        for batch in progress(loader, desc=desc, total=len(loader)):
+            errors.update(batch.errors)
+            if not len(batch.index):
+                continue
+            img = batch.image.to(device, non_blocking=True)
+            ps = []
+            for j, pl in enumerate(pipelines):
+                x = pl.finish(img[:, j] if v > 1 else img).float().div_(255)
+                ps.append(forward_p_ai(model, x, precision, device).cpu().double().numpy())
+            p_out.append(np.stack(ps))
+            idx_out.append(batch.index.numpy())
+    p = np.full((v, n), np.nan)
+    mine = (np.concatenate(idx_out) if idx_out else np.zeros(0, np.int64),
+            np.concatenate(p_out, axis=1) if p_out else np.zeros((v, 0)), errors)
+    for part_idx, part_p, part_err in runtime.all_gather_objects(mine):
+        p[:, part_idx] = part_p
+        errors.update(part_err)
+    return p, errors
+
+
 def score_files(model, files: list[str], pipeline: Pipeline, *, device: torch.device, precision: Precision,
-                batch_size: int = 64, num_workers: int | None = None, use_cache: bool = True,
+                batch_size: int | None = None, num_workers: int | None = None, use_cache: bool = True,
                 cache_root=None, max_pixels: int | None = None, max_file_size: int | None = None,
                 desc: str = "scoring") -> tuple[np.ndarray, dict[int, str]]:
     """``(p_ai, errors)``: P(ai) per file (NaN where unreadable) and ``{position: reason}``.
 
     Every rank returns the full result. Memory stays flat: images are decoded batch by batch."""
-    model.eval()
-    if model.frozen and use_cache and max_file_size is None:
-        feats, errors = extract_features(model, files, pipeline, device=device, precision=precision,
-                                         batch_size=batch_size, num_workers=num_workers, cache_root=cache_root,
-                                         desc=desc, max_pixels=max_pixels)
-        p = np.full(len(files), np.nan)
-        ok = np.array(sorted(set(range(len(files))) - set(errors)), dtype=np.int64)
-        with torch.no_grad():
-            for s in range(0, len(ok), 4096):
-                idx = ok[s:s + 4096]
-                f = feats[idx].to(device).float()
-                p[idx] = model.p_ai(model.head(f)).cpu().double().numpy()
-        return p, errors
-    kw = {k: v for k, v in (("max_pixels", max_pixels), ("max_file_size", max_file_size)) if v}
-    ds = ImageDataset(files, pipeline, stage_only=True, **kw)
-    order = [i for b in runtime.shard_batches(len(files), batch_size) for i in b]
-    loader = make_loader(ds, batch_size, order, num_workers=num_workers, pin_memory=device.type == "cuda")
-    idx_out: list[np.ndarray] = []
-    p_out: list[np.ndarray] = []
-    errors: dict[int, str] = {}
-    for batch in progress(loader, desc=desc, total=len(loader)):
-        errors.update(batch.errors)
-        if not len(batch.index):
-            continue
-        x = pipeline.finish(batch.image.to(device, non_blocking=True)).float().div_(255)
-        p_out.append(forward_p_ai(model, x, precision, device).cpu().double().numpy())
-        idx_out.append(batch.index.numpy())
-    p = np.full(len(files), np.nan)
-    for part_idx, part_p, part_err in runtime.all_gather_objects(
-            (np.concatenate(idx_out) if idx_out else np.zeros(0, np.int64),
-             np.concatenate(p_out) if p_out else np.zeros(0), errors)):
-        p[part_idx] = part_p
-        errors.update(part_err)
-    return p, errors
+    p, errors = score_variants(model, files, [pipeline], device=device, precision=precision,
+                               batch_size=batch_size, num_workers=num_workers, use_cache=use_cache,
+                               cache_root=cache_root, max_pixels=max_pixels, max_file_size=max_file_size, desc=desc)
+    return p[0], errors
+
+
+def _metrics(labels, p, gens, threshold) -> tuple[dict, np.ndarray]:
+    ok = ~np.isnan(p)
+    m = DetectionMetrics(threshold)
+    m.update(labels[ok], p[ok], gens[ok].tolist())
+    return m.compute(), ok
 
 
 def evaluate_index(model, index: Index, pipeline: Pipeline, *, device: torch.device, precision: Precision,
-                   threshold: float = 0.5, batch_size: int = 64, num_workers: int | None = None,
+                   threshold: float = 0.5, batch_size: int | None = None, num_workers: int | None = None,
                    use_cache: bool = True, cache_root=None, degradations=(), max_pixels: int | None = None) -> dict:
     """Metrics of ``model`` on ``index``: overall, per generator, and under each degradation level.
+
+    Every file is decoded once for all levels. ``seconds`` is the time of the whole scoring,
+    ``images_per_second`` the readable images scored per second over all levels.
 
     Returns the evaluate JSON (without the ``model``/``data`` descriptions, which the caller adds)
     plus ``_scores`` (labels, p_ai, generators of the readable images) for plots."""
     files = [index.abspath(i) for i in range(len(index))]
     labels = np.asarray(index.labels)
     gens = np.asarray(index.generators, dtype=object)
+    levels = [(kind, float(level)) for kind, lv in degradations for level in lv]
+    pipelines = [pipeline] + [replace(pipeline, degrade=lv) for lv in levels]
+    descs = ["evaluating"] + [f"{kind} {level:g}" for kind, level in levels]
     t0 = time.perf_counter()
-    p, errors = score_files(model, files, pipeline, device=device, precision=precision, batch_size=batch_size,
-                            num_workers=num_workers, use_cache=use_cache, cache_root=cache_root,
-                            max_pixels=max_pixels, desc="evaluating")
+    p, errors = score_variants(model, files, pipelines, device=device, precision=precision, batch_size=batch_size,
+                               num_workers=num_workers, use_cache=use_cache, cache_root=cache_root,
+                               max_pixels=max_pixels, desc="evaluating", descs=descs)
     seconds = time.perf_counter() - t0
-    ok = ~np.isnan(p)
-    m = DetectionMetrics(threshold)
-    m.update(labels[ok], p[ok], gens[ok].tolist())
-    result = m.compute()
+    result, ok = _metrics(labels, p[0], gens, threshold)
     result["seconds"] = seconds
-    result["images_per_second"] = float(ok.sum() / seconds) if seconds > 0 else None
+    result["images_per_second"] = float(ok.sum() * len(pipelines) / seconds) if seconds > 0 else None
     result["bad_files"] = {files[i]: r for i, r in sorted(errors.items())}
-    result["_scores"] = {"labels": labels[ok], "p_ai": p[ok], "generators": gens[ok]}
+    result["_scores"] = {"labels": labels[ok], "p_ai": p[0][ok], "generators": gens[ok]}
     if degradations:
         result["degradations"] = {}
-        for kind, levels in degradations:
-            rows = []
-            for level in levels:
-                pl = replace(pipeline, degrade=(kind, float(level)))
-                pd, _ = score_files(model, files, pl, device=device, precision=precision, batch_size=batch_size,
-                                    num_workers=num_workers, use_cache=use_cache, cache_root=cache_root,
-                                    max_pixels=max_pixels, desc=f"{kind} {level:g}")
-                okd = ~np.isnan(pd)
-                md = DetectionMetrics(threshold)
-                md.update(labels[okd], pd[okd], gens[okd].tolist())
-                rows.append({"level": float(level), **md.compute()})
-            result["degradations"][kind] = rows
+        for j, (kind, level) in enumerate(levels, start=1):
+            metrics, _ = _metrics(labels, p[j], gens, threshold)
+            result["degradations"].setdefault(kind, []).append({"level": level, **metrics})
     return result

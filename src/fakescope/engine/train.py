@@ -24,7 +24,15 @@ import numpy as np
 import torch
 
 from fakescope import __version__
-from fakescope.data.dataset import ImageDataset, make_loader, preload, should_preload, typical_size
+from fakescope.data.dataset import (
+    ImageDataset,
+    cpu_threads,
+    make_loader,
+    plan_loader,
+    preload,
+    should_preload,
+    typical_size,
+)
 from fakescope.data.layout import carve_validation, index_root, limit_per_class
 from fakescope.data.transforms import Augment, Pipeline
 from fakescope.engine import checkpoint as ckpt
@@ -67,12 +75,14 @@ class TrainOptions:
     strict: bool = False
     num_workers: int | None = None
     max_pixels: int | None = None
+    compile: bool = False
+    preload: str = "auto"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainOptions":
+    def from_dict(cls, d: dict) -> TrainOptions:
         d = dict(d)
         aug = d.pop("augment", {}) or {}
         aug = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
@@ -117,31 +127,36 @@ class _Source:
 
 
 class _TensorSource(_Source):
-    def __init__(self, data: torch.Tensor, labels, errors, finish, device) -> None:
+    def __init__(self, data: torch.Tensor, labels, errors, finish, device, threads: int | None = None) -> None:
         super().__init__(labels, errors)
-        self.data, self.finish, self.device = data, finish, device
+        self.data, self.finish, self.device, self.threads = data, finish, device, threads
 
     def batches(self, order: torch.Tensor, batch_size: int, epoch: int = 0):
-        for s in range(0, len(order), batch_size):
-            ids = order[s:s + batch_size]
-            yield self.finish(self.data[ids].to(self.device)), self.labels[ids].to(self.device)
+        with cpu_threads(self.threads):  # applies to the steps run between the yields
+            for s in range(0, len(order), batch_size):
+                ids = order[s:s + batch_size]
+                yield self.finish(self.data[ids].to(self.device)), self.labels[ids].to(self.device)
 
 
 class _StreamSource(_Source):
-    def __init__(self, dataset: ImageDataset, labels, errors, device, num_workers) -> None:
+    def __init__(self, dataset: ImageDataset, labels, errors, device, num_workers, threads: int | None = None) -> None:
         super().__init__(labels, errors)
-        self.dataset, self.device, self.num_workers = dataset, device, num_workers
+        self.dataset, self.device = dataset, device
+        # workers and main-process threads sized once, from the files (the same plan every epoch)
+        self.plan = plan_loader(dataset.files, dataset.pipeline, device, num_workers)
+        self.threads = runtime.fewest_threads(self.plan.threads, threads)
 
     def batches(self, order: torch.Tensor, batch_size: int, epoch: int = 0):
         self.dataset.epoch = epoch
-        loader = make_loader(self.dataset, batch_size, order.tolist(), num_workers=self.num_workers,
+        loader = make_loader(self.dataset, batch_size, order.tolist(), num_workers=self.plan.workers,
                              pin_memory=self.device.type == "cuda")
-        for batch in loader:
-            for i, reason in batch.errors:
-                self.errors.setdefault(i, reason)
-            if len(batch.index):
-                x = self.dataset.pipeline.finish(batch.image.to(self.device, non_blocking=True)).float().div_(255)
-                yield x, self.labels[batch.index].to(self.device)
+        with cpu_threads(self.threads):
+            for batch in loader:
+                for i, reason in batch.errors:
+                    self.errors.setdefault(i, reason)
+                if len(batch.index):
+                    x = self.dataset.pipeline.finish(batch.image.to(self.device, non_blocking=True)).float().div_(255)
+                    yield x, self.labels[batch.index].to(self.device)
 
 
 def _scan_errors(dataset: ImageDataset, num_workers) -> dict[int, str]:
@@ -164,19 +179,28 @@ def _shard(order: torch.Tensor) -> torch.Tensor:
 def _make_source(model, files, labels, pipeline, opts, device, infer_precision, desc):
     y = torch.tensor(labels, dtype=torch.long)
     if model.frozen and not opts.augment.active and not opts.adv_train:
+        runtime.prepare_model(model, infer_precision)  # extraction as evaluate does it (the head is linear)
         feats, errors = extract_features(model, files, pipeline, device=device, precision=infer_precision,
                                          batch_size=max(opts.batch_size, 64), num_workers=opts.num_workers,
                                          use_cache=opts.use_cache, cache_root=opts.cache_dir, desc=desc,
                                          max_pixels=opts.max_pixels)
-        return _TensorSource(feats, y, errors, lambda f: f.float(), device), True
+        # in memory when it fits (a quarter of RAM), else batches gather rows from the memory-mapped cache
+        # a head's operators on a batch of feature vectors are too small to gain from a CPU thread team, and
+        # an oversubscribed team stalls at each of them: one thread (a fixed count, so runs stay reproducible)
+        return _TensorSource(feats.materialize(), y, errors, lambda f: f.float(), device,
+                             threads=1 if device.type == "cpu" else None), True
     kw = {"max_pixels": opts.max_pixels} if opts.max_pixels else {}
     ds = ImageDataset(files, pipeline, stage_only=True, seed=opts.seed, **kw)
-    if should_preload(pipeline, len(files)):
+    try:
+        preload_now = should_preload(pipeline, len(files), mode=opts.preload)
+    except ValueError as e:
+        raise FakescopeError(str(e).replace("preload", "--preload")) from None
+    if preload_now:
         pre = preload(ds, num_workers=opts.num_workers, desc=desc)
-        return _TensorSource(pre.images, y, pre.errors,
-                             lambda x: pipeline.finish(x).float().div_(255), device), False
+        return _TensorSource(pre.images, y, pre.errors, lambda x: pipeline.finish(x).float().div_(255), device,
+                             threads=runtime.model_threads(model, device)), False
     errors = _scan_errors(ds, opts.num_workers) if opts.strict else {}
-    return _StreamSource(ds, y, errors, device, opts.num_workers), False
+    return _StreamSource(ds, y, errors, device, opts.num_workers, runtime.model_threads(model, device)), False
 
 
 def _check_readable(sources: list[tuple[_Source, list[str], str]], out: Path) -> None:
@@ -228,8 +252,10 @@ def _evaluate_source(model, forward, src: _Source, batch_size: int, device, prec
 
 def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
     """Train ``opts.model`` on ``opts.data`` into run directory ``out``; return the final metrics."""
-    runtime.init_distributed()
+    runtime.init_distributed(opts.device)
     out = Path(out)
+    if resume and runtime.is_main() and out.is_dir():
+        ckpt.remove_partial_files(out)  # temporary files of writes a crash interrupted
     if resume and not (out / ckpt.CONFIG).exists() and not (out / ckpt.LAST_STATE).exists():
         resume = False  # killed before its config was written: there is nothing to continue
     if resume:
@@ -262,6 +288,7 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
 
     seed_everything(opts.seed)
     model = create_model(opts.model, **opts.model_options).to(device)
+    runtime.prepare_model(model, train_precision, compile=opts.compile)  # memory format; torch.compile
     native = _native_size(opts.native_size, tr_files)
     pipeline = Pipeline(model.preprocess.input_size, native, opts.jpeg_align, None, opts.augment)
     eval_pipeline = replace(pipeline, augment=Augment())
@@ -275,7 +302,8 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
                  "train_images": len(tr), "val_images": len(va)},
         "seed": opts.seed,
         "precision": {"train": train_precision.name, "inference": infer_precision.name,
-                      "channels_last": infer_precision.channels_last},
+                      "channels_last": infer_precision.channels_last,
+                      "train_channels_last": train_precision.channels_last},
         "device": device.type,
         "train": opts.to_dict(),
         "versions": _versions(),
@@ -312,13 +340,15 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
         ddp = DDP(trainable, device_ids=[device.index] if device.type == "cuda" else None)
         forward = ddp
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=opts.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=train_precision.dtype == torch.float16)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=opts.epochs)
                  if opts.lr_schedule == "cosine" else None)
     adversary = None
     if opts.adv_train:
         from fakescope.attacks import create_attack
 
-        adversary = create_attack(opts.adv_train, model, eps=opts.adv_eps, steps=opts.adv_steps, seed=opts.seed)
+        kw = {"steps": opts.adv_steps} if opts.adv_train == "pgd" else {}
+        adversary = create_attack(opts.adv_train, model, eps=opts.adv_eps, seed=opts.seed, **kw)
 
     start, best, bad_epochs, history, best_epoch = 0, math.inf, 0, [], None
     if resume:
@@ -344,6 +374,7 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
         for x, y in progress(train_src.batches(order, opts.batch_size, epoch), desc=f"epoch {epoch + 1}/{opts.epochs}",
                              total=nb):
             if adversary is not None:
+                adversary.seed = opts.seed * 1_000_003 + epoch * 100_003 + n_seen  # fresh random start per batch
                 x_adv = adversary(x, y)
                 if opts.adv_mix > 0:
                     k = int(round(len(x) * opts.adv_mix))
@@ -353,8 +384,9 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
                 logits = forward(train_precision.prepare(x) if not on_features else x)
             loss = model.loss(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()  # fp16 autocast (CUDA) needs loss scaling; a no-op otherwise
+            scaler.step(optimizer)
+            scaler.update()
             loss_sum += float(loss.detach()) * len(y)
             n_seen += len(y)
         if scheduler is not None:
