@@ -13,12 +13,6 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
-# CPU thread teams wait asleep instead of spinning (set before torch loads OpenMP; a user's own setting
-# wins): a spinning team stalls at every operator while another process holds one of its cores, which
-# made forward passes 2-6x slower on a shared 2-core CPU (see fakescope.engine.runtime.model_threads).
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
 from fakescope import __version__
 from fakescope.errors import FakescopeError
 
@@ -378,7 +372,16 @@ HANDLERS = {"models": _cmd_models, "data": _cmd_data, "train": _cmd_train, "eval
             "predict": _cmd_predict}
 
 
+def _passive_threads() -> None:
+    """CPU thread teams wait asleep instead of spinning (effective when set before torch loads OpenMP;
+    a user's own setting wins): a spinning team stalls at every operator while another process holds one
+    of its cores, which made forward passes 2-6x slower on a shared 2-core CPU."""
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
+    _passive_threads()
     parser = build_parser()
     args = parser.parse_args(argv)
     from fakescope import commands
