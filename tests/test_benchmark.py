@@ -317,3 +317,27 @@ def test_benchmark_on_cifake_with_frozen_lite0(cifake_small, lite0_weights, tmp_
     assert lite0["overall"]["roc_auc"] > 0.6  # ImageNet features separate CIFAKE's classes even from 200 images
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| timm:tf_efficientnet_lite0 | " in md and (tmp_path / "out" / "figures" / "roc.png").is_file()
+
+
+def test_benchmark_compares_normal_and_adversarially_trained_robustness(tmp_path, monkeypatch):
+    import json as _json
+
+    from fakescope.benchmark import run_benchmark
+
+    from synth import make_dataset
+
+    monkeypatch.setenv("FAKESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=24, n_val=8)
+    res = run_benchmark({"data": str(data), "out": str(tmp_path / "out"), "epochs": 2, "precision_check": False,
+                         "models": {"cnn32": {}, "cnn32-adv": {"model": "cnn32", "adv_train": "pgd",
+                                                               "adv_eps": 4 / 255, "adv_steps": 2}},
+                         "attack": {"name": "pgd", "eps": "0,4/255", "steps": 3, "limit": 4}})
+    for label in ("cnn32", "cnn32-adv"):
+        r = res["models"][label]["robustness"]
+        assert r["eps"] == [0, 4 / 255] and r["n"] == 8
+        assert r["robust_accuracy"][0] == r["clean_accuracy"] and r["robust_accuracy"][1] <= r["clean_accuracy"]
+    cfg = _json.loads((tmp_path / "out" / "runs" / "cnn32-adv-seed42" / "config.json").read_text())
+    assert cfg["train"]["adv_train"] == "pgd"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Adversarial robustness" in md and "cnn32-adv" in md
+    assert (tmp_path / "out" / "figures" / "robustness.png").exists()

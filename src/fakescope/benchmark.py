@@ -72,7 +72,8 @@ from fakescope.utils import dumps, write_json
 DEFAULT_MODELS = ("cnn32", "resnet50", "convnext_small")
 MODEL_KEYS = ("pretrained", "pretrained_file", "freeze", "filters", "hidden", "dropout", "input_size")
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "patience", "val_fraction", "limit", "native_size",
-              "augment", "precision")
+              "augment", "precision", "adv_train", "adv_eps", "adv_steps", "adv_mix")
+ATTACK_KEYS = ("name", "eps", "steps", "limit", "direction", "precision")
 RESULTS = "results.json"
 CONFIG_FILE = "benchmark-config.json"
 N_BOOT = 10_000
@@ -139,6 +140,7 @@ class BenchmarkConfig:
     sample_per_class: int = 6
     force: bool = False
     report: bool = True
+    attack: dict = field(default_factory=dict)
 
     def resolved(self) -> dict:
         d = asdict(self)
@@ -232,6 +234,56 @@ def _model_specs(models, global_options: dict) -> list[ModelSpec]:
     return specs
 
 
+def _check_attack(attack) -> dict:
+    """``attack: pgd`` or ``attack: {name, eps, steps, limit, direction, precision}`` (empty: no attack)."""
+    if not attack:
+        return {}
+    a = {"name": attack} if isinstance(attack, str) else dict(attack)
+    bad = sorted(set(a) - set(ATTACK_KEYS))
+    if bad:
+        raise FakescopeError(f"unknown attack option {bad[0]!r}: expected one of {', '.join(ATTACK_KEYS)}")
+    from fakescope.attacks import attack_class, parse_eps
+
+    a.setdefault("name", "pgd")
+    attack_class(a["name"])
+    a["eps"] = ",".join(str(e) for e in a["eps"]) if isinstance(a.get("eps"), list) else a.get("eps",
+                                                                                                "0,1/255,2/255,4/255,8/255")
+    parse_eps(a["eps"], norm="l2" if a["name"] == "pgd-l2" else "linf")
+    a.setdefault("steps", 10)
+    a.setdefault("limit", None)
+    a.setdefault("direction", "both")
+    a.setdefault("precision", "fp32")
+    return a
+
+
+def robustness_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str) -> dict:
+    """Robust accuracy of one run under ``cfg.attack`` (reused when the same request was already run)."""
+    from fakescope.attacks import parse_eps
+    from fakescope.engine.robust import attack_run
+
+    a = cfg.attack
+    folder = Path(run_dir) / f"attack-{a['name']}"
+    request = {**a, "generators": cfg.generators, "split": cfg.split, "threshold": cfg.threshold}
+    cached = folder / "attack.json"
+    if cached.is_file() and not cfg.force:
+        try:
+            blob = json.loads(cached.read_text())
+            if blob.get("request") == json.loads(dumps(request)):
+                return blob
+        except ValueError:
+            pass
+    log(f"{what}: {a['name']} attack at eps {a['eps']}")
+    res = attack_run(run_dir, cfg.data, attack=a["name"], eps_list=parse_eps(a["eps"], norm="l2" if a["name"] ==
+                                                                             "pgd-l2" else "linf"),
+                     steps=int(a["steps"]), direction=a["direction"], split=cfg.split, generators=cfg.generators,
+                     limit=a["limit"], threshold=cfg.threshold, device=cfg.device, precision=a["precision"],
+                     num_workers=cfg.workers, out_dir=str(folder))
+    res["request"] = json.loads(dumps(request))
+    if runtime.is_main():
+        write_json(cached, res)
+    return res
+
+
 def load_config_file(path: str | os.PathLike) -> dict:
     """A configuration file as a dict: YAML (``.yaml``/``.yml``), TOML (``.toml``) or JSON."""
     path = Path(path)
@@ -296,6 +348,7 @@ def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> B
         raise FakescopeError(f"expected jpeg_align to be a JPEG quality in [1, 100], got {d['jpeg_align']}")
     if isinstance(d.get("cross"), str):
         d["cross"] = _as_list(d["cross"], "cross")
+    d["attack"] = _check_attack(d.get("attack"))
     cfg = BenchmarkConfig(**d)
     from fakescope.metrics import check_threshold
 
@@ -326,7 +379,7 @@ def train_options(cfg: BenchmarkConfig, spec: ModelSpec, seed: int, generators: 
                   jpeg_align: int | None = None):
     from fakescope.engine.train import TrainOptions
 
-    t = {k: getattr(cfg, k) for k in TRAIN_KEYS}
+    t = {k: getattr(cfg, k) for k in TRAIN_KEYS if hasattr(cfg, k)}  # adversarial training is per model
     t.update(spec.train)
     aug = {k: tuple(v) if isinstance(v, list) else v for k, v in (t.pop("augment") or {}).items()}
     return TrainOptions(
@@ -564,6 +617,15 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
                  **_timing(summaries, evals), "runs": runs}
         if cfg.jpeg_align is not None:
             entry["shortcut"] = _shortcut(cfg, spec, runs)
+        if cfg.attack:
+            atk = robustness_cached(cfg, runs[0]["dir"], what=f"{spec.label} seed {cfg.seeds[0]}")
+            entry["robustness"] = {
+                "attack": atk["attack"], "eps": [r["eps"] for r in atk["results"]], "n": atk["n"],
+                "clean_accuracy": atk["clean_accuracy"],
+                "robust_accuracy": [r["robust_accuracy"] for r in atk["results"]],
+                "per_direction": {d: [r.get("per_direction", {}).get(d, {}).get("robust_accuracy")
+                                      for r in atk["results"]] for d in ("ai-to-real", "real-to-ai")},
+                "json": atk["outputs"]["json"]}
         if cfg.precision_check:
             entry["precision_check"] = precision_agreement(runs[0]["dir"], cfg, cfg.generators,
                                                            what=f"{spec.label} seed {cfg.seeds[0]}")

@@ -73,6 +73,11 @@ def register(sub, kit) -> None:
     b.add_argument("--leave-one-out", action="store_true", default=None,
                    help="with --cross: leave-one-generator-out instead of one-vs-all")
     b.add_argument("--threshold", type=kit.threshold, default=None)
+    b.add_argument("--attack", default=None, choices=["fgsm", "pgd", "pgd-l2", "square"],
+                   help="also the robust accuracy of every model's first-seed run under this attack")
+    b.add_argument("--attack-eps", default=None, help="budgets, e.g. 0,1/255,2/255,4/255,8/255")
+    b.add_argument("--attack-limit", type=kit.positive_int, default=None,
+                   help="attack at most N images per generator and class")
     b.add_argument("--no-precision-check", dest="precision_check", action="store_false", default=None,
                    help="skip the fp32-vs-bf16 prediction agreement")
 
@@ -91,6 +96,9 @@ def _options(args) -> tuple[dict, dict]:
                                                  "force", "jpeg_align", "jpeg_align_train", "degrade", "cross",
                                                  "leave_one_out", "threshold", "precision_check", "device",
                                                  "max_pixels", "cache_dir")}
+    if getattr(args, "attack", None):  # benchmark only (cross has no attack options)
+        over["attack"] = {"name": args.attack, **({"eps": args.attack_eps} if args.attack_eps else {}),
+                          **({"limit": args.attack_limit} if args.attack_limit else {})}
     over["eval_batch_size"] = None
     if args.batch_size:
         over["batch_size"] = over["eval_batch_size"] = args.batch_size

@@ -309,6 +309,25 @@ def write_report(out: str | os.PathLike, results: dict | None = None) -> dict:
             doc.figures([(r.get("outputs", {}).get("png") or str(out / "cross" / f"{key}.png"),
                           f"cross-generator accuracy: {r['model']}")])
 
+    robust = {label: m["robustness"] for label, m in models.items() if m.get("robustness")}
+    if robust:
+        first = next(iter(robust.values()))
+        doc.heading(2, "Adversarial robustness")
+        doc.para(f"Robust accuracy under {first['attack']} (white-box unless Square; every image counts, a clean "
+                 f"mistake stays wrong; first seed, {first['n']} images). Compare normally and adversarially "
+                 f"trained models (models with `adv_train: pgd`).")
+        eps_labels = [f"{e * 255:g}/255" for e in first["eps"]]
+        doc.table(["model", *(f"ε {e}" for e in eps_labels)],
+                  [[label, *r["robust_accuracy"]] for label, r in robust.items()])
+        doc.para("AI images pushed to look real (evasion), robust accuracy:")
+        doc.table(["model", *(f"ε {e}" for e in eps_labels)],
+                  [[label, *r["per_direction"]["ai-to-real"]] for label, r in robust.items()])
+        path = P.curve_plot([e * 255 for e in first["eps"]],
+                            {label: r["robust_accuracy"] for label, r in robust.items()}, figs / "robustness.png",
+                            xlabel="eps (x 1/255)", ylabel="robust accuracy",
+                            title=f"{first['attack']}: robust accuracy")
+        doc.figures([(path, "robust accuracy versus eps")])
+
     checks = {label: m["precision_check"] for label, m in models.items() if m.get("precision_check")}
     if checks:
         doc.heading(2, "Numerical precision: fp32 vs bf16")
