@@ -8,6 +8,7 @@ here: it belongs to the model (every model input is an image in [0, 1]).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,12 @@ def fit(img: torch.Tensor, size: int) -> torch.Tensor:
     return TF.center_crop(img, [size, size])
 
 
+def _jpeg_roundtrip(img: torch.Tensor, quality: int) -> torch.Tensor:
+    with warnings.catch_warnings():  # torchvision announces the move of its image codecs to torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(encode_jpeg(img.contiguous(), quality=quality))
+
+
 def jpeg(img: torch.Tensor, quality: float) -> torch.Tensor:
     """Re-encode as JPEG at ``quality`` (1-100). Quality 100 or more is the identity."""
     q = int(quality)
@@ -34,12 +41,12 @@ def jpeg(img: torch.Tensor, quality: float) -> torch.Tensor:
         return img
     if not 1 <= q:
         raise ValueError(f"expected a JPEG quality in [1, 100], got {quality}")
-    return decode_jpeg(encode_jpeg(img.contiguous(), quality=q))
+    return _jpeg_roundtrip(img, q)
 
 
 def jpeg_align(img: torch.Tensor, quality: int) -> torch.Tensor:
     """Shortcut control: every image of both classes re-encoded as JPEG at the same quality."""
-    return decode_jpeg(encode_jpeg(img.contiguous(), quality=int(quality)))
+    return _jpeg_roundtrip(img, int(quality))
 
 
 def blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
