@@ -1,8 +1,8 @@
 """Run directories: safetensors weights + JSON, written atomically, loaded without unpickling.
 
 A run directory holds ``config.json`` (everything needed to rebuild the model and its
-preprocessing), ``model.safetensors`` (best weights), ``last.safetensors`` + ``last.json`` (the
-last complete epoch: model, optimizer, scheduler and RNG state, for ``--resume``),
+preprocessing), ``model.safetensors`` (best weights), ``last-NNNN.safetensors`` + ``last.json`` (the
+last complete epoch, named by ``last.json``: model, optimizer, scheduler and RNG state, for ``--resume``),
 ``log.jsonl``, ``metrics.json`` and ``bad_files.json``.
 """
 
@@ -24,7 +24,6 @@ from fakescope.utils import atomic_write_bytes, write_json
 RUN_FORMAT = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-LAST = "last.safetensors"
 LAST_STATE = "last.json"
 LOG = "log.jsonl"
 METRICS = "metrics.json"
