@@ -20,32 +20,13 @@ from fakescope.engine.evaluate import evaluate_run
 from fakescope.errors import FakescopeError
 from fakescope.metrics import METRIC_KEYS
 
+from synth import make_pattern_root
+
 TRAIN, VAL = 48, 16
 
 
 def make_root(root: Path, generators=("checker", "stripes"), train=TRAIN, val=VAL, size=32, seed=0) -> Path:
-    """``root/<generator>/{train,val}/{nature (JPEG), ai (PNG)}``: smooth random 'photos'; the AI
-    images carry a generator-specific periodic pattern (checkerboard or stripes)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    patterns = {"checker": ((yy + xx) % 2) * 2 - 1, "stripes": (xx % 4 < 2) * 2 - 1}
-    for g in generators:
-        for split, n in (("train", train), ("val", val)):
-            for cls in ("nature", "ai"):
-                d = root / g / split / cls
-                d.mkdir(parents=True, exist_ok=True)
-                for i in range(n):
-                    low = rng.uniform(0, 255, (4, 4, 3))
-                    img = np.asarray(Image.fromarray(low.astype(np.uint8)).resize((size, size), Image.BILINEAR),
-                                     dtype=np.float64) + rng.normal(0, 4, (size, size, 3))
-                    if cls == "ai":
-                        img += 10 * patterns[g][..., None]
-                    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-                    if cls == "nature":
-                        im.save(d / f"{i:03d}.jpg", quality=90)
-                    else:
-                        im.save(d / f"{i:03d}.png")
-    return root
+    return make_pattern_root(root, generators, train, val, size, seed)
 
 
 MODELS = {

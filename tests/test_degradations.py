@@ -20,31 +20,9 @@ from fakescope.engine.evaluate import evaluate_run, prepare
 from fakescope.engine.infer import evaluate_index
 from fakescope.engine.train import TrainOptions, train
 
+from synth import make_pattern_root
 
-def make_root(root: Path, generators=("checker", "stripes"), train=24, val=8, size=32, seed=0,
-              nature_format="JPEG") -> Path:
-    """``root/<generator>/{train,val}/{nature, ai}``: smooth random images, nature saved as JPEG
-    (GenImage's real images) and ai as PNG with a periodic pattern (GenImage's AI images)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    patterns = {"checker": ((yy + xx) % 2) * 2 - 1, "stripes": (xx % 4 < 2) * 2 - 1}
-    for g in generators:
-        for split, n in (("train", train), ("val", val)):
-            for cls in ("nature", "ai"):
-                d = root / g / split / cls
-                d.mkdir(parents=True, exist_ok=True)
-                for i in range(n):
-                    low = rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8)
-                    img = np.asarray(Image.fromarray(low).resize((size, size), Image.BILINEAR), dtype=np.float64)
-                    img = img + rng.normal(0, 4, (size, size, 3))
-                    if cls == "ai":
-                        img += 10 * patterns[g][..., None]
-                    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-                    if cls == "nature" and nature_format == "JPEG":
-                        im.save(d / f"{i:03d}.jpg", quality=90)
-                    else:
-                        im.save(d / f"{i:03d}.png")
-    return root
+make_root = make_pattern_root
 
 
 @pytest.fixture(scope="module")
