@@ -281,29 +281,10 @@ def iter_features(model, files: list[str], pipeline: Pipeline, *, device: torch.
             yield batch.index.numpy(), f, errors
 
 
-def compute_features(model, files: list[str], pipeline: Pipeline, *, device: torch.device, precision: Precision,
-                     batch_size: int = 64, num_workers: int | None = None, desc: str = "features",
-                     max_pixels: int | None = None) -> tuple[np.ndarray, dict[int, str], list[int]]:
-    """Backbone features of ``files`` in this process, in memory: ``(features [n_ok, D], errors, ok positions)``."""
-    out: list[np.ndarray] = []
-    ok: list[int] = []
-    errors: dict[int, str] = {}
-    for pos, f, errs in iter_features(model, files, pipeline, device=device, precision=precision,
-                                      batch_size=batch_size, num_workers=num_workers, desc=desc,
-                                      max_pixels=max_pixels):
-        errors.update(errs)
-        if f is not None:
-            out.append(f)
-            ok.extend(pos.tolist())
-    d = out[0].shape[1] if out else 0
-    return (np.concatenate(out) if out else np.zeros((0, d), FEATURE_DTYPE)), errors, ok
-
-
 def _deal_batches(positions: list[int], batch_size: int) -> list[int]:
     """This rank's share of ``positions``: whole batches dealt round-robin (the batches a single
     process would form, so features are bit-identical whatever the number of ranks)."""
-    batches = [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
-    return [p for b in batches[runtime.rank():: runtime.world_size()] for p in b]
+    return [positions[i] for b in runtime.shard_batches(len(positions), batch_size) for i in b]
 
 
 def extract_features(model, files: list[str], pipeline: Pipeline, *, device: torch.device, precision: Precision,

@@ -192,14 +192,6 @@ def all_gather_objects(obj):
     return out
 
 
-def broadcast_object(obj):
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def shard_batches(n: int, batch_size: int) -> list[list[int]]:
     """Split ``range(n)`` into whole batches and deal them to ranks round-robin.
 
