@@ -100,14 +100,14 @@ def test_training_split_with_only_one_class(broken_roots, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "abc", "nan"])
-@pytest.mark.parametrize("cmd", ["evaluate", "predict"])
+@pytest.mark.parametrize("cmd", ["evaluate", "predict", "attack"])
 def test_threshold_out_of_range(cmd, value, tmp_path, capsys):
-    argv = ["evaluate", tmp_path, "--data", tmp_path] if cmd == "evaluate" else ["predict", tmp_path, tmp_path]
+    argv = {"evaluate": ["evaluate", tmp_path, "--data", tmp_path], "predict": ["predict", tmp_path, tmp_path],
+            "attack": ["attack", tmp_path, "--data", tmp_path]}[cmd]
     code, err = _run([*argv, f"--threshold={value}"], capsys)
     _one_line_error(code, err, ["expected a threshold in [0, 1]", value])
 
 
-@pytest.mark.skipif("attack" not in build_parser().format_help(), reason="no `fakescope attack` command yet")
 @pytest.mark.parametrize("eps, needle", [("2", "<= 1"), ("-1/255", ">= 0"), ("x", "number or a fraction")])
 def test_attack_eps_out_of_range(eps, needle, data, tmp_path, capsys):
     code, err = _run(["attack", tmp_path / "run", "--data", data, f"--eps={eps}"], capsys)
@@ -159,3 +159,32 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "unknown model 'nope'" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_threshold_bounds_are_the_same_everywhere():
+    """One rule, [0, 1], on the command line and in the library (attack used to refuse 0 after parsing)."""
+    from fakescope.attacks import create_attack
+    from fakescope.metrics import binary_metrics
+    from fakescope.models import create_model
+
+    for cmd in (["evaluate", "R", "--data", "D"], ["predict", "R", "x.png"], ["attack", "R", "--data", "D"]):
+        for t in ("0", "1"):
+            assert build_parser().parse_args([*cmd, "--threshold", t]).threshold == float(t)
+    model = create_model("cnn32")
+    for t in (0.0, 1.0):
+        assert create_attack("square", model, eps=0.01, threshold=t).threshold == t
+    assert binary_metrics([0, 1], [0.0, 1.0], threshold=0.0)["confusion"] == [[0, 1], [0, 1]]
+
+
+def test_unexpected_error_is_one_line_with_a_debug_hint(monkeypatch, capsys):
+    from fakescope.commands import models
+
+    def boom(args):
+        raise RuntimeError("something nobody foresaw")
+
+    monkeypatch.setattr(models, "run", boom)
+    code, err = _run(["models"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "RuntimeError: something nobody foresaw" in err and "--debug" in err
+    with pytest.raises(RuntimeError, match="nobody foresaw"):
+        main(["--debug", "models"])

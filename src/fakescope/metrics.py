@@ -14,14 +14,15 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn import metrics as skm
 
+from fakescope import validate
+
 METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision",
                "real_accuracy", "fake_accuracy", "n", "confusion")
 
 
 def check_threshold(threshold: float) -> float:
-    if not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"expected a threshold in [0, 1], got {threshold!r}; pass e.g. --threshold 0.5")
-    return float(threshold)
+    """The one threshold rule of :func:`fakescope.validate.threshold` (``p_ai >= threshold`` is AI)."""
+    return validate.threshold(threshold)
 
 
 def _num(x: float) -> float | None:

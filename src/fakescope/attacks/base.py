@@ -22,10 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fakescope import validate
 from fakescope.errors import FakescopeError
 
 NORMS: tuple[str, ...] = ("linf", "l2")
 LOSSES: tuple[str, ...] = ("bce", "margin")
+
+
+def check_threshold(threshold) -> float:
+    """The one threshold rule (:func:`fakescope.validate.threshold`), as an :class:`AttackError`."""
+    try:
+        return validate.threshold(threshold)
+    except ValueError as e:
+        raise AttackError(str(e)) from None
 
 
 class AttackError(FakescopeError, ValueError):
@@ -143,11 +152,9 @@ class Attack:
             raise AttackError(f"expected a fakescope Detector (an nn.Module with ai_logit), got {type(model).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise AttackError(f"expected seed to be an integer, got {seed!r}")
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < float(threshold) < 1:
-            raise AttackError(f"expected threshold in (0, 1), got {threshold!r}")
         self.model = model
         self.seed = int(seed)
-        self.threshold = float(threshold)
+        self.threshold = check_threshold(threshold)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())

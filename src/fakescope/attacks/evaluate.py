@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fakescope.attacks.base import Attack, AttackError, check_eps, eval_mode, l2_norms
+from fakescope.attacks.base import Attack, AttackError, check_eps, check_threshold, eval_mode, l2_norms
 from fakescope.progress import progress
 
 DIRECTIONS: tuple[str, ...] = ("both", "ai-to-real", "real-to-ai")
@@ -140,8 +140,7 @@ def robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
     eps_values = [check_eps(e, cls.norm) for e in eps_list]
     if not eps_values:
         raise AttackError("expected at least one eps in eps_list, got an empty list")
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < float(threshold) < 1:
-        raise AttackError(f"expected threshold in (0, 1), got {threshold!r}")
+    threshold = check_threshold(threshold)
     if isinstance(max_examples, bool) or not isinstance(max_examples, numbers.Integral) or max_examples < 0:
         raise AttackError(f"expected max_examples to be an integer >= 0, got {max_examples!r}")
     options = dict(attack_options or {})

@@ -58,7 +58,9 @@ class Square(Attack):
     def _margin(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.ai_logit(x)
         sign = y.to(z.dtype) * 2 - 1
-        return sign * (z - math.log(self.threshold / (1 - self.threshold))), self.is_wrong(z, y)
+        # logit of the threshold, finite at 0 and 1 (where every image is called one class: nothing to flip)
+        t = min(max(self.threshold, 1e-12), 1 - 1e-12)
+        return sign * (z - math.log(t / (1 - t))), self.is_wrong(z, y)
 
     @torch.no_grad()
     def perturb(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

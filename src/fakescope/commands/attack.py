@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+from fakescope.commands import args as a
 
-def register(sub, kit) -> None:
+
+def add_parser(sub):
     p = sub.add_parser("attack", help="robust accuracy of a run under an adversarial attack")
     p.add_argument("run")
-    kit.add_data(p)
+    a.add_data(p)
     p.add_argument("--attack", default="pgd", choices=["fgsm", "pgd", "pgd-l2", "square"])
     p.add_argument("--eps", default="0,1/255,2/255,4/255,8/255",
                    help="comma-separated budgets in pixel units of [0, 1] images (fractions allowed)")
-    p.add_argument("--steps", type=kit.positive_int, default=10, help="PGD steps")
-    p.add_argument("--step-size", type=kit.number, default=None, help="PGD step size (default 2.5 * eps / steps)")
-    p.add_argument("--queries", type=kit.positive_int, default=None, help="Square attack query budget")
+    p.add_argument("--steps", type=a.positive_int, default=10, help="PGD steps")
+    p.add_argument("--step-size", type=a.number, default=None, help="PGD step size (default 2.5 * eps / steps)")
+    p.add_argument("--queries", type=a.positive_int, default=None, help="Square attack query budget")
     p.add_argument("--direction", default="both", choices=["ai-to-real", "real-to-ai", "both"])
     p.add_argument("--source", default=None, metavar="RUN_A", help="craft on this run, evaluate on RUN (transfer)")
-    p.add_argument("--limit", type=kit.positive_int, default=None, help="at most N images per generator and class")
+    p.add_argument("--limit", type=a.positive_int, default=None, help="at most N images per generator and class")
     p.add_argument("--save-examples", default=None, metavar="DIR")
-    p.add_argument("--threshold", type=kit.threshold, default=0.5)
+    p.add_argument("--threshold", type=a.threshold, default=0.5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT")
     p.add_argument("--out", default=None, help="folder for the plot (default RUN/attack-<name>)")
-    kit.add_runtime(p)
+    a.add_runtime(p)
+    return p
 
 
-def _cmd_attack(args) -> int:
+def run(args) -> int:
     from fakescope.attacks import parse_eps
     from fakescope.engine.robust import attack_run
     from fakescope.report.tables import markdown_table
@@ -46,5 +49,3 @@ def _cmd_attack(args) -> int:
           f"results: {res['outputs']['json']}  plot: {res['outputs']['plot']}")
     return 0
 
-
-HANDLERS = {"attack": _cmd_attack}

@@ -1,8 +1,12 @@
-"""CLI glue for ``fakescope benchmark`` and ``fakescope cross`` (the library is :mod:`fakescope.benchmark`)."""
+"""``fakescope benchmark``: the study's results table and report (the library is :mod:`fakescope.benchmark`).
+
+``add_study_options`` and ``study_options`` are shared with ``fakescope cross``."""
 
 from __future__ import annotations
 
 import argparse
+
+from fakescope.commands import args as a
 
 BENCHMARK_HELP = """\
 Train every model for every seed on the train split of all selected generators, evaluate each run on
@@ -20,13 +24,6 @@ Shortcut control: --jpeg-align Q evaluates every run a second time with every im
 re-encoded as JPEG at quality Q, and the report shows accuracy with and without alignment;
 --jpeg-align-train also trains JPEG-aligned runs and reports them evaluated aligned."""
 
-CROSS_HELP = """\
-GenImage's cross-generator protocol for one model: train on each generator alone, test on every
-generator -> an N x N accuracy matrix with row averages (DIR/cross/<model>.json, .md and .png).
---leave-one-out trains on all generators but one and tests on every generator (the diagonal is the
-one left out). When DIR holds a benchmark, its report is refreshed to include the matrix."""
-
-
 def _seeds(s: str) -> list[int]:
     try:
         return [int(x) for x in s.split(",") if x.strip()]
@@ -34,37 +31,32 @@ def _seeds(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integer seeds like 42,43,44, got {s!r}") from None
 
 
-def _add_common(p, kit, *, models: bool) -> None:
+def add_study_options(p, *, models: bool) -> None:
     p.add_argument("--config", default=None, metavar="FILE", help="YAML, TOML or JSON file holding any option")
     p.add_argument("--data", default=None, help="data root (GenImage layout or ROOT/{train,val}/{ai,nature})")
-    p.add_argument("--generators", type=kit.csv, default=None, help="comma-separated generators (default: all)")
+    p.add_argument("--generators", type=a.csv, default=None, help="comma-separated generators (default: all)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/benchmark)")
     p.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds (default: 42)")
-    p.add_argument("--epochs", type=kit.positive_int, default=None)
-    p.add_argument("--lr", type=kit.number, default=None)
-    p.add_argument("--limit", type=kit.positive_int, default=None, help="at most N images per generator and class")
+    p.add_argument("--epochs", type=a.positive_int, default=None)
+    p.add_argument("--lr", type=a.number, default=None)
+    p.add_argument("--limit", type=a.positive_int, default=None, help="at most N images per generator and class")
     p.add_argument("--force", action="store_true", default=None, help="retrain and re-evaluate every run")
     if models:
-        p.add_argument("--jpeg-align", type=kit.quality, default=None, metavar="Q",
+        p.add_argument("--jpeg-align", type=a.quality, default=None, metavar="Q",
                        help="shortcut control: also evaluate every run with both classes re-encoded as JPEG at Q")
         g = p.add_argument_group("models")
-        g.add_argument("--models", type=kit.csv, default=None,
+        g.add_argument("--models", type=a.csv, default=None,
                        help="comma-separated models (default: cnn32,resnet50,convnext_small)")
-        g.add_argument("--pretrained-file", default=None,
-                       help="local ImageNet weights for the timm-backed models that do not set their own")
-        g.add_argument("--no-pretrained", action="store_true", help="random backbone weights for timm models")
-        fr = g.add_mutually_exclusive_group()
-        fr.add_argument("--freeze", dest="freeze", action="store_true", default=None, help="freeze the backbones")
-        fr.add_argument("--finetune", dest="freeze", action="store_false", help="train the backbones too")
+        a.add_backbone_options(g)
     else:
-        kit.add_model_options(p)
-    kit.add_runtime(p)
+        a.add_model_options(p)
+    a.add_runtime(p)
 
 
-def register(sub, kit) -> None:
+def add_parser(sub):
     b = sub.add_parser("benchmark", help="the study's results table and report over several models",
                        description=BENCHMARK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_common(b, kit, models=True)
+    add_study_options(b, models=True)
     b.add_argument("--jpeg-align-train", action="store_true", default=None,
                    help="with --jpeg-align: also train JPEG-aligned runs")
     b.add_argument("--degrade", action="append", default=None, metavar="KIND:LEVELS",
@@ -72,22 +64,18 @@ def register(sub, kit) -> None:
     b.add_argument("--cross", action="store_true", default=None, help="also the cross-generator matrix of every model")
     b.add_argument("--leave-one-out", action="store_true", default=None,
                    help="with --cross: leave-one-generator-out instead of one-vs-all")
-    b.add_argument("--threshold", type=kit.threshold, default=None)
+    b.add_argument("--threshold", type=a.threshold, default=None)
     b.add_argument("--attack", default=None, choices=["fgsm", "pgd", "pgd-l2", "square"],
                    help="also the robust accuracy of every model's first-seed run under this attack")
     b.add_argument("--attack-eps", default=None, help="budgets, e.g. 0,1/255,2/255,4/255,8/255")
-    b.add_argument("--attack-limit", type=kit.positive_int, default=None,
+    b.add_argument("--attack-limit", type=a.positive_int, default=None,
                    help="attack at most N images per generator and class")
     b.add_argument("--no-precision-check", dest="precision_check", action="store_false", default=None,
                    help="skip the fp32-vs-bf16 prediction agreement")
-
-    c = sub.add_parser("cross", help="cross-generator accuracy matrix of one model (GenImage's protocol)",
-                       description=CROSS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_common(c, kit, models=False)
-    c.add_argument("--leave-one-out", action="store_true", help="train on all generators but one, test on it")
+    return b
 
 
-def _options(args) -> tuple[dict, dict]:
+def study_options(args) -> tuple[dict, dict]:
     """``(file options, command-line overrides)``."""
     from fakescope.benchmark import load_config_file
 
@@ -111,25 +99,14 @@ def _options(args) -> tuple[dict, dict]:
     return base, over
 
 
-def _model_options(args) -> dict:
-    opts: dict = {}
-    if args.pretrained_file:
-        opts["pretrained_file"] = args.pretrained_file
-    if args.no_pretrained:
-        opts["pretrained"] = False
-    if args.freeze is not None:
-        opts["freeze"] = args.freeze
-    return opts
-
-
-def _cmd_benchmark(args) -> int:
+def run(args) -> int:
     from fakescope.benchmark import run_benchmark
     from fakescope.engine import runtime
     from fakescope.report.html import STUDY_COLUMNS
     from fakescope.report.tables import markdown_table
 
-    base, over = _options(args)
-    gopts = _model_options(args)
+    base, over = study_options(args)
+    gopts = a.model_options(args)
     if gopts:
         over["model_options"] = {**(base.get("model_options") or {}), **gopts}
     if args.models:
@@ -155,30 +132,3 @@ def _fmt(v) -> str:
     from fakescope.report.tables import fmt
 
     return fmt(v)
-
-
-def _cmd_cross(args) -> int:
-    from fakescope.benchmark import run_cross
-    from fakescope.engine import runtime
-    from fakescope.report.html import cross_tables
-    from fakescope.report.tables import fmt
-
-    base, over = _options(args)
-    file_models = base.get("models")
-    entry = dict((file_models.get(args.model) or {}) if isinstance(file_models, dict) else {})
-    entry.update(_model_options(args))  # a label of the file's models keeps its options; flags win
-    if args.filters:
-        entry["filters"] = [int(f) for f in args.filters]
-    over["models"] = {args.model: entry}
-    over.pop("leave_one_out", None)
-    result = run_cross(base, args.model, leave_one_out=args.leave_one_out, **over)
-    if runtime.is_main():
-        header, rows = cross_tables(result)
-        print("| " + " | ".join(header) + " |\n|" + "|".join(["---"] * len(header)) + "|")
-        for r in rows:
-            print("| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in r) + " |")
-        print(f"\nmatrix: {result['outputs']['json']}  heatmap: {result['outputs']['png']}")
-    return 0
-
-
-HANDLERS = {"benchmark": _cmd_benchmark, "cross": _cmd_cross}

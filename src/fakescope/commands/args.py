@@ -1,0 +1,98 @@
+"""Argument types and option groups shared by the command modules.
+
+The checks themselves live in :mod:`fakescope.validate` (configuration files use the same ones);
+here they only become argparse types."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from fakescope import validate
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def argtype(check: Callable, name: str) -> Callable:
+    """A :mod:`fakescope.validate` check as an argparse type (its ValueError becomes the usage error)."""
+
+    def convert(s: str):
+        try:
+            return check(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = name  # argparse names the type in "invalid <name> value" fallbacks
+    return convert
+
+
+threshold = argtype(validate.threshold, "threshold")
+number = argtype(validate.number, "number")
+fraction = argtype(validate.fraction, "fraction")
+positive_int = argtype(validate.positive_int, "positive_int")
+nonneg_int = argtype(validate.nonneg_int, "nonneg_int")
+quality = argtype(validate.quality, "quality")
+csv = argtype(validate.csv, "csv")
+
+
+def add_runtime(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 + channels_last for inference where the processor supports it; fp32 training")
+    g.add_argument("--batch-size", type=positive_int, default=None)
+    g.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers (default: one per core)")
+    g.add_argument("--cache-dir", default=None, help="feature cache folder (default: the user cache directory)")
+    g.add_argument("--no-cache", action="store_true", help="do not read or write the frozen-feature cache")
+    g.add_argument("--max-pixels", type=positive_int, default=None,
+                   help="refuse images with more pixels than this (decompression-bomb guard; default 120M)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+
+
+def add_data(p: argparse.ArgumentParser, split_default: str | None = "val") -> None:
+    p.add_argument("--data", required=True, help="data root (GenImage layout or ROOT/{train,val}/{ai,nature})")
+    p.add_argument("--generators", type=csv, default=None, help="comma-separated generators to use")
+    if split_default is not None:
+        p.add_argument("--split", default=split_default, choices=["train", "val"])
+    p.add_argument("--jpeg-align", type=quality, default=None, metavar="Q",
+                   help="re-encode every image of both classes as JPEG at quality Q (format-shortcut control)")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True,
+                   help="cnn32, resnet50, convnext_small or timm:<name> (see `fakescope models`)")
+    add_backbone_options(g)
+    g.add_argument("--filters", type=csv, default=None, help="cnn32 filters, e.g. 32,64,128")
+
+
+def add_backbone_options(g) -> None:
+    g.add_argument("--pretrained-file", default=None, help="local ImageNet weights for the backbone")
+    g.add_argument("--no-pretrained", action="store_true", help="random backbone weights, on purpose")
+    fr = g.add_mutually_exclusive_group()
+    fr.add_argument("--freeze", dest="freeze", action="store_true", default=None, help="freeze the backbone")
+    fr.add_argument("--finetune", dest="freeze", action="store_false", help="train the backbone too")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The model options the command line set (only those: a configuration file's own options stay
+    unless a flag overrides them). A ``pretrained_file`` is made absolute, relative to the current folder."""
+    opts: dict = {}
+    if getattr(args, "no_pretrained", False):
+        opts["pretrained"] = False
+    if getattr(args, "pretrained_file", None):
+        opts["pretrained_file"] = str(Path(args.pretrained_file).resolve())
+    if getattr(args, "freeze", None) is not None:
+        opts["freeze"] = args.freeze
+    if getattr(args, "filters", None):
+        try:
+            opts["filters"] = [validate.positive_int(f) for f in args.filters]
+        except ValueError as e:
+            raise validate.FakescopeError(f"--filters: {e}") from None
+    return opts

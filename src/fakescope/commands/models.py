@@ -1,0 +1,29 @@
+"""``fakescope models``: the model registry, and whether a model's pretrained weights can be had here."""
+
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("models", help="list the registered models")
+    p.add_argument("--check", metavar="NAME", default=None,
+                   help="build NAME with its pretrained weights and say whether they can be had here")
+    p.add_argument("--pretrained-file", default=None, help="with --check: local weights to try")
+    return p
+
+
+def run(args) -> int:
+    from fakescope.models import create_model, list_models
+
+    if args.check:
+        opts = {"pretrained_file": args.pretrained_file} if args.pretrained_file else {}
+        m = create_model(args.check, **opts)
+        print(f"{args.check}: pretrained weights available; input {m.preprocess.input_size}px, "
+              f"mean {m.preprocess.mean}, std {m.preprocess.std}, "
+              f"{sum(p.numel() for p in m.parameters()):,} parameters")
+        return 0
+    models = list_models()
+    for name, desc in models.items():
+        if name != "timm":
+            print(f"{name:16s} {desc}")
+    print(f"{'timm:<name>':16s} {models['timm'].split(': ', 1)[-1]}")
+    return 0

@@ -1,0 +1,53 @@
+"""``fakescope predict``: P(ai) and a verdict for image files and folders."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from fakescope.commands import args as a
+
+COLUMNS = ("path", "p_ai", "verdict", "error")
+
+
+def add_parser(sub):
+    p = sub.add_parser("predict", help="P(ai) for image files and folders")
+    p.add_argument("run")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    p.add_argument("--threshold", type=a.threshold, default=0.5)
+    p.add_argument("--max-file-size", type=a.positive_int, default=50 * 2**20, help="bytes (default 50 MiB)")
+    p.add_argument("--native-size", default=None, help="override the run's native size: N or off")
+    a.add_runtime(p)
+    return p
+
+
+def run(args) -> int:
+    from fakescope.engine import runtime
+    from fakescope.engine.evaluate import predict_paths
+
+    rows = predict_paths(args.run, args.paths, threshold=args.threshold, device=args.device,
+                         precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
+                         max_file_size=args.max_file_size, max_pixels=args.max_pixels,
+                         native_size=args.native_size, compile=args.compile)
+    if not runtime.is_main():
+        return 0
+    if args.format == "json":
+        print(json.dumps(rows, indent=2, allow_nan=False))
+    elif args.format == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n", extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+        print(buf.getvalue(), end="")
+    else:
+        width = min(80, max((len(r["path"]) for r in rows), default=4))
+        print(f"{'path':{width}s}  {'p_ai':>7s}  verdict")
+        for r in rows:
+            if "error" in r:
+                print(f"{r['path']:{width}s}  {'-':>7s}  error: {r['error']}")
+            else:
+                print(f"{r['path']:{width}s}  {r['p_ai']:7.4f}  {r['verdict']}")
+    return 0 if any("error" not in r for r in rows) else 1
