@@ -3,7 +3,6 @@ import time
 
 import pytest
 
-from fakescope import LABELS
 from fakescope.data import layout
 from fakescope.data.layout import canonical_generator, carve_validation, index_root, limit_per_class
 from fakescope.errors import DataError
@@ -16,8 +15,23 @@ def _touch(p, name="x.png"):
     (p / name).write_bytes(b"not decoded by the index")
 
 
-def test_label_map_is_explicit():
-    assert LABELS == {"nature": 0, "ai": 1}
+def test_indexing_labels_ai_folders_positive(tmp_path):
+    """The label map reaches the index: every file under ai/ (any case) is 1, under nature/ is 0."""
+    _touch(tmp_path / "train" / "AI", "a.png")
+    _touch(tmp_path / "train" / "AI", "b.png")
+    _touch(tmp_path / "train" / "Nature", "c.png")
+    idx = index_root(tmp_path, use_cache=False)
+    by_name = {os.path.basename(p): y for p, y in zip(idx.paths, idx.labels)}
+    assert by_name == {"a.png": 1, "b.png": 1, "c.png": 0}
+    assert idx.counts() == {tmp_path.name: {"train": {"nature": 1, "ai": 2}}}
+
+
+def test_two_folders_for_one_class_are_an_error(tmp_path):
+    _touch(tmp_path / "train" / "ai", "a.png")
+    _touch(tmp_path / "train" / "AI", "b.png")  # a case-sensitive file system keeps both
+    _touch(tmp_path / "train" / "nature", "c.png")
+    with pytest.raises(DataError, match="'AI' and 'ai'"):
+        index_root(tmp_path, use_cache=False)
 
 
 @pytest.mark.parametrize("folder,canon", [
@@ -119,3 +133,10 @@ def test_limit_per_class(tmp_path):
     make_dataset(tmp_path, n_train=10, n_val=4)
     idx = limit_per_class(index_root(tmp_path, use_cache=False), 3)
     assert len(idx) == 2 * 2 * 2 * 3
+
+
+def test_two_folders_for_one_split_are_an_error(tmp_path):
+    _touch(tmp_path / "Train" / "ai", "a.png")
+    _touch(tmp_path / "train" / "nature", "b.png")
+    with pytest.raises(DataError, match="'Train' and 'train'"):
+        index_root(tmp_path, use_cache=False)

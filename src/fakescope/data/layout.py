@@ -9,7 +9,8 @@ Two layouts are recognised (``ai`` and ``nature`` are the class folders, any cas
 2. A single generator: ``ROOT/{train,val}/{ai,nature}/*`` (the generator is named after ROOT).
 
 Indexing lists directories only (``os.scandir``); it never opens an image. The index is cached
-under the user's cache directory and rebuilt when any indexed directory changes.
+under the user's cache directory and rebuilt when the set of files may have changed: see
+:func:`index_root`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,13 @@ from fakescope.errors import DataError
 from fakescope.utils import atomic_write_text, cache_dir
 
 SPLITS = ("train", "val")
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
+RACY_NS = 2_000_000_000
+"""A folder changed less than this before (or after) its listing was read may have changed again within
+the file system's timestamp granularity without its times showing it (FAT: 2 s): such a folder's
+listing is compared by name on the next use (git's "racily clean" rule)."""
+SAMPLE_EXISTS = 64
+"""Files of a cached index whose existence is checked on every use (evenly spread, a few stat calls)."""
 
 _ALIASES = {
     "midjourney": ["midjourney", "imagenet_midjourney", "mj"],
@@ -70,14 +78,25 @@ def _subdirs(path: str) -> dict[str, str]:
 
 def _split_dirs(path: str) -> dict[str, dict[str, str]]:
     """``{split: {class: dir}}`` for the splits under ``path`` that have at least one class folder."""
+    splits = _one_per_name(path, {n: p for n, p in _subdirs(path).items() if n.lower() in SPLITS})
     out: dict[str, dict[str, str]] = {}
-    for name, p in _subdirs(path).items():
-        split = name.lower()
-        if split not in SPLITS:
-            continue
-        classes = {c.lower(): cp for c, cp in _subdirs(p).items() if c.lower() in LABELS}
+    for split, p in splits.items():
+        classes = _one_per_name(p, {c: cp for c, cp in _subdirs(p).items() if c.lower() in LABELS})
         if classes:
             out[split] = classes
+    return out
+
+
+def _one_per_name(parent: str, folders: dict[str, str]) -> dict[str, str]:
+    """``{lower-case name: path}``; two folders that differ only in case (a case-sensitive file system
+    keeps both) would hide one of them, so they are an error."""
+    out: dict[str, str] = {}
+    for name, p in sorted(folders.items()):
+        if name.lower() in out:
+            other = os.path.basename(out[name.lower()])
+            raise DataError(f"{parent} has two folders '{other}' and '{name}' for one {name.lower()!r}: "
+                            f"expected one; merge them")
+        out[name.lower()] = p
     return out
 
 
@@ -164,7 +183,30 @@ def _find_generators(root: str) -> tuple[str, list[tuple[str, dict[str, dict[str
     return "genimage", found
 
 
-def _scan(root: str) -> tuple[Index, dict[str, int]]:
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def _list(path: str) -> list[str]:
+    return os.listdir(path)
+
+
+def _listing_digest(names: list[str]) -> str:
+    return hashlib.sha1("\0".join(sorted(names)).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _dir_key(path: str) -> list[int]:
+    """What must stay equal for a folder's listing to be trusted: ``[device, inode, ctime, mtime]``.
+
+    ``tar x``, ``rsync -a`` and ``cp -a`` restore the modification time, but a re-created or
+    re-extracted folder has a new inode change time (ctime cannot be set from user space) and
+    usually a new inode."""
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns]
+
+
+def _scan(root: str) -> tuple[Index, dict[str, list]]:
+    """The index and, for every folder it depends on, ``[*_dir_key, entry count, listing digest]``."""
     layout, gens = _find_generators(root)
     if not gens:
         raise DataError(f"no dataset found under {root}: {EXPECTED_LAYOUTS}")
@@ -173,7 +215,11 @@ def _scan(root: str) -> tuple[Index, dict[str, int]]:
     if dupes:
         raise DataError(f"{root}: several folders map to the same generator {sorted(dupes)}; rename one")
     paths, labels, generators, splits = [], [], [], []
-    dirs: dict[str, int] = {root: os.stat(root).st_mtime_ns}
+    dirs: dict[str, list] = {}
+
+    def record(path: str, entries: list[str]) -> None:
+        dirs[path] = _dir_key(path) + [len(entries), _listing_digest(entries)]
+
     for gen, split_dirs in gens:
         for split in SPLITS:
             for cls in ("nature", "ai"):
@@ -181,21 +227,25 @@ def _scan(root: str) -> tuple[Index, dict[str, int]]:
                 if d is None:
                     continue
                 for dirpath, dirnames, files in os.walk(d, followlinks=True):
+                    record(dirpath, dirnames + files)  # os.walk lists every entry in one of the two
                     dirnames.sort()
-                    dirs[dirpath] = os.stat(dirpath).st_mtime_ns
                     for f in sorted(files):
                         if is_image_path(f):
                             paths.append(os.path.relpath(os.path.join(dirpath, f), root))
                             labels.append(LABELS[cls])
                             generators.append(gen)
                             splits.append(split)
-    # parent folders too, so that a new generator or split folder invalidates the cache
+    # every folder between the root and a class folder too, so that a new generator or split is seen
+    parents = {root}
     for _, split_dirs in gens:
         for classes in split_dirs.values():
             for d in classes.values():
-                for parent in (os.path.dirname(d), os.path.dirname(os.path.dirname(d))):
-                    if parent.startswith(root):
-                        dirs[parent] = os.stat(parent).st_mtime_ns
+                p = os.path.dirname(d)
+                while p.startswith(root + os.sep):
+                    parents.add(p)
+                    p = os.path.dirname(p)
+    for p in sorted(parents - set(dirs)):
+        record(p, _list(p))
     return Index(root, layout, paths, labels, generators, splits), dirs
 
 
@@ -203,15 +253,38 @@ def _cache_file(root: str) -> Path:
     return cache_dir() / "index" / (hashlib.sha1(root.encode()).hexdigest()[:20] + ".json")
 
 
-def _still_valid(dirs: dict[str, int]) -> bool:
+def _still_valid(blob: dict) -> tuple[bool, bool]:
+    """``(valid, verified_now)``: whether a cached index still describes its root, and whether racy
+    folders had to be listed to tell (then the cache's ``checked_ns`` can move forward)."""
+    checked = int(blob["checked_ns"])
+    listed = False
     try:
-        return all(os.stat(d).st_mtime_ns == m for d, m in dirs.items())
+        for d, (dev, ino, ctime, mtime, count, digest) in blob["dirs"].items():
+            if _dir_key(d) != [dev, ino, ctime, mtime]:
+                return False, listed
+            if max(ctime, mtime) >= checked - RACY_NS:
+                entries = _list(d)
+                listed = True
+                if len(entries) != count or _listing_digest(entries) != digest:
+                    return False, listed
+        index = blob["index"]
+        root, paths = index["root"], index["paths"]
+        for rel in paths[:: max(1, len(paths) // max(1, SAMPLE_EXISTS))][:SAMPLE_EXISTS]:
+            if not os.path.lexists(os.path.join(root, rel)):
+                return False, listed
     except OSError:
-        return False
+        return False, listed
+    return True, listed
 
 
 def index_root(root: str | os.PathLike, *, use_cache: bool = True) -> Index:
-    """Index a data root (cached; the cache is checked against every indexed folder's mtime)."""
+    """Index a data root, using the cached index when it still describes the root.
+
+    The cache is trusted only while every folder it depends on keeps its device, inode, inode
+    change time (ctime) and modification time, and while a sample of its files still exists; a
+    folder changed within :data:`RACY_NS` of its last check is also compared by listing. So a root
+    deleted and re-extracted with the same folder times (``tar x``, ``rsync -a``, ``cp -a``) is
+    indexed again, and an index that lists files that no longer exist is rebuilt, never used."""
     root = os.path.abspath(str(root))
     if not os.path.isdir(root):
         raise DataError(f"data root not found: {root} (expected a folder with ai/ and nature/ images)")
@@ -219,17 +292,28 @@ def index_root(root: str | os.PathLike, *, use_cache: bool = True) -> Index:
     if use_cache and cf.is_file():
         try:
             blob = json.loads(cf.read_text())
-            if blob.get("format") == INDEX_FORMAT and blob["index"]["root"] == root and _still_valid(blob["dirs"]):
-                return Index(**blob["index"])
+            if blob.get("format") == INDEX_FORMAT and blob["index"]["root"] == root:
+                started = _now_ns()
+                valid, listed = _still_valid(blob)
+                if valid:
+                    if listed:  # the racy folders were just compared: later uses need not list them again
+                        blob["checked_ns"] = started
+                        _write_cache(cf, blob)
+                    return Index(**blob["index"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
+    started = _now_ns()
     index, dirs = _scan(root)
     if use_cache:
-        try:
-            atomic_write_text(cf, json.dumps({"format": INDEX_FORMAT, "dirs": dirs, "index": index.to_json()}))
-        except OSError:
-            pass  # a read-only cache directory only costs speed
+        _write_cache(cf, {"format": INDEX_FORMAT, "checked_ns": started, "dirs": dirs, "index": index.to_json()})
     return index
+
+
+def _write_cache(cf: Path, blob: dict) -> None:
+    try:
+        atomic_write_text(cf, json.dumps(blob))
+    except OSError:
+        pass  # a read-only cache directory only costs speed
 
 
 def carve_validation(index: Index, fraction: float = 0.1) -> tuple[Index, Index]:
