@@ -68,15 +68,16 @@ def test_plan_loader_never_oversubscribes(tmp_path, monkeypatch):
     assert D.plan_loader(small, pl, CPU).workers == 0
 
 
-def test_estimate_decode_ms_uses_jpeg_draft(tmp_path):
+def test_estimate_decode_ms_grows_with_pixels_and_jpeg_is_cheaper(tmp_path):
     from PIL import Image
 
-    big = np.zeros((2000, 3000, 3), np.uint8)
-    Image.fromarray(big).save(tmp_path / "big.jpg")
-    Image.fromarray(big).save(tmp_path / "big.png")
-    jpg = D.estimate_decode_ms([str(tmp_path / "big.jpg")], 224)
-    png = D.estimate_decode_ms([str(tmp_path / "big.png")], 224)
-    assert jpg < D.CHEAP_DECODE_MS < png
+    for name, shape in (("big", (2000, 3000, 3)), ("small", (64, 64, 3))):
+        Image.fromarray(np.zeros(shape, np.uint8)).save(tmp_path / f"{name}.jpg")
+        Image.fromarray(np.zeros(shape, np.uint8)).save(tmp_path / f"{name}.png")
+    est = {f: D.estimate_decode_ms([str(tmp_path / f)], 224) for f in ("big.jpg", "big.png", "small.jpg")}
+    # every format is decoded in full (no JPEG draft decoding): a 6 MP JPEG is not cheap any more
+    assert D.CHEAP_DECODE_MS < est["big.jpg"] < est["big.png"]
+    assert est["small.jpg"] < D.CHEAP_DECODE_MS
     assert D.estimate_decode_ms([]) == 0.0
 
 

@@ -9,7 +9,7 @@ whole split of small images in memory as one ``uint8`` tensor; large images alwa
 :func:`plan_loader` sizes DataLoader workers and the main process's threads to the machine: on a
 CPU the forward pass and the decoding workers share the same cores, and an OpenMP team that is
 larger than the cores left to it stalls at every operator (each waits for a descheduled thread),
-so on small machines and for cheap-to-decode images (small files, or JPEGs decoded in draft mode)
+so on small machines and for cheap-to-decode images (small files)
 decoding happens in the main process, and expensive images on larger machines get workers whose
 cores are taken off the forward pass.
 """
@@ -57,7 +57,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         try:
             img = read_image(self.files[i], max_pixels=self.max_pixels, max_file_size=self.max_file_size,
-                             draft_size=self.pipeline.stage_size())
+                             reduce_to=self.pipeline.stage_size())
         except ImageReadError as e:
             return {"index": i, "error": e.reason}
         rng = None
@@ -114,9 +114,10 @@ cores a worker would take from the forward pass (on machines with up to 8 cores)
 def estimate_decode_ms(files: Sequence[str], stage_size: int | None = None, sample: int = 16) -> float:
     """Estimated milliseconds to decode one of ``files``, from the headers of up to ``sample`` of them.
 
-    JPEGs are decoded in draft mode (scaled down by up to 8 while both sides stay at least twice
-    the stage size), so a large JPEG costs far less than a PNG of the same size. Unreadable
-    samples are skipped; 0.0 when none can be read."""
+    Every image is decoded in full (then box-reduced, a small extra cost), so the cost grows with
+    the pixel count; JPEG decodes faster per pixel than PNG. ``stage_size`` is accepted for the
+    callers' convenience and does not change the estimate. Unreadable samples are skipped; 0.0
+    when none can be read."""
     from fakescope.data.io import probe_image
 
     costs = []
@@ -126,12 +127,8 @@ def estimate_decode_ms(files: Sequence[str], stage_size: int | None = None, samp
             fmt, w, h = probe_image(f)
         except ImageReadError:
             continue
-        scale = 1
-        if fmt == "JPEG" and stage_size:
-            while scale < 8 and min(w, h) // (scale * 2) >= 2 * stage_size:
-                scale *= 2
         ns_per_pixel = 6.0 if fmt == "JPEG" else 15.0
-        costs.append(0.08 + w * h / (scale * scale) * ns_per_pixel * 1e-6)
+        costs.append(0.08 + w * h * ns_per_pixel * 1e-6)
     return sorted(costs)[len(costs) // 2] if costs else 0.0
 
 
