@@ -177,6 +177,41 @@ def test_png_and_jpeg_of_the_same_pixels_reach_the_model_alike(tmp_path, size):
     assert diff.float().mean() <= max(noise, 0.5) and diff.max() <= 3, (diff.float().mean(), diff.max(), noise)
 
 
+@pytest.mark.parametrize("error", [RuntimeError("a bug"), torch.OutOfMemoryError("CUDA out of memory"),
+                                   MemoryError(), NotImplementedError("not yet")])
+def test_errors_that_are_not_about_the_file_propagate(corpus, monkeypatch, error):
+    """Only decoder errors make a bad file: a bug or running out of memory must stop the caller."""
+    def boom(*a, **k):
+        raise error
+
+    monkeypatch.setattr(fio, "_to_rgb", boom)
+    with pytest.raises(type(error)):
+        read_image(corpus["grey.png"].path)
+    monkeypatch.undo()
+    monkeypatch.setattr(fio.Image, "open", boom)
+    with pytest.raises(type(error)):
+        probe_image(corpus["grey.png"].path)
+
+
+def test_decoder_errors_still_make_a_bad_file(corpus, monkeypatch):
+    for error in (OSError("broken data stream"), SyntaxError("not a TIFF file"), UserWarning("Corrupt EXIF data")):
+        def fail(*a, _e=error, **k):
+            raise _e
+
+        monkeypatch.setattr(fio, "_to_rgb", fail)
+        with pytest.raises(ImageReadError, match=str(error)):
+            read_image(corpus["grey.png"].path)
+
+
+def test_malformed_exif_keeps_the_image_and_a_bug_propagates(corpus, monkeypatch):
+    path = corpus["exif_rotated.jpg"].path
+    monkeypatch.setattr(fio.ImageOps, "exif_transpose", lambda im: (_ for _ in ()).throw(ValueError("bad EXIF")))
+    assert read_image(path).shape == (3, 20, 40)  # shown as stored
+    monkeypatch.setattr(fio.ImageOps, "exif_transpose", lambda im: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        read_image(path)
+
+
 def test_max_file_size(corpus):
     path = corpus["with space.jpg"].path
     size = path.stat().st_size

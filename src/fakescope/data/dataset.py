@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fakescope.data.io import DEFAULT_MAX_PIXELS, read_image
-from fakescope.data.transforms import Pipeline
+from fakescope.data.transforms import Pipeline, TransformError
 from fakescope.errors import ImageReadError
 from fakescope.progress import progress
 
@@ -68,8 +68,8 @@ class ImageDataset(Dataset):
                 x = torch.stack([v.to_stage(img, rng) if self.stage_only else v(img, rng) for v in self.variants])
             else:
                 x = self.pipeline.to_stage(img, rng) if self.stage_only else self.pipeline(img, rng)
-        except (RuntimeError, ValueError) as e:  # e.g. a 1-pixel-wide image the encoder rejects
-            return {"index": i, "error": f"cannot transform image ({e})"}
+        except TransformError as e:  # e.g. a 70000-pixel-wide image cannot be re-encoded as JPEG; bugs propagate
+            return {"index": i, "error": str(e)}
         return {"index": i, "image": x}
 
 

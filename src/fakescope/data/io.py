@@ -4,6 +4,9 @@ Every image that enters fakescope goes through :func:`read_image`. It returns an
 ``uint8`` tensor of shape ``[3, H, W]`` or raises :class:`~fakescope.errors.ImageReadError`
 with a short reason; it never returns garbage, never lets a decoder warning pass, and never
 raises anything else for a bad file (whatever the bytes, the caller sees an ``ImageReadError``).
+Only the errors a decoder raises on malformed data (:data:`DECODE_ERRORS`) make a bad file: a
+``RuntimeError`` (a bug, torch running out of memory) or a ``MemoryError`` is never turned into
+one, it propagates.
 
 What it handles: greyscale and 16-bit images, CMYK JPEG, palette images with transparency,
 RGBA and LA (composited on a fixed white background), animated GIF/WebP (first frame),
@@ -17,6 +20,7 @@ Only the decoders of :data:`FORMATS` are ever run, whatever the file claims to b
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import warnings
 from pathlib import Path
@@ -33,6 +37,12 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF")
 DEFAULT_MAX_PIXELS = 120_000_000  # 6000x4000 is 24 M; a 40000x40000 bomb is 1.6 G
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 _ORIENTATION = 0x0112
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, SyntaxError, EOFError, ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError,
+    struct.error, Image.DecompressionBombError, Warning,
+)
+"""What Pillow's decoders raise on malformed bytes (``Warning``: a decoder warning, turned into an error
+while decoding). Anything else, ``RuntimeError`` and ``MemoryError`` included, is not a bad file."""
 _PILLOW_LIMIT = threading.Lock()
 
 
@@ -126,7 +136,7 @@ def _open(path: str, max_pixels: int) -> Image.Image:
         raise ImageReadError(path, _what_is_it(path)) from None
     except PermissionError:
         raise ImageReadError(path, "permission denied") from None
-    except Exception as e:  # any decoder failure on hostile bytes is a bad file, never a crash
+    except DECODE_ERRORS as e:  # a decoder failure on malformed bytes is a bad file, never a crash
         raise ImageReadError(path, _failure("cannot open image", e)) from None
     w, h = im.size
     if w * h > max_pixels:
@@ -169,7 +179,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
     if mode in ("I", "F") or mode.startswith("I;16"):
         arr = _grey_to_uint8(np.asarray(im), mode)
-        return Image.fromarray(np.repeat(arr[:, :, None], 3, axis=2), "RGB")
+        return Image.fromarray(np.repeat(arr[:, :, None], 3, axis=2))
     if "transparency" in im.info and mode in ("P", "L", "RGB"):
         im = im.convert("RGBA")
         mode = im.mode
@@ -203,12 +213,12 @@ def _reduce(im: Image.Image, size: int | None) -> Image.Image:
 
 
 def _orient(im: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation; a malformed EXIF block must not cost the image."""
+    """Apply the EXIF orientation; a malformed EXIF block must not cost the image (it is shown as stored)."""
     try:
         if im.getexif().get(_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
             return ImageOps.exif_transpose(im)
-    except Exception:
-        pass
+    except DECODE_ERRORS:
+        return im
     return im
 
 
@@ -237,15 +247,15 @@ def read_image(
             warnings.simplefilter("error")  # e.g. truncated data, bad palette: the image is not trusted
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked above, on the header
             warnings.simplefilter("ignore", ResourceWarning)
+            for dev in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):  # about our code, not the file
+                warnings.simplefilter("default", dev)
             if getattr(im, "is_animated", False):
                 im.seek(0)
             im.load()
             arr = np.array(_reduce(_to_rgb(_orient(im)), reduce_to))
     except Image.DecompressionBombError as e:
         raise ImageReadError(path, f"decompression bomb ({_reason(e)})") from None
-    except MemoryError:
-        raise ImageReadError(path, "not enough memory to decode the image") from None
-    except Exception as e:  # any decoder failure (or warning) on hostile bytes is a bad file
+    except DECODE_ERRORS as e:  # a decoder failure (or warning) on malformed bytes is a bad file
         raise ImageReadError(path, _failure("cannot decode image", e)) from None
     finally:
         im.close()

@@ -28,7 +28,19 @@ def fit(img: torch.Tensor, size: int) -> torch.Tensor:
     return TF.center_crop(img, [size, size])
 
 
+JPEG_MAX_SIDE = 65500
+"""libjpeg's limit; torchvision's encoder crashes the process (not an exception) on a larger side."""
+
+
+class TransformError(ValueError):
+    """An image a transform cannot process (a property of the image, not a bug): the dataset
+    reports its file as unreadable with this message, as for a file that cannot be decoded."""
+
+
 def _jpeg_roundtrip(img: torch.Tensor, quality: int) -> torch.Tensor:
+    h, w = img.shape[-2:]
+    if max(h, w) > JPEG_MAX_SIDE:
+        raise TransformError(f"cannot re-encode a {w}x{h} image as JPEG (at most {JPEG_MAX_SIDE} pixels a side)")
     with warnings.catch_warnings():  # torchvision announces the move of its image codecs to torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
         return decode_jpeg(encode_jpeg(img.contiguous(), quality=quality))
@@ -68,7 +80,10 @@ def downscale(img: torch.Tensor, factor: float) -> torch.Tensor:
     if factor == 1:
         return img
     h, w = img.shape[-2:]
-    return TF.resize(img, [max(1, round(h * factor)), max(1, round(w * factor))], antialias=True)
+    size = [max(1, round(h * factor)), max(1, round(w * factor))]
+    if size == [1, 1] and h > 1:  # torch's uint8 antialiased kernel fails an internal assert on a 1x1 output
+        return TF.resize(img.float(), size, antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+    return TF.resize(img, size, antialias=True)
 
 
 DEGRADATIONS = {"jpeg": jpeg, "blur": blur, "resize": downscale}
