@@ -1,5 +1,7 @@
 """ImageDataset and typical_size: which failures become a listed bad file, and which stop the run."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -49,3 +51,31 @@ def test_downscale_to_one_pixel_works(tmp_path):
     item = ImageDataset([_png(tmp_path / "tiny.png", 2, 2, 77)], Pipeline(4, degrade=("resize", 0.25)))[0]
     assert "image" in item and item["image"].dtype == torch.uint8
     assert (item["image"] == 77).all()
+
+
+def test_typical_size_does_not_depend_on_where_the_data_lives(tmp_path, monkeypatch):
+    """The sample is chosen by path relative to the data, so moving the data keeps the same files."""
+    from fakescope.data import dataset, io
+
+    first = tmp_path / "a" / "data"
+    for i in range(40):
+        d = first / ("ai" if i % 2 else "nature")
+        d.mkdir(parents=True, exist_ok=True)
+        _png(d / f"{i:03d}.png", 20 + i, 30 + i)
+    probed = []
+    real_probe = io.probe_image
+    monkeypatch.setattr(io, "probe_image", lambda f, *a: probed.append(f) or real_probe(f, *a))
+    results, samples = [], []
+    where = first
+    for dest in ("b/data", "c/deeper/still/data", "d/x"):
+        files = sorted(str(p) for p in where.rglob("*.png"))
+        probed.clear()
+        results.append(dataset.typical_size(files, sample=5))
+        samples.append(sorted(str(Path(p).relative_to(where)) for p in probed))
+        new = tmp_path / dest
+        new.parent.mkdir(parents=True, exist_ok=True)
+        where = where.rename(new)
+    assert len(samples[0]) == 5 and samples.count(samples[0]) == 3  # the same 5 of 40 files each time
+    assert results.count(results[0]) == 3
+    files = sorted(str(p) for p in where.rglob("*.png"))
+    assert dataset.typical_size(files, sample=5, root=str(where)) == results[0]

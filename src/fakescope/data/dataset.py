@@ -258,15 +258,28 @@ def should_preload(pipeline: Pipeline, n: int, limit_bytes: int = 2 << 30, mode:
     return pipeline.native_size is not None and s <= 64 and fits
 
 
-def typical_size(files: list[str], sample: int = 200) -> int | None:
-    """The median shorter side of up to ``sample`` readable files (headers only), or None."""
+def typical_size(files: list[str], sample: int = 200, root: str | None = None) -> int | None:
+    """The median shorter side of up to ``sample`` readable files (headers only), or None.
+
+    The files are taken in the order of a hash of their path relative to ``root`` (default: the
+    files' common folder), so the result does not change when the data is moved or mounted
+    elsewhere."""
     import hashlib
     import statistics
 
     from fakescope.data.io import probe_image
 
+    if not files:
+        return None
+    absolute = [os.path.abspath(f) for f in files]
+    base = os.path.abspath(root) if root is not None else os.path.commonpath(absolute)
+
+    def key(f: str) -> str:
+        rel = os.path.relpath(f, base).replace(os.sep, "/")
+        return hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()
+
     sizes = []
-    for f in sorted(files, key=lambda f: hashlib.sha1(f.encode()).hexdigest()):
+    for f in sorted(absolute, key=key):
         try:
             _, w, h = probe_image(f)
         except ImageReadError:
