@@ -42,6 +42,8 @@ def inspect_index(index: Index, *, sample: int | None = None, max_pixels: int = 
                         num_workers=default_workers() if num_workers is None else num_workers)
     formats: dict[str, Counter] = {"nature": Counter(), "ai": Counter()}
     sizes: Counter = Counter()
+    class_sizes: dict[str, Counter] = {"nature": Counter(), "ai": Counter()}
+    per_generator: dict[tuple[str, str], list[tuple[int, int]]] = {}
     shorts: list[int] = []
     bad: dict[str, str] = {}
     names = ("nature", "ai")
@@ -50,8 +52,11 @@ def inspect_index(index: Index, *, sample: int | None = None, max_pixels: int = 
             if err is not None:
                 bad[files[i]] = err
                 continue
-            formats[names[probed.labels[i]]][fmt] += 1
+            cls = names[probed.labels[i]]
+            formats[cls][fmt] += 1
             sizes[f"{w}x{h}"] += 1
+            class_sizes[cls][f"{w}x{h}"] += 1
+            per_generator.setdefault((probed.generators[i], cls), []).append((w, h))
             shorts.append(min(w, h))
     warnings = []
     major = {c: (f.most_common(1)[0] if f else None) for c, f in formats.items()}
@@ -63,6 +68,7 @@ def inspect_index(index: Index, *, sample: int | None = None, max_pixels: int = 
                 f"format shortcut: 'ai' images are mostly {fa} ({share_a:.0%}) but 'nature' images are mostly "
                 f"{fn} ({share_n:.0%}); a detector can learn the compression instead of the generator "
                 f"(use --jpeg-align Q to re-encode both classes)")
+    warnings.extend(size_shortcuts(per_generator))
     if bad:
         warnings.append(f"{len(bad)} unreadable files (listed under 'unreadable')")
     for g, splits in index.counts().items():
@@ -79,12 +85,54 @@ def inspect_index(index: Index, *, sample: int | None = None, max_pixels: int = 
         "formats": {c: dict(f.most_common()) for c, f in formats.items()},
         "sizes": {
             "most_common": dict(sizes.most_common(10)),
+            "by_class": {c: dict(f.most_common(5)) for c, f in class_sizes.items()},
             "shorter_side": ({"min": min(shorts), "median": statistics.median(shorts), "max": max(shorts)}
                              if shorts else None),
         },
         "unreadable": bad,
         "warnings": warnings,
     }
+
+
+FIXED_SIZE_SHARE = 0.9
+"""A class whose most common exact size covers at least this share of its images has a fixed size..."""
+OTHER_SIZE_SHARE = 0.5
+"""...which is a shortcut when at most this share of the other class has that size."""
+SHORT_SIDE_RATIO = 1.5
+"""Otherwise, medians of the shorter side this far apart are a shortcut too."""
+
+
+def _size_gap(ai: list[tuple[int, int]], nature: list[tuple[int, int]]) -> str | None:
+    """How the two classes' image sizes differ, when a detector could tell them apart by it; else None."""
+    by_class = {"ai": ai, "nature": nature}
+    for cls, other in (("ai", "nature"), ("nature", "ai")):
+        (size, k), = Counter(by_class[cls]).most_common(1)
+        share = k / len(by_class[cls])
+        other_share = sum(s == size for s in by_class[other]) / len(by_class[other])
+        if share >= FIXED_SIZE_SHARE and other_share <= OTHER_SIZE_SHARE:
+            w, h = size
+            return f"{share:.0%} of '{cls}' images are {w}x{h} against {other_share:.0%} of '{other}' images"
+    med = {c: statistics.median(min(s) for s in v) for c, v in by_class.items()}
+    if max(med.values()) >= SHORT_SIDE_RATIO * min(med.values()):
+        return f"median shorter side 'ai' {med['ai']:g}, 'nature' {med['nature']:g}"
+    return None
+
+
+def size_shortcuts(per_generator: dict[tuple[str, str], list[tuple[int, int]]]) -> list[str]:
+    """One warning naming every generator whose 'ai' and 'nature' images differ in size
+    (``per_generator``: ``{(generator, class): [(width, height), ...]}``)."""
+    by_gap: dict[str, list[str]] = {}  # generators with the same difference are named together
+    for g in sorted({g for g, _ in per_generator}):
+        ai, nature = per_generator.get((g, "ai")), per_generator.get((g, "nature"))
+        gap = _size_gap(ai, nature) if ai and nature else None
+        if gap:
+            by_gap.setdefault(gap, []).append(g)
+    if not by_gap:
+        return []
+    gaps = [f"{', '.join(gens)}: {gap}" for gap, gens in by_gap.items()]
+    return [f"size shortcut: the classes differ in image size ({'; '.join(gaps)}); every image is resized to "
+            f"the model's input, so a detector can learn the size or its resampling trace instead of the generator "
+            f"(check a detector on 'ai' and 'nature' images of matching sizes before trusting its accuracy)"]
 
 
 def sample_images(index: Index, per_class: int = 6, size: int = 96) -> list[tuple[str, list]]:
