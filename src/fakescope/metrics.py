@@ -1,9 +1,14 @@
-"""Detection metrics with AI as the positive class, computed by scikit-learn.
+"""Detection metrics with AI as the positive class.
 
 :func:`binary_metrics` is a pure function of labels and scores; :class:`DetectionMetrics` is the
 thin stateful wrapper that accumulates batches and reports overall and per-generator figures.
-Metrics that are undefined for the data (ROC-AUC on a folder of real photos only, recall with no
-AI images) are ``None`` rather than a made-up number.
+The threshold metrics come from the confusion counts (an image is called AI when
+``p_ai >= threshold``: a score equal to the threshold counts as AI); ROC-AUC and average precision
+are scikit-learn's. Metrics that the data leave undefined, or that the class mix alone would fix,
+are ``None`` rather than a made-up number: on a root with one class only, precision, F1, ROC-AUC
+and average precision are ``None`` (precision would be 0 on real photos only and 1 on AI images
+only, whatever the detector); recall (= fake accuracy) needs AI images, real accuracy needs real
+ones. Scores must be finite and in [0, 1]: an unreadable image is left out, never scored NaN.
 """
 
 from __future__ import annotations
@@ -30,40 +35,54 @@ def _num(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def binary_metrics(labels: Sequence[int] | np.ndarray, p_ai: Sequence[float] | np.ndarray,
-                   threshold: float = 0.5) -> dict:
-    """Accuracy, precision, recall, F1, ROC-AUC, AP, real/fake accuracy, n and the confusion matrix.
-
-    ``labels``: 0 = nature, 1 = ai. ``p_ai``: P(ai) in [0, 1]. An image is called AI when
-    ``p_ai >= threshold``. ``confusion`` is ``[[tn, fp], [fn, tp]]``.
-    """
-    y = np.asarray(labels, dtype=np.int64).ravel()
+def _check_inputs(labels, p_ai) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels).ravel()
     p = np.asarray(p_ai, dtype=np.float64).ravel()
     if y.shape != p.shape:
         raise ValueError(f"expected labels and scores of the same length, got {y.shape[0]} and {p.shape[0]}")
     if y.size and not np.isin(y, (0, 1)).all():
-        raise ValueError(f"expected labels in {{0, 1}} (nature=0, ai=1), got {sorted(set(y.tolist()))}")
+        raise ValueError(f"expected labels in {{0, 1}} (nature=0, ai=1), got {sorted(set(y.tolist()))[:10]}")
+    bad = np.flatnonzero(~np.isfinite(p) | (p < 0) | (p > 1))
+    if bad.size:
+        raise ValueError(f"expected finite scores p_ai in [0, 1], got {bad.size} other value(s), e.g. {p[bad[0]]} at "
+                         f"position {bad[0]}; leave unreadable images out instead of scoring them NaN")
+    return y.astype(np.int64), p
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def binary_metrics(labels: Sequence[int] | np.ndarray, p_ai: Sequence[float] | np.ndarray,
+                   threshold: float = 0.5) -> dict:
+    """Accuracy, precision, recall, F1, ROC-AUC, AP, real/fake accuracy, n and the confusion matrix.
+
+    ``labels``: 0 = nature, 1 = ai. ``p_ai``: P(ai), finite, in [0, 1] (else ``ValueError``). An
+    image is called AI when ``p_ai >= threshold`` (equal counts as AI). ``confusion`` is
+    ``[[tn, fp], [fn, tp]]``. With one class only, precision, F1, ROC-AUC and AP are ``None``.
+    """
+    y, p = _check_inputs(labels, p_ai)
     threshold = check_threshold(threshold)
-    pred = (p >= threshold).astype(np.int64)
+    pred = p >= threshold
     n = int(y.size)
     out: dict = {k: None for k in METRIC_KEYS}
     out["n"] = n
+    truth = y == 1
+    tp, fn = int((pred & truth).sum()), int((~pred & truth).sum())
+    fp, tn = int((pred & ~truth).sum()), int((~pred & ~truth).sum())
+    out["confusion"] = [[tn, fp], [fn, tp]]
     if n == 0:
-        out["confusion"] = [[0, 0], [0, 0]]
         return out
-    cm = skm.confusion_matrix(y, pred, labels=[0, 1])
-    (tn, fp), (fn, tp) = cm.tolist()
-    both = 0 < y.sum() < n
+    both = 0 < tp + fn < n
     out.update(
-        accuracy=_num(skm.accuracy_score(y, pred)),
-        precision=_num(skm.precision_score(y, pred, zero_division=np.nan)),
-        recall=_num(skm.recall_score(y, pred, zero_division=np.nan)),
-        f1=_num(skm.f1_score(y, pred, zero_division=np.nan)) if both else None,
+        accuracy=(tp + tn) / n,
+        precision=_ratio(tp, tp + fp) if both else None,  # None too when nothing is called AI
+        recall=_ratio(tp, tp + fn),
+        f1=_ratio(2 * tp, 2 * tp + fp + fn) if both else None,  # 0 when nothing is called AI
         roc_auc=_num(skm.roc_auc_score(y, p)) if both else None,
         average_precision=_num(skm.average_precision_score(y, p)) if both else None,
-        real_accuracy=tn / (tn + fp) if tn + fp else None,
-        fake_accuracy=tp / (tp + fn) if tp + fn else None,
-        confusion=[[tn, fp], [fn, tp]],
+        real_accuracy=_ratio(tn, tn + fp),
+        fake_accuracy=_ratio(tp, tp + fn),
     )
     return out
 
