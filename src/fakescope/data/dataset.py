@@ -150,11 +150,11 @@ def plan_loader(files: Sequence[str], pipeline: Pipeline | None, device: torch.d
 
     * CUDA: the GPU runs the model, so every core (up to 8) decodes.
     * CPU: the cores are split, never oversubscribed. On up to 2 cores everything runs in the
-      main process (measured on 2 cores: a tf_efficientnet_lite0 ``predict`` of large photos ran
-      at 29 images/s decoding inline against 15 with one worker, and tiny images gain nothing
-      from a worker). On more cores, cheap images (see :data:`CHEAP_DECODE_MS`) are decoded in the
-      main process up to 8 cores, and expensive ones get ``cores // 4`` workers (at most 8); the
-      remaining cores run the model.
+      main process (measured on 2 cores, when JPEGs were still draft-decoded: a
+      tf_efficientnet_lite0 ``predict`` of large photos ran at 29 images/s decoding inline against
+      15 with one worker; tiny images gain nothing from a worker). On more cores, cheap images
+      (see :data:`CHEAP_DECODE_MS`) are decoded in the main process up to 8 cores, and expensive
+      ones get ``cores // 4`` workers (at most 8); the remaining cores run the model.
     An explicit ``num_workers`` is honoured and the main process gets the cores left over.
     Under torchrun the node's cores are divided among its ranks."""
     cores = max(1, available_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
