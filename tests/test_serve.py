@@ -330,3 +330,31 @@ def test_serve_command_errors_are_one_line(tmp_path, capsys):
     from fakescope.commands.serve import size
 
     assert size("20MB") == 20_000_000 and size("512KiB") == 524_288 and size("123") == 123
+
+
+def test_batcher_waits_only_while_announced_requests_are_on_their_way():
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = []
+
+    def fn(values):
+        calls.append(list(values))
+        return values
+
+    async def go():
+        b = Batcher(fn, ThreadPoolExecutor(1), max_batch=8, max_wait_ms=3000, max_queue=8)
+        b.start()
+        t = time.perf_counter()
+        assert await b.submit([1]) == [1]  # nobody else announced: no wait for company
+        lone = time.perf_counter() - t
+        with b.expect() as late:  # a request still being read: the forward pass waits for it
+            first = asyncio.ensure_future(b.submit([2]))
+            await asyncio.sleep(0.1)
+            assert not first.done()
+            assert await b.submit([3], late) == [3]
+        assert await first == [2]
+        await b.stop()
+        return lone
+
+    assert asyncio.run(go()) < 1.0
+    assert calls == [[1], [2, 3]]

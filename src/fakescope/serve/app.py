@@ -45,6 +45,9 @@ log = logging.getLogger("fakescope.serve")
 
 CONFIG_ENV = "FAKESCOPE_SERVE_CONFIG"
 """Environment variable through which ``--workers N`` hands the configuration to each worker process."""
+INLINE_DECODE_BYTES = 16 * 1024
+"""Uploads up to this size (a thumbnail, a 32x32 image: well under a millisecond to decode) are decoded
+on the event loop; larger ones in the decoding threads."""
 RETRY_AFTER_BUSY = "1"
 RETRY_AFTER_LOADING = "5"
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
@@ -316,20 +319,24 @@ def create_app(runs: list[str | os.PathLike], options: ServeOptions | None = Non
             state.in_flight -= 1
 
     async def _predict(request: Request, served: ServedModel, threshold: float):
-        uploads = await read_uploads(request.headers, request.stream(), max_file_size=options.max_file_size,
-                                     max_files=options.max_files)
-        loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(*(loop.run_in_executor(state.decoders, _decode, served, u.data, u.filename)
-                                         for u in uploads))
-        rows = [row for row, _ in decoded]
-        good = [i for i, (_, stage) in enumerate(decoded) if stage is not None]
-        if good:
-            try:
-                scores = await served.batcher.submit([decoded[i][1] for i in good])
-            except QueueFull as e:
-                raise ApiError(429, "queue_full", str(e), headers={"Retry-After": RETRY_AFTER_BUSY}) from None
-            for i, p in zip(good, scores):
-                rows[i].update(verdict(p, threshold))
+        with served.batcher.expect() as expectation:  # a forward pass may wait for this request's images
+            uploads = await read_uploads(request.headers, request.stream(), max_file_size=options.max_file_size,
+                                         max_files=options.max_files)
+            if sum(len(u.data) for u in uploads) <= INLINE_DECODE_BYTES:  # tiny images: a thread hop costs more
+                decoded = [_decode(served, u.data, u.filename) for u in uploads]
+            else:
+                loop = asyncio.get_running_loop()
+                decoded = await asyncio.gather(*(loop.run_in_executor(state.decoders, _decode, served, u.data,
+                                                                      u.filename) for u in uploads))
+            rows = [row for row, _ in decoded]
+            good = [i for i, (_, stage) in enumerate(decoded) if stage is not None]
+            if good:
+                try:
+                    scores = await served.batcher.submit([decoded[i][1] for i in good], expectation)
+                except QueueFull as e:
+                    raise ApiError(429, "queue_full", str(e), headers={"Retry-After": RETRY_AFTER_BUSY}) from None
+                for i, p in zip(good, scores):
+                    rows[i].update(verdict(p, threshold))
         body = {"model": served.name, "threshold": threshold, "results": rows}
         if good:
             return JSONResponse(body)

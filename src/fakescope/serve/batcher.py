@@ -3,7 +3,9 @@
 Each request submits its images; a collector task gathers items from a bounded queue until it holds
 ``max_batch`` images or ``max_wait_ms`` have passed since the first one arrived, then runs the batch
 in an executor thread (never on the event loop) and hands every request its own scores. While a batch
-runs, new items queue up, so under load batches fill by themselves and the wait costs nothing.
+runs, new items queue up, so under load batches fill by themselves. The wait is only spent when more
+images are on their way (requests announced with :meth:`Batcher.expect` that are still being read
+or decoded): a lone request runs at once.
 """
 
 from __future__ import annotations
@@ -48,6 +50,25 @@ class BatchStats:
         del self.sizes[:-1000]
 
 
+class _Expectation:
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+        self.active = False
+
+    def __enter__(self) -> _Expectation:
+        self.batcher.incoming += 1
+        self.active = True
+        return self
+
+    def arrived(self) -> None:
+        if self.active:
+            self.batcher.incoming -= 1
+            self.active = False
+
+    def __exit__(self, *exc) -> None:
+        self.arrived()
+
+
 class Batcher:
     """Gathers items into batches for ``fn(list_of_items) -> sequence_of_results`` (one result per item).
 
@@ -66,6 +87,7 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.pending = 0  # items submitted and not yet answered
+        self.incoming = 0  # requests announced by expect() that have not submitted yet
         self.stats = BatchStats()
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
@@ -88,8 +110,14 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(RuntimeError("the server is shutting down"))
 
-    async def submit(self, values: list) -> list:
-        """The results for ``values``, in order, once their batch(es) have run."""
+    def expect(self) -> _Expectation:
+        """``with batcher.expect(): ... await batcher.submit(...)``: tells the collector that a request
+        is being read or decoded, so that a forward pass waits (up to ``max_wait_ms``) for its images."""
+        return _Expectation(self)
+
+    async def submit(self, values: list, expectation: _Expectation | None = None) -> list:
+        """The results for ``values``, in order, once their batch(es) have run (``expectation``: the
+        request's :meth:`expect`, which ends as its images enter the queue)."""
         if self._queue is None:
             raise RuntimeError("the batcher is not started")
         if self.pending + len(values) > self.max_queue:
@@ -100,6 +128,8 @@ class Batcher:
         try:
             for it in items:
                 self._queue.put_nowait(it)
+            if expectation is not None:
+                expectation.arrived()
             return list(await asyncio.gather(*(it.future for it in items)))
         finally:
             self.pending -= len(items)
@@ -115,7 +145,7 @@ class Batcher:
                     batch.append(self._queue.get_nowait())
                     continue
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self.incoming <= 0:  # nothing else on its way: do not wait
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), left))
