@@ -153,7 +153,8 @@ class ServedModel:
         self.name = Path(run_dir).resolve().name
         self.predictor = Predictor(run_dir, device=options.device, precision=options.precision,
                                    max_pixels=options.max_pixels, max_file_size=options.max_file_size)
-        self.batcher = Batcher(self.predictor.score, executor, max_batch=options.max_batch,
+        self.buckets = sorted({min(2**k, options.max_batch) for k in range(options.max_batch.bit_length() + 1)})
+        self.batcher = Batcher(self.score, executor, max_batch=options.max_batch,
                                max_wait_ms=options.max_wait_ms, max_queue=options.max_queue)
         self.info = self._describe(Path(run_dir), options)
 
@@ -172,11 +173,21 @@ class ServedModel:
                 "precision": self.predictor.precision.name, "device": str(self.predictor.device), "data": data,
                 "validation": metrics.get("validation"), "best_epoch": metrics.get("best_epoch")}
 
+    def score(self, stages: list[torch.Tensor]) -> list[float]:
+        """P(ai) of a batch, padded with blank images to the next of a few sizes (powers of two up to
+        ``max_batch``): the backends keep kernels and buffers per input shape, so a handful of shapes,
+        all made at warm-up, keep the memory flat however the requests arrive."""
+        n = len(stages)
+        size = next(b for b in self.buckets if b >= n)
+        if size > n:
+            stages = stages + [torch.zeros_like(stages[0])] * (size - n)
+        return self.predictor.score(stages)[:n].tolist()
+
     def warm_up(self, max_batch: int) -> None:
         s = self.predictor.stage_size
         stage = torch.zeros(3, s, s, dtype=torch.uint8)
-        for n in sorted({1, max_batch}):
-            self.predictor.score([stage] * n)
+        for n in self.buckets:
+            self.score([stage] * n)
 
 
 class ServerState:
