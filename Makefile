@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= demo-output
 SHARED_WEIGHTS ?= ../shared/weights/tf_efficientnet_lite0_imagenet.safetensors
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint clean browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,15 @@ demo: venv
 	FAKESCOPE_CACHE_DIR=$(DEMO_DIR)/cache SHARED_WEIGHTS=$(SHARED_WEIGHTS) DEMO_DIR=$(DEMO_DIR) \
 		bash scripts/demo.sh
 
-test: venv
+# the browser test drives Debian's chromium + chromium-driver; installed here when missing and root
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			(apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+				echo "chromium could not be installed: the browser test will skip"; \
+		else echo "chromium is missing and this is not root: the browser test will skip"; fi
+
+test: venv browser
 	FAKESCOPE_PROGRESS=0 $(PY) -m pytest -q
 
 lint: venv

@@ -11,14 +11,14 @@ import sys
 
 from fakescope import __version__
 from fakescope.commands import args as a
-from fakescope.commands import attack, benchmark, cross, data, evaluate, models, predict, train
+from fakescope.commands import attack, benchmark, cross, data, evaluate, models, predict, serve, train
 from fakescope.errors import FakescopeError
 
-COMMANDS = (models, data, train, evaluate, predict, attack, benchmark, cross)
+COMMANDS = (models, data, train, evaluate, predict, attack, benchmark, cross, serve)
 
 
 def build_parser() -> a.Parser:
-    p = a.Parser(prog="fakescope", description="Train, evaluate and attack detectors of AI-generated images.")
+    p = a.Parser(prog="fakescope", description="Train, evaluate, attack and serve detectors of AI-generated images.")
     p.add_argument("--version", action="version", version=f"fakescope {__version__}")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True, parser_class=a.Parser)

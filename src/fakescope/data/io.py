@@ -19,10 +19,12 @@ Only the decoders of :data:`FORMATS` are ever run, whatever the file claims to b
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +85,12 @@ def _what_is_it(path: str) -> str:
             head = f.read(2048)
     except OSError:
         head = b""
+    return describe_bytes(head)
+
+
+def describe_bytes(head: bytes) -> str:
+    """Why bytes that no decoder recognises are not an image, from their first 2 KiB."""
+    head = head[:2048]
     low = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if low.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in low[:512]:
         return "not an image: an HTML page (often a failed download)"
@@ -98,9 +106,25 @@ def _what_is_it(path: str) -> str:
     return f"not an image (unrecognised or unsupported format; supported: {', '.join(FORMATS[:-2])}, TIFF)"
 
 
-def _pillow_open(path: str) -> Image.Image:
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+          (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format the first bytes announce (one of :data:`FORMATS`' families), or None.
+
+    Only the signature is read: the name and any claimed content type play no part."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    return None
+
+
+def _pillow_open(src) -> Image.Image:
     try:
-        return Image.open(path, formats=FORMATS)
+        return Image.open(src, formats=FORMATS)
     except Image.DecompressionBombError:
         pass
     # Pillow's own guard (a global, 89 M pixels by default) fired before ours: read the header
@@ -109,7 +133,9 @@ def _pillow_open(path: str) -> Image.Image:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            return Image.open(path, formats=FORMATS)
+            if hasattr(src, "seek"):
+                src.seek(0)
+            return Image.open(src, formats=FORMATS)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 
@@ -126,14 +152,15 @@ def _failure(what: str, e: BaseException) -> str:
     return f"{what} ({msg})"
 
 
-def _open(path: str, max_pixels: int) -> Image.Image:
-    """Open (header only) and check the pixel count before anything is decoded."""
+def _open(path: str, max_pixels: int, src=None) -> Image.Image:
+    """Open (header only) and check the pixel count before anything is decoded. ``src``: a file
+    object to read instead of ``path`` (which then only names the image in messages)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bomb warnings: our own limit decides; format-guess chatter
-            im = _pillow_open(path)
+            im = _pillow_open(path if src is None else src)
     except UnidentifiedImageError:
-        raise ImageReadError(path, _what_is_it(path)) from None
+        raise ImageReadError(path, _what_is_it(path) if src is None else describe_bytes(src.getvalue())) from None
     except PermissionError:
         raise ImageReadError(path, "permission denied") from None
     except DECODE_ERRORS as e:  # a decoder failure on malformed bytes is a bad file, never a crash
@@ -241,7 +268,40 @@ def read_image(
     """
     path = str(path)
     _check_file(path, max_file_size)
-    im = _open(path, max_pixels)
+    return _decode(path, _open(path, max_pixels), reduce_to).image
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded image: RGB ``uint8 [3, H, W]`` (H, W smaller than the image's own size when it was
+    box-reduced for a small target, see :func:`read_image`), its format and its size after EXIF orientation."""
+
+    image: torch.Tensor
+    format: str
+    width: int
+    height: int
+
+
+def read_image_bytes(
+    data: bytes,
+    name: str = "upload",
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_file_size: int | None = None,
+    reduce_to: int | None = None,
+) -> Decoded:
+    """:func:`read_image` for an image held in memory (an upload): the same checks, decoders and
+    result, and nothing written anywhere. ``name`` only labels the messages."""
+    if len(data) == 0:
+        raise ImageReadError(name, "empty file (0 bytes)")
+    if max_file_size is not None and len(data) > max_file_size:
+        raise ImageReadError(name, f"file too large ({len(data)} bytes > limit {max_file_size}; "
+                                   f"raise --max-file-size)")
+    return _decode(name, _open(name, max_pixels, io.BytesIO(data)), reduce_to)
+
+
+def _decode(path: str, im: Image.Image, reduce_to: int | None) -> Decoded:
+    fmt = (im.format or "unknown").upper()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # e.g. truncated data, bad palette: the image is not trusted
@@ -252,7 +312,9 @@ def read_image(
             if getattr(im, "is_animated", False):
                 im.seek(0)
             im.load()
-            arr = np.array(_reduce(_to_rgb(_orient(im)), reduce_to))
+            oriented = _orient(im)
+            width, height = oriented.size
+            arr = np.array(_reduce(_to_rgb(oriented), reduce_to))
     except Image.DecompressionBombError as e:
         raise ImageReadError(path, f"decompression bomb ({_reason(e)})") from None
     except DECODE_ERRORS as e:  # a decoder failure (or warning) on malformed bytes is a bad file
@@ -261,7 +323,7 @@ def read_image(
         im.close()
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ImageReadError(path, f"unexpected decoded shape {arr.shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    return Decoded(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous(), fmt, width, height)
 
 
 def list_images(paths: list[str | os.PathLike]) -> list[str]:

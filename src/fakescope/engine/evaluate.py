@@ -6,13 +6,15 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from fakescope.data.io import DEFAULT_MAX_PIXELS, list_images
+from fakescope.data.dataset import cpu_threads
+from fakescope.data.io import DEFAULT_MAX_PIXELS, Decoded, list_images, read_image_bytes
 from fakescope.data.layout import index_root
 from fakescope.data.transforms import Pipeline, parse_degradations
 from fakescope.engine import runtime
 from fakescope.engine.checkpoint import load_run
-from fakescope.engine.infer import evaluate_index, score_files
+from fakescope.engine.infer import evaluate_index, score_files, stage_p_ai
 from fakescope.errors import FakescopeError
 from fakescope.metrics import check_threshold
 from fakescope.utils import write_json
@@ -118,5 +120,50 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float = 0.5, device: 
         if i in errors:
             rows.append({"path": f, "error": errors[i]})
         else:
-            rows.append({"path": f, "p_ai": round(float(p[i]), 6), "verdict": "ai" if p[i] >= threshold else "nature"})
+            rows.append({"path": f, **verdict(p[i], threshold)})
     return rows
+
+
+def verdict(p_ai: float, threshold: float) -> dict:
+    """``{"p_ai", "verdict"}`` as ``predict`` reports them: P(ai) rounded to 6 decimals, ``ai`` at or
+    above ``threshold``."""
+    return {"p_ai": round(float(p_ai), 6), "verdict": "ai" if p_ai >= threshold else "nature"}
+
+
+class Predictor:
+    """A run loaded for scoring images one request at a time (the server): decode bytes with the
+    reader ``predict`` uses, then score batches of stage images through the same pipeline,
+    precision, memory format and thread count as ``predict_paths``, so the P(ai) are the same.
+
+    ``decode`` may run in any thread; ``score`` runs the model and belongs to one thread at a time."""
+
+    def __init__(self, run_dir, *, device: str = "auto", precision: str = "auto", native_size=None,
+                 max_pixels: int | None = None, max_file_size: int | None = None, compile: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.model, self.config, self.pipeline, self.device, self.precision = prepare(
+            run_dir, device=device, precision=precision, native_size=native_size, compile=compile)
+        self.model.eval()
+        self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+        self.max_file_size = max_file_size
+        self.threads = runtime.model_threads(self.model, self.device)
+
+    @property
+    def stage_size(self) -> int:
+        return self.pipeline.stage_size()
+
+    def decode(self, data: bytes, name: str = "upload") -> tuple[Decoded, torch.Tensor]:
+        """``(decoded image, stage image uint8 [3, S, S])``; raises ``ImageReadError`` for a bad image."""
+        from fakescope.errors import ImageReadError
+
+        d = read_image_bytes(data, name, max_pixels=self.max_pixels, max_file_size=self.max_file_size,
+                             reduce_to=self.stage_size)
+        try:
+            return d, self.pipeline.to_stage(d.image)
+        except (RuntimeError, ValueError) as e:  # as ImageDataset: e.g. a 1-pixel-wide image the encoder rejects
+            raise ImageReadError(name, f"cannot transform image ({e})") from None
+
+    def score(self, stages: list[torch.Tensor]) -> np.ndarray:
+        """P(ai) (float64) of stage images, in one forward pass."""
+        with cpu_threads(self.threads):
+            batch = torch.stack(stages).to(self.device, non_blocking=True)
+            return stage_p_ai(self.model, self.pipeline, batch, self.precision, self.device)

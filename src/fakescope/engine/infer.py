@@ -49,6 +49,15 @@ def forward_p_ai(model, x: torch.Tensor, precision: Precision, device: torch.dev
         return model.p_ai(logits)
 
 
+def stage_p_ai(model, pipeline: Pipeline, stage: torch.Tensor, precision: Precision,
+               device: torch.device) -> np.ndarray:
+    """P(ai) (float64) of a ``uint8`` batch ``[B, 3, S, S]`` of stage images (``pipeline.to_stage``
+    output, on ``device``): the model's resize, [0, 1] floats, then :func:`forward_p_ai`. ``predict``,
+    a streaming ``evaluate`` and the server all score through it, so they give the same numbers."""
+    x = pipeline.finish(stage).float().div_(255)
+    return forward_p_ai(model, x, precision, device).cpu().double().numpy()
+
+
 def _head_scores(model, feats, ok: np.ndarray, device: torch.device, chunk: int = 4096) -> np.ndarray:
     p = np.full(len(feats), np.nan)
     with torch.no_grad():
@@ -118,10 +127,8 @@ def _stream(model, files, pipelines, *, device, precision, batch_size, num_worke
             if not len(batch.index):
                 continue
             img = batch.image.to(device, non_blocking=True)
-            ps = []
-            for j, pl in enumerate(pipelines):
-                x = pl.finish(img[:, j] if v > 1 else img).float().div_(255)
-                ps.append(forward_p_ai(model, x, precision, device).cpu().double().numpy())
+            ps = [stage_p_ai(model, pl, img[:, j] if v > 1 else img, precision, device)
+                  for j, pl in enumerate(pipelines)]
             p_out.append(np.stack(ps))
             idx_out.append(batch.index.numpy())
     p = np.full((v, n), np.nan)

@@ -1,0 +1,400 @@
+"""The HTTP API and web page of ``fakescope serve``: a FastAPI application over one or more runs.
+
+* ``POST /v1/predict``: images as ``multipart/form-data`` (field ``file``, repeatable) or one raw
+  ``image/*`` body; P(ai) per image, exactly as ``fakescope predict`` computes it (the same reader,
+  native-size preprocessing, precision and memory format, see :class:`~fakescope.engine.evaluate.Predictor`).
+* ``GET /v1/models``, ``GET /health``, ``GET /ready``, ``GET /openapi.json``, ``GET /docs`` (offline
+  Swagger UI: its assets are served from this process), ``GET /`` (the web page).
+
+Uploads are read as they stream in, with the size limits checked on the way, kept in memory and
+never written to disk. Images are decoded in a small thread pool, and concurrent requests share
+forward passes through a :class:`~fakescope.serve.batcher.Batcher` per model, which runs them in
+one inference thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import Depends, FastAPI, Query, Request, Security
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from fakescope import __version__
+from fakescope.data.io import sniff_format
+from fakescope.engine.evaluate import Predictor, verdict
+from fakescope.errors import FakescopeError, ImageReadError
+from fakescope.serve.batcher import Batcher, QueueFull
+from fakescope.serve.errors import ApiError, error_response, install_handlers
+from fakescope.serve.uploads import read_uploads
+
+log = logging.getLogger("fakescope.serve")
+
+CONFIG_ENV = "FAKESCOPE_SERVE_CONFIG"
+"""Environment variable through which ``--workers N`` hands the configuration to each worker process."""
+INLINE_DECODE_BYTES = 16 * 1024
+"""Uploads up to this size (a thumbnail, a 32x32 image: well under a millisecond to decode) are decoded
+on the event loop; larger ones in the decoding threads."""
+RETRY_AFTER_BUSY = "1"
+RETRY_AFTER_LOADING = "5"
+CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+       "script-src 'self' 'unsafe-inline'; connect-src 'self'; base-uri 'none'; frame-ancestors 'none'")
+"""The page and the docs load nothing from elsewhere; the browser is told to refuse it too."""
+
+
+@dataclass
+class ServeOptions:
+    """Limits and settings of a server (the ``fakescope serve`` options)."""
+
+    threshold: float = 0.5
+    max_batch: int = 32
+    max_wait_ms: float = 10.0
+    max_queue: int = 256
+    max_file_size: int = 20 * 10**6
+    max_files: int = 64
+    max_pixels: int | None = None
+    api_key: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    decode_threads: int | None = None
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold <= 1:
+            raise FakescopeError(f"expected a threshold in [0, 1], got {self.threshold}")
+        for name in ("max_batch", "max_queue", "max_file_size", "max_files"):
+            if getattr(self, name) < 1:
+                raise FakescopeError(f"expected {name} >= 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise FakescopeError(f"expected max_wait_ms >= 0, got {self.max_wait_ms}")
+        if self.max_queue < self.max_batch:
+            raise FakescopeError(f"expected --max-queue ({self.max_queue}) >= --max-batch ({self.max_batch})")
+
+
+# --- response schemas (for /openapi.json and /docs) -----------------------------------------------
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class PredictResult(BaseModel):
+    filename: str
+    p_ai: float | None
+    verdict: str | None
+    width: int | None
+    height: int | None
+    format: str | None
+    error: ErrorBody | None
+
+
+class PredictResponse(BaseModel):
+    model: str
+    threshold: float
+    results: list[PredictResult]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    default: bool
+    model: str
+    options: dict[str, Any]
+    input_size: int
+    native_size: int | None
+    threshold: float
+    precision: str
+    device: str
+    data: dict[str, Any]
+    validation: dict[str, Any] | None
+    best_epoch: int | None
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+def _errors(*statuses: int) -> dict:
+    text = {400: "malformed request", 401: "missing or wrong API key", 404: "unknown model",
+            413: "file or request too large", 415: "not an image", 422: "image rejected by the reader",
+            429: "queue full (Retry-After)", 503: "models not loaded yet (Retry-After)"}
+    return {s: {"model": ErrorResponse, "description": text[s]} for s in statuses}
+
+
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                 "description": "one or more images (repeat the field)"}}}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}, "description": "one raw image"}}}}
+
+
+# --- the served runs ------------------------------------------------------------------------------
+
+class ServedModel:
+    """One run: its predictor, its batcher and what ``/v1/models`` says about it."""
+
+    def __init__(self, run_dir: str | os.PathLike, options: ServeOptions, executor: ThreadPoolExecutor) -> None:
+        self.name = Path(run_dir).resolve().name
+        self.predictor = Predictor(run_dir, device=options.device, precision=options.precision,
+                                   max_pixels=options.max_pixels, max_file_size=options.max_file_size)
+        self.buckets = sorted({min(2**k, options.max_batch) for k in range(options.max_batch.bit_length() + 1)})
+        self.batcher = Batcher(self.score, executor, max_batch=options.max_batch,
+                               max_wait_ms=options.max_wait_ms, max_queue=options.max_queue)
+        self.info = self._describe(Path(run_dir), options)
+
+    def _describe(self, run_dir: Path, options: ServeOptions) -> dict:
+        cfg = self.predictor.config
+        metrics = {}
+        try:
+            metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        data = {k: v for k, v in (cfg.get("data") or {}).items() if k != "root"}  # no server paths
+        data["jpeg_align"] = self.predictor.pipeline.jpeg_align
+        return {"name": self.name, "default": False, "model": cfg["model"]["name"],
+                "options": cfg["model"].get("options") or {}, "input_size": self.predictor.pipeline.input_size,
+                "native_size": self.predictor.pipeline.native_size, "threshold": options.threshold,
+                "precision": self.predictor.precision.name, "device": str(self.predictor.device), "data": data,
+                "validation": metrics.get("validation"), "best_epoch": metrics.get("best_epoch")}
+
+    def score(self, stages: list[torch.Tensor]) -> list[float]:
+        """P(ai) of a batch, padded with blank images to the next of a few sizes (powers of two up to
+        ``max_batch``): the backends keep kernels and buffers per input shape, so a handful of shapes,
+        all made at warm-up, keep the memory flat however the requests arrive."""
+        n = len(stages)
+        size = next(b for b in self.buckets if b >= n)
+        if size > n:
+            stages = stages + [torch.zeros_like(stages[0])] * (size - n)
+        return self.predictor.score(stages)[:n].tolist()
+
+    def warm_up(self, max_batch: int) -> None:
+        s = self.predictor.stage_size
+        stage = torch.zeros(3, s, s, dtype=torch.uint8)
+        for n in self.buckets:
+            self.score([stage] * n)
+
+
+class ServerState:
+    def __init__(self, runs: list[str | os.PathLike], options: ServeOptions) -> None:
+        if not runs:
+            raise FakescopeError("expected at least one run directory to serve, got none")
+        self.options = options
+        self.inference = ThreadPoolExecutor(1, thread_name_prefix="fakescope-infer")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.decoders = ThreadPoolExecutor(options.decode_threads or max(1, min(4, cores)),
+                                           thread_name_prefix="fakescope-decode")
+        self.models: dict[str, ServedModel] = {}
+        for run in runs:
+            m = ServedModel(run, options, self.inference)
+            if m.name in self.models:
+                raise FakescopeError(f"expected run directories with distinct names (the model name is the "
+                                     f"folder name), got {m.name!r} twice: rename or copy one")
+            self.models[m.name] = m
+        self.default = next(iter(self.models))
+        self.models[self.default].info["default"] = True
+        self.ready = False
+        self.in_flight = 0
+
+    def pick(self, name: str | None) -> ServedModel:
+        if name is None or name == "":
+            return self.models[self.default]
+        if name not in self.models:
+            raise ApiError(404, "not_found", f"unknown model {name!r}; served: {', '.join(self.models)}")
+        return self.models[name]
+
+    async def start(self) -> None:
+        for m in self.models.values():
+            m.batcher.start()
+        if self.options.warmup:
+            loop = asyncio.get_running_loop()
+            for m in self.models.values():
+                await loop.run_in_executor(self.inference, m.warm_up, self.options.max_batch)
+        self.ready = True
+        log.info("fakescope serve ready: %s", ", ".join(self.models))
+
+    async def stop(self) -> None:
+        self.ready = False
+        for m in self.models.values():
+            await m.batcher.stop()
+        self.inference.shutdown(wait=False, cancel_futures=True)
+        self.decoders.shutdown(wait=False, cancel_futures=True)
+
+
+def _decode(model: ServedModel, data: bytes, name: str):
+    """``(row fields, stage image or None)`` for one upload: the format is sniffed from the bytes."""
+    row: dict[str, Any] = {"filename": name, "p_ai": None, "verdict": None, "width": None, "height": None,
+                           "format": None, "error": None}
+    if data:
+        row["format"] = sniff_format(data[:16])
+        if row["format"] is None:
+            from fakescope.data.io import describe_bytes
+
+            row["error"] = {"code": "unsupported_media_type", "message": describe_bytes(data[:2048])}
+            return row, None
+    try:
+        decoded, stage = model.predictor.decode(data, name)
+    except ImageReadError as e:
+        row["error"] = {"code": "unreadable_image", "message": e.reason}
+        return row, None
+    row.update(format=decoded.format, width=decoded.width, height=decoded.height)
+    return row, stage
+
+
+# --- the application ------------------------------------------------------------------------------
+
+def create_app(runs: list[str | os.PathLike], options: ServeOptions | None = None) -> FastAPI:
+    """The FastAPI application serving ``runs`` (the first is the default model). Loads the runs now
+    (a bad run directory raises :class:`FakescopeError`); the warm-up forward runs at start-up."""
+    options = options or ServeOptions()
+    state = ServerState(runs, options)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(state.start())  # /health answers while the models warm up
+        try:
+            yield
+        finally:
+            task.cancel()
+            await state.stop()
+
+    app = FastAPI(title="fakescope", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Detect AI-generated images with trained fakescope runs.")
+    app.state.fakescope = state
+    install_handlers(app)
+
+    bearer = HTTPBearer(auto_error=False, description="the server's API key as a bearer token")
+    header_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
+
+    async def require_key(credentials: HTTPAuthorizationCredentials | None = Security(bearer),
+                          key: str | None = Security(header_key)) -> None:
+        if options.api_key is None:
+            return
+        given = key if key is not None else (credentials.credentials if credentials is not None else None)
+        if given is None:
+            raise ApiError(401, "unauthorized", "this server needs an API key: send 'Authorization: Bearer KEY' "
+                           "or 'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), options.api_key.encode("utf-8")):
+            raise ApiError(401, "unauthorized", "wrong API key", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/health", tags=["status"], summary="The process is up")
+    async def health() -> dict:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/ready", tags=["status"], summary="Models loaded and warmed up",
+             responses={503: {"model": ErrorResponse, "description": "still loading (Retry-After)"}})
+    async def ready():
+        if not state.ready:
+            return error_response(503, "not_ready", "the models are loading or warming up",
+                                  {"Retry-After": RETRY_AFTER_LOADING})
+        return {"status": "ready", "models": list(state.models)}
+
+    @app.get("/v1/models", tags=["v1"], response_model=ModelsResponse, dependencies=[Depends(require_key)],
+             summary="The served runs", responses=_errors(401))
+    async def models() -> dict:
+        return {"models": [m.info for m in state.models.values()]}
+
+    @app.post("/v1/predict", tags=["v1"], response_model=PredictResponse, dependencies=[Depends(require_key)],
+              summary="P(ai) for one or more images", openapi_extra=PREDICT_BODY,
+              responses=_errors(400, 401, 404, 413, 415, 422, 429, 503))
+    async def predict(request: Request,
+                      model: str | None = Query(None, description="a served model name (default: the first run)"),
+                      threshold: float | None = Query(None, ge=0, le=1,
+                                                      description="verdict threshold (default: the server's)")):
+        served = state.pick(model)
+        if not state.ready:
+            raise ApiError(503, "not_ready", "the models are loading or warming up: retry shortly",
+                           headers={"Retry-After": RETRY_AFTER_LOADING})
+        if state.in_flight >= options.max_queue:
+            raise ApiError(429, "queue_full", f"too many requests in progress ({state.in_flight}): retry shortly",
+                           headers={"Retry-After": RETRY_AFTER_BUSY})
+        state.in_flight += 1
+        try:
+            return await _predict(request, served, options.threshold if threshold is None else threshold)
+        finally:
+            state.in_flight -= 1
+
+    async def _predict(request: Request, served: ServedModel, threshold: float):
+        with served.batcher.expect() as expectation:  # a forward pass may wait for this request's images
+            uploads = await read_uploads(request.headers, request.stream(), max_file_size=options.max_file_size,
+                                         max_files=options.max_files)
+            if sum(len(u.data) for u in uploads) <= INLINE_DECODE_BYTES:  # tiny images: a thread hop costs more
+                decoded = [_decode(served, u.data, u.filename) for u in uploads]
+            else:
+                loop = asyncio.get_running_loop()
+                decoded = await asyncio.gather(*(loop.run_in_executor(state.decoders, _decode, served, u.data,
+                                                                      u.filename) for u in uploads))
+            rows = [row for row, _ in decoded]
+            good = [i for i, (_, stage) in enumerate(decoded) if stage is not None]
+            if good:
+                try:
+                    scores = await served.batcher.submit([decoded[i][1] for i in good], expectation)
+                except QueueFull as e:
+                    raise ApiError(429, "queue_full", str(e), headers={"Retry-After": RETRY_AFTER_BUSY}) from None
+                for i, p in zip(good, scores):
+                    rows[i].update(verdict(p, threshold))
+        body = {"model": served.name, "threshold": threshold, "results": rows}
+        if good:
+            return JSONResponse(body)
+        codes = {r["error"]["code"] for r in rows}
+        status = 415 if codes == {"unsupported_media_type"} else 422
+        first = rows[0]["error"]["message"]
+        message = (f"{rows[0]['filename']}: {first}" if len(rows) == 1
+                   else f"none of the {len(rows)} files could be scored (first: {rows[0]['filename']}: {first})")
+        code = "unsupported_media_type" if status == 415 else "unreadable_image"
+        return error_response(status, code, message, extra=body)
+
+    page = resources.files("fakescope.serve").joinpath("page.html").read_text(encoding="utf-8")
+    html_headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                    "Referrer-Policy": "no-referrer"}
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers=html_headers)
+
+    import fastapi_offline  # ships Swagger UI's JavaScript and CSS: /docs works without a CDN
+    from fastapi.staticfiles import StaticFiles
+
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    app.mount("/docs-assets", StaticFiles(directory=str(assets)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        html = get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title="fakescope API",
+                                   swagger_js_url=f"{root}/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}/docs-assets/favicon.png",
+                                   swagger_ui_parameters={"validatorUrl": None, "tryItOutEnabled": True})
+        return HTMLResponse(html.body, headers=html_headers)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Application factory for ``uvicorn --factory`` (``--workers N``): the configuration comes from
+    :data:`CONFIG_ENV` (JSON ``{"runs": [...], "options": {...}}``)."""
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        raise FakescopeError(f"expected the {CONFIG_ENV} environment variable (set by `fakescope serve`)")
+    cfg = json.loads(raw)
+    return create_app(cfg["runs"], ServeOptions(**cfg["options"]))
+
+
+def config_env(runs: list[str], options: ServeOptions) -> str:
+    return json.dumps({"runs": [str(Path(r).resolve()) for r in runs], "options": asdict(options)})
