@@ -2,7 +2,7 @@
 
 A frozen tf_efficientnet_lite0 run (real ImageNet weights from ../shared, its head trained for
 one epoch on a few CIFAKE images) scores a folder of CIFAKE val images with
-:func:`fakescope.engine.evaluate.predict_paths` (everything ``fakescope predict`` does after
+:func:`fakescope.engine.evaluation.predict_paths` (everything ``fakescope predict`` does after
 start-up: listing, loading the run, decoding, resizing, batching, the forward pass) and, side
 by side, the same model runs on the same images already decoded and resized in memory, at the
 same precision and batch size. Optionally (``--photos``) also on the 47 real photographs of
@@ -45,7 +45,7 @@ def main() -> None:
 
     from fakescope.data.dataset import ImageDataset, collate
     from fakescope.data.io import list_images
-    from fakescope.engine.evaluate import predict_paths, prepare
+    from fakescope.engine.evaluation import predict_paths, prepare
     from fakescope.engine.infer import default_batch_size
 
     with Workdir(args.workdir, args.keep) as wd:

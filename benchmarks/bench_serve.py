@@ -128,7 +128,7 @@ def main() -> None:
     need(LITE0)
     from PIL import Image
 
-    from fakescope.engine.evaluate import predict_paths
+    from fakescope.engine.evaluation import predict_paths
 
     levels = [int(c) for c in args.concurrency.split(",")]
     with Workdir(args.workdir, args.keep) as wd:

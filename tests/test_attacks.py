@@ -349,10 +349,21 @@ def test_transfer_crafts_on_the_source_and_judges_the_target(model, other_model,
         robustness(other_model, batches(data), source_model=small, **kw)
 
 
-def test_save_examples_writes_clean_and_adversarial_pngs(model, data, tmp_path):
+def test_examples_come_back_as_arrays_and_are_written_as_pngs(model, data, tmp_path):
+    from fakescope.report.artifacts import write_examples
+
+    x, _, _ = data
+    res = robustness(model, batches(data), attack="fgsm", eps_list=[0, 2 / 255, 8 / 255], max_examples=3)
+    ex = res["examples"]
+    assert sorted((e["index"], e["eps"]) for e in ex) == [(i, e) for i in range(3) for e in (2 / 255, 8 / 255)]
+    for e in ex:
+        clean = torch.from_numpy(e["clean"]).permute(2, 0, 1).float() / 255
+        assert torch.allclose(clean, x[e["index"]], atol=0.5 / 255 + 1e-6)  # the clean image, 8-bit rounded
+        diff = (e["adv"].astype(int) - e["clean"].astype(int))
+        assert diff.any() and abs(diff).max() <= round(e["eps"] * 255) + 1
+    assert "examples" not in robustness(model, batches(data), attack="fgsm", eps_list=[0])  # none asked: none kept
     out = tmp_path / "examples"
-    robustness(model, batches(data), attack="fgsm", eps_list=[0, 2 / 255, 8 / 255], save_examples=str(out),
-               max_examples=3)
+    write_examples(ex, out)
     names = sorted(p.name for p in out.iterdir())
     assert len(names) == 3 * 2 * 2
     assert "0000_eps0.0314_clean.png" in names and "0002_eps0.0078_adv.png" in names

@@ -14,11 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fakescope import benchmark as B
+from fakescope import study as B
 from fakescope.cli import main
-from fakescope.engine.evaluate import evaluate_run
+from fakescope.engine import runtime
+from fakescope.engine.evaluation import evaluate_run
 from fakescope.errors import FakescopeError
 from fakescope.metrics import METRIC_KEYS
+from fakescope.study.runs import train_options
 
 from synth import make_pattern_root
 
@@ -66,6 +68,10 @@ def _equal(a, b):
             assert a[k] == b[k], k
 
 
+T975_DF1 = 12.706204736174707  # Student t, 97.5 % quantile, 1 degree of freedom (statistical tables)
+T975_DF2 = 4.302652729749464  # ... 2 degrees of freedom
+
+
 def test_results_structure(bench, env):
     cfg, res = bench
     assert set(res["models"]) == set(MODELS)
@@ -78,15 +84,24 @@ def test_results_structure(bench, env):
         for key in ("train_seconds", "images_per_second"):
             assert set(m[key]) >= {"mean", "std", "ci95"}
         acc = m["overall"]["accuracy"]
-        assert set(acc) == {"mean", "std", "ci95", "values"} and len(acc["values"]) == 2
-        assert acc["ci95"][0] <= acc["mean"] <= acc["ci95"][1]
+        assert set(acc) == {"mean", "std", "ci95", "n", "values", "note"} and acc["n"] == len(acc["values"]) == 2
+        a, b = acc["values"]  # two seeds: mean ± t(0.975, 1) * |a - b| / 2 (std = |a - b| / sqrt(2))
+        half = T975_DF1 * abs(a - b) / 2
+        assert acc["ci95"] == pytest.approx([(a + b) / 2 - half, (a + b) / 2 + half], abs=1e-12)
+        assert "small" in acc["note"]
         assert m["overall"]["n"] == 2 * 2 * VAL
         assert [r["seed"] for r in m["runs"]] == [1, 2]
         for r in m["runs"]:
             assert B.ModelSpec(label, "").slug in Path(r["dir"]).name
         pc = m["precision_check"]
-        assert "skipped" in pc or (set(pc) >= {"agreement", "max_abs_diff", "n"} and pc["n"] == 2 * 2 * VAL
-                                   and 0 <= pc["agreement"] <= 1 and pc["max_abs_diff"] >= 0)
+        if not runtime.bf16_supported(torch.device("cpu")):
+            assert set(pc) == {"skipped"} and "bf16 is not supported" in pc["skipped"]
+        else:  # the same comparison by hand, from the evaluations in fp32 and bf16 of the first seed's run
+            p32, p16 = (evaluate_run(m["runs"][0]["dir"], cfg["data"], precision=name, num_workers=0,
+                                     use_cache=False)["scores"]["p_ai"] for name in ("fp32", "bf16"))
+            assert pc["n"] == 2 * 2 * VAL == len(p32) == len(p16)
+            assert pc["agreement"] == pytest.approx(np.mean((p32 >= 0.5) == (p16 >= 0.5)), abs=1e-12)
+            assert pc["max_abs_diff"] == pytest.approx(np.max(np.abs(p32 - p16)), abs=1e-12)
         # degradations: one row per level, aggregated over seeds
         assert [r["level"] for r in m["degradations"]["jpeg"]] == [50.0]
         assert [r["level"] for r in m["degradations"]["blur"]] == [1.0]
@@ -104,8 +119,7 @@ def test_results_structure(bench, env):
 def test_numbers_equal_evaluate_json_of_the_runs(bench, env, tmp_path):
     cfg, res = bench
     for label, m in res["models"].items():
-        fresh = [evaluate_run(r["dir"], cfg["data"], precision="fp32", num_workers=0, out_dir=tmp_path / label,
-                              plots=False) for r in m["runs"]]
+        fresh = [evaluate_run(r["dir"], cfg["data"], precision="fp32", num_workers=0) for r in m["runs"]]
         for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
             vals = [f["overall"][key] for f in fresh]
             assert m["overall"][key]["values"] == pytest.approx(vals, abs=1e-12)
@@ -156,8 +170,8 @@ def test_rerun_reuses_finished_runs(bench, monkeypatch):
         raise AssertionError("a finished run was retrained or re-evaluated")
 
     monkeypatch.setattr("fakescope.engine.train.train", boom)
-    monkeypatch.setattr("fakescope.engine.evaluate.evaluate_run", boom)
-    monkeypatch.setattr(B, "_agreement", boom)
+    monkeypatch.setattr("fakescope.engine.evaluation.evaluate_run", boom)
+    monkeypatch.setattr("fakescope.study.runs._agreement", boom)
     again = B.run_benchmark(cfg)
     for label, m in res["models"].items():
         assert again["models"][label]["overall"] == m["overall"]
@@ -196,7 +210,7 @@ def test_config_files_yaml_toml_and_model_options(env, tmp_path):
     b = B.make_config(B.load_config_file(tmp_path / "c.toml"))
     assert a.resolved() == b.resolved()
     small = a.model("small")
-    opts = B.train_options(a, small, 1, a.generators)
+    opts = train_options(a, small, 1, a.generators)
     assert (opts.model, opts.model_options, opts.lr, opts.epochs) == ("cnn32", {"filters": [4, 8, 8]}, 0.01, 3)
     assert opts.augment.flip and opts.augment.blur_prob == 0.5 and opts.augment.active
     g = B.make_config({"data": str(env["data"]), "models": ["cnn32", "timm:x"],
@@ -221,7 +235,7 @@ def test_aligned_training_and_cross_inside_the_benchmark(env):
     (run,) = s["train_aligned_runs"]
     assert "jpeg75" in Path(run).name and "cnn32" in Path(run).name
     assert json.loads((Path(run) / "config.json").read_text())["train"]["jpeg_align"] == 75
-    assert json.loads((Path(run) / "eval-val" / "metrics.json").read_text())["data"]["jpeg_align"] == 75
+    assert json.loads((Path(run) / "eval-data-val" / "metrics.json").read_text())["data"]["jpeg_align"] == 75
     assert set(s["train_aligned"]["overall"]) == set(METRIC_KEYS)
     assert np.asarray(res["cross"]["cnn32"]["matrix"]).shape == (2, 2)
     md = (Path(cfg["out"]) / "report.md").read_text()
@@ -229,13 +243,21 @@ def test_aligned_training_and_cross_inside_the_benchmark(env):
     assert "## Sample images" not in md
 
 
-def test_summarize_bootstrap():
-    s = B.summarize([0.8, 0.9, 1.0])
-    assert s["mean"] == pytest.approx(0.9) and s["std"] == pytest.approx(0.1)
-    assert 0.8 <= s["ci95"][0] < 0.9 < s["ci95"][1] <= 1.0
-    assert B.summarize([0.8, 0.9, 1.0]) == s  # fixed RNG: reproducible
+def test_summary_is_a_student_t_interval():
+    s = B.summarize([0.8, 0.9, 1.0])  # mean 0.9, sample std 0.1; half-width t(0.975, 2) * 0.1 / sqrt(3)
+    assert s["mean"] == pytest.approx(0.9) and s["std"] == pytest.approx(0.1) and s["n"] == 3
+    assert s["ci95"] == pytest.approx([0.9 - T975_DF2 * 0.1 / 3 ** 0.5, 0.9 + T975_DF2 * 0.1 / 3 ** 0.5], abs=1e-9)
+    assert s["ci95"][0] == pytest.approx(0.651586, abs=1e-6)  # wider than [min, max]: 3 seeds say little
+    assert "small" in s["note"]
+    two = B.summarize([0.5, 0.7, None])  # None (an undefined figure) is left out of n
+    assert two["n"] == 2 and two["ci95"] == pytest.approx([0.6 - T975_DF1 * 0.1, 0.6 + T975_DF1 * 0.1], abs=1e-9)
+    five = B.summarize([1.0, 2.0, 3.0, 4.0, 5.0])  # std sqrt(2.5); t(0.975, 4) = 2.776445
+    assert five["ci95"] == pytest.approx([3 - 2.776445 * 2.5 ** 0.5 / 5 ** 0.5, 3 + 2.776445 * 2.5 ** 0.5 / 5 ** 0.5],
+                                         abs=1e-5)
+    assert "note" not in five
     one = B.summarize([0.7])
-    assert one["std"] == 0.0 and one["ci95"] == [0.7, 0.7]
+    assert one == {"mean": 0.7, "std": None, "ci95": None, "n": 1, "values": [0.7]}  # one seed: no interval
+    assert B.summarize([None])["mean"] is None
     agg = B.aggregate([{"accuracy": 0.5, "n": 10, "confusion": [[1, 2], [3, 4]]},
                        {"accuracy": 0.7, "n": 10, "confusion": [[3, 2], [1, 4]]}])
     assert agg["n"] == 10 and agg["accuracy"]["mean"] == pytest.approx(0.6)
@@ -253,8 +275,7 @@ def test_cross_diagonal_equals_in_distribution(env, capsys):
         assert "cnn32" in Path(run).name and g in Path(run).name
         cfg_run = json.loads((Path(run) / "config.json").read_text())
         assert cfg_run["data"]["generators"] == [g]  # trained on that generator alone
-        ind = evaluate_run(run, cfg["data"], generators=[g], precision="fp32", num_workers=0, plots=False,
-                           out_dir=env["tmp"] / f"ind-{g}")
+        ind = evaluate_run(run, cfg["data"], generators=[g], precision="fp32", num_workers=0)
         assert res["matrix"][i][i] == pytest.approx(ind["overall"]["accuracy"], abs=1e-12)
         assert res["row_average"][i] == pytest.approx(np.mean(res["matrix"][i]))
     for suffix in (".json", ".md", ".png"):
@@ -303,7 +324,7 @@ def test_benchmark_on_cifake_with_frozen_lite0(cifake_small, lite0_weights, tmp_
 def test_benchmark_compares_normal_and_adversarially_trained_robustness(tmp_path, monkeypatch):
     import json as _json
 
-    from fakescope.benchmark import run_benchmark
+    from fakescope.study import run_benchmark
 
     from synth import make_dataset
 

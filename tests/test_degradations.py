@@ -16,7 +16,7 @@ from fakescope.data import transforms as T
 from fakescope.data.dataset import ImageDataset, make_loader
 from fakescope.data.io import read_image
 from fakescope.data.layout import index_root
-from fakescope.engine.evaluate import evaluate_run, prepare
+from fakescope.engine.evaluation import evaluate_run, prepare
 from fakescope.engine.infer import evaluate_index
 from fakescope.engine.train import TrainOptions, train
 
@@ -181,8 +181,7 @@ def test_jpeg_align_gives_both_classes_the_same_encoding(env, monkeypatch):
 
 
 def test_jpeg_align_in_evaluate_and_train(env, tmp_path, monkeypatch):
-    res = evaluate_run(env["run"], env["data"], jpeg_align=70, precision="fp32", num_workers=0, plots=False,
-                       out_dir=tmp_path / "e", use_cache=False)
+    res = evaluate_run(env["run"], env["data"], jpeg_align=70, precision="fp32", num_workers=0, use_cache=False)
     assert res["data"]["jpeg_align"] == 70
     run = tmp_path / "aligned"
     train(TrainOptions(model="cnn32", data=str(env["data"]), generators=["checker"], epochs=1, num_workers=0,
@@ -191,8 +190,7 @@ def test_jpeg_align_in_evaluate_and_train(env, tmp_path, monkeypatch):
     calls: list[int] = []
     real = T.encode_jpeg
     monkeypatch.setattr(T, "encode_jpeg", lambda img, quality=75: calls.append(quality) or real(img, quality=quality))
-    res = evaluate_run(run, env["data"], generators=["checker"], precision="fp32", num_workers=0, plots=False,
-                       out_dir=tmp_path / "e2", use_cache=False)
+    res = evaluate_run(run, env["data"], generators=["checker"], precision="fp32", num_workers=0, use_cache=False)
     assert res["data"]["jpeg_align"] == 70  # an aligned run is evaluated aligned by default
     assert calls == [70] * res["overall"]["n"]
 

@@ -19,14 +19,14 @@ from fakescope.data.transforms import Pipeline
 from fakescope.engine import features as F
 from fakescope.engine import runtime
 from fakescope.engine.checkpoint import load_run
-from fakescope.engine.evaluate import evaluate_run
+from fakescope.engine.evaluation import evaluate_run
 from fakescope.models import create_model
 
 from synth import make_dataset
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
-TIMING = ("seconds", "images_per_second", "outputs")
+TIMING = ("seconds", "images_per_second", "outputs", "scores")
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,7 @@ def test_two_ranks_train_and_evaluate_like_one_process(data, tmp_path, monkeypat
 
     monkeypatch.setenv("FAKESCOPE_CACHE_DIR", str(tmp_path / "cache1"))
     with cpu_threads(1):  # torchrun's ranks run one thread each (OMP_NUM_THREADS=1); results are bit-identical
-        one = evaluate_run(tmp_path / "run", data, degrade=["jpeg:50", "blur:1"], batch_size=4,  # at equal threads
-                           out_dir=tmp_path / "ev1", plots=False)
+        one = evaluate_run(tmp_path / "run", data, degrade=["jpeg:50", "blur:1"], batch_size=4)  # at equal threads
     r = _torchrun(tmp_path, "-m", "fakescope", "evaluate", tmp_path / "run", "--data", data, "--degrade", "jpeg:50",
                   "--degrade", "blur:1", "--batch-size", 4, "--json", tmp_path / "two.json", "--out", tmp_path / "ev2")
     assert r.stdout.count("results:") == 1

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fakescope.cli import main
-from fakescope.engine.evaluate import predict_paths
+from fakescope.engine.evaluation import predict_paths
 from fakescope.serve import ServeOptions, create_app
 from fakescope.serve.batcher import Batcher, QueueFull
 

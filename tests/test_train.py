@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fakescope.engine import checkpoint as ckpt
-from fakescope.engine.evaluate import evaluate_run, predict_paths
+from fakescope.engine.evaluation import evaluate_run, predict_paths
+from fakescope.report.artifacts import write_evaluation
 from fakescope.engine.train import TrainOptions, train
 from fakescope.errors import DataError
 from fakescope.metrics import METRIC_KEYS
@@ -90,7 +91,8 @@ def test_training_needs_both_classes(tmp_path):
 
 def test_evaluate_json_shape_and_one_class_root(cifake_run, cifake_small, tmp_path):
     out, _ = cifake_run
-    res = evaluate_run(out, cifake_small, json_out=tmp_path / "e.json", out_dir=tmp_path / "figs")
+    res = evaluate_run(out, cifake_small)
+    write_evaluation(res, tmp_path / "figs", tmp_path / "e.json")
     blob = json.loads((tmp_path / "e.json").read_text())
     assert set(blob["overall"]) == set(METRIC_KEYS)
     assert set(blob["per_generator"]) == {"cifake_sdv14"}
@@ -104,7 +106,7 @@ def test_evaluate_json_shape_and_one_class_root(cifake_run, cifake_small, tmp_pa
     real_only.mkdir(parents=True)
     for f in sorted((cifake_small / "val" / "nature").iterdir())[:20]:
         (real_only / f.name).write_bytes(f.read_bytes())
-    one = evaluate_run(out, tmp_path / "real", json_out=tmp_path / "r.json", plots=False)["overall"]
+    one = evaluate_run(out, tmp_path / "real")["overall"]
     assert one["n"] == 20 and one["roc_auc"] is None and one["real_accuracy"] is not None
 
 
@@ -126,5 +128,5 @@ def test_frozen_backbone_path_with_real_imagenet_weights(cifake_small, lite0_wei
     assert s["validation"]["accuracy"] > 0.65, s["validation"]
     cfg = json.loads((tmp_path / "lite0" / ckpt.CONFIG).read_text())
     assert "pretrained_file" not in cfg["model"]["options"]
-    res = evaluate_run(tmp_path / "lite0", cifake_small, plots=False, json_out=tmp_path / "x.json")
+    res = evaluate_run(tmp_path / "lite0", cifake_small)
     assert res["overall"]["accuracy"] > 0.65

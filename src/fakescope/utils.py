@@ -6,12 +6,19 @@ import json
 import math
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+
+def slug(text: str, default: str = "x") -> str:
+    """``text`` as a file-name part: runs of anything but letters, digits, ``.``, ``_`` and ``-``
+    become one ``-``; ``default`` when nothing is left (the package's one slug function)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or default
 
 
 def cache_dir() -> Path:

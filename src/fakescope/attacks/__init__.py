@@ -9,10 +9,10 @@ from __future__ import annotations
 from torch import nn
 
 from fakescope.attacks.base import Attack, AttackError, check_eps, parse_eps, true_label_loss
-from fakescope.attacks.evaluate import DIRECTIONS, perturb_batch, robustness
 from fakescope.attacks.fgsm import FGSM
 from fakescope.attacks.pgd import PGD
 from fakescope.attacks.pgd_l2 import PGDL2
+from fakescope.attacks.robustness import DIRECTIONS, perturb_batch, robustness
 from fakescope.attacks.square import Square
 
 ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "pgd-l2": PGDL2, "square": Square}

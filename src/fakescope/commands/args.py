@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 
 from fakescope import validate
 
@@ -82,17 +81,10 @@ def add_backbone_options(g) -> None:
 
 def model_options(args: argparse.Namespace) -> dict:
     """The model options the command line set (only those: a configuration file's own options stay
-    unless a flag overrides them). A ``pretrained_file`` is made absolute, relative to the current folder."""
-    opts: dict = {}
-    if getattr(args, "no_pretrained", False):
-        opts["pretrained"] = False
-    if getattr(args, "pretrained_file", None):
-        opts["pretrained_file"] = str(Path(args.pretrained_file).resolve())
-    if getattr(args, "freeze", None) is not None:
-        opts["freeze"] = args.freeze
-    if getattr(args, "filters", None):
-        try:
-            opts["filters"] = [validate.positive_int(f) for f in args.filters]
-        except ValueError as e:
-            raise validate.FakescopeError(f"--filters: {e}") from None
-    return opts
+    unless a flag overrides them), normalised by :func:`fakescope.study.config.model_options`, the one
+    helper that configuration files use too (``pretrained_file`` made absolute, ``~`` expanded)."""
+    from fakescope.study.config import model_options as normalise
+
+    return normalise(pretrained=False if getattr(args, "no_pretrained", False) else None,
+                     pretrained_file=getattr(args, "pretrained_file", None), freeze=getattr(args, "freeze", None),
+                     filters=getattr(args, "filters", None) or None, key=None)

@@ -18,7 +18,8 @@ def add_parser(sub):
     p.add_argument("--direction", default="both", choices=["ai-to-real", "real-to-ai", "both"])
     p.add_argument("--source", default=None, metavar="RUN_A", help="craft on this run, evaluate on RUN (transfer)")
     p.add_argument("--limit", type=a.positive_int, default=None, help="at most N images per generator and class")
-    p.add_argument("--save-examples", default=None, metavar="DIR")
+    p.add_argument("--save-examples", default=None, metavar="DIR",
+                   help="write up to 16 clean/adversarial example pairs per eps as PNGs into DIR")
     p.add_argument("--threshold", type=a.threshold, default=0.5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT")
@@ -27,9 +28,14 @@ def add_parser(sub):
     return p
 
 
+EXAMPLES = 16
+
+
 def run(args) -> int:
     from fakescope.attacks import parse_eps
-    from fakescope.engine.robust import attack_run
+    from fakescope.engine import runtime
+    from fakescope.engine.attack import attack_run
+    from fakescope.report.artifacts import attack_folder, write_attack
     from fakescope.report.tables import markdown_table
 
     eps = parse_eps(args.eps, norm="l2" if args.attack == "pgd-l2" else "linf")
@@ -37,15 +43,19 @@ def run(args) -> int:
     res = attack_run(args.run, args.data, attack=args.attack, eps_list=eps, steps=args.steps,
                      step_size=args.step_size, direction=args.direction, split=args.split,
                      generators=args.generators, limit=args.limit, source=args.source,
-                     save_examples=args.save_examples, threshold=args.threshold, seed=args.seed, device=args.device,
-                     precision=args.precision, batch_size=args.batch_size or 64, num_workers=args.workers,
-                     json_out=args.json_out, out_dir=args.out, attack_options=options)
+                     examples=EXAMPLES if args.save_examples else 0, threshold=args.threshold, seed=args.seed,
+                     device=args.device, precision=args.precision, batch_size=args.batch_size or 64,
+                     num_workers=args.workers, attack_options=options)
+    write_attack(res, args.out or attack_folder(args.run, args.attack), args.json_out, examples_dir=args.save_examples)
+    if not runtime.is_main():  # under torchrun only rank 0 prints and writes
+        return 0
     rows = {f"{r['eps'] * 255:g}/255": {**r, **{f"{d} acc": v.get("robust_accuracy")
                                               for d, v in r.get("per_direction", {}).items()}}
             for r in res["results"]}
     print(markdown_table(rows, ("robust_accuracy", "success_rate", "ai-to-real acc", "real-to-ai acc",
                                 "mean_linf", "mean_l2", "psnr"), first=f"{args.attack} eps"))
-    print(f"\nclean accuracy {res['clean_accuracy']:.4f} on {res['n']} images; "
+    print(f"\nclean accuracy {res['clean_accuracy']:.4f} on {res['n']} images (judged in {res['precision']}, "
+          f"crafted in {res['attack_precision']}); "
           f"results: {res['outputs']['json']}  plot: {res['outputs']['plot']}")
     return 0
 

@@ -1,4 +1,4 @@
-"""``fakescope benchmark``: the study's results table and report (the library is :mod:`fakescope.benchmark`).
+"""``fakescope benchmark``: the study's results table and report (the library is :mod:`fakescope.study`).
 
 ``add_study_options`` and ``study_options`` are shared with ``fakescope cross``."""
 
@@ -77,7 +77,7 @@ def add_parser(sub):
 
 def study_options(args) -> tuple[dict, dict]:
     """``(file options, command-line overrides)``."""
-    from fakescope.benchmark import load_config_file
+    from fakescope.study import load_config_file
 
     base = load_config_file(args.config) if args.config else {}
     over = {k: getattr(args, k, None) for k in ("data", "generators", "out", "seeds", "epochs", "lr", "limit",
@@ -100,10 +100,10 @@ def study_options(args) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
-    from fakescope.benchmark import run_benchmark
     from fakescope.engine import runtime
     from fakescope.report.html import STUDY_COLUMNS
     from fakescope.report.tables import markdown_table
+    from fakescope.study import run_benchmark
 
     base, over = study_options(args)
     gopts = a.model_options(args)

@@ -23,10 +23,10 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from fakescope.benchmark import run_cross
     from fakescope.engine import runtime
     from fakescope.report.html import cross_tables
-    from fakescope.report.tables import fmt
+    from fakescope.report.tables import markdown
+    from fakescope.study import run_cross
 
     base, over = study_options(args)
     file_models = base.get("models")
@@ -36,10 +36,7 @@ def run(args) -> int:
     over.pop("leave_one_out", None)
     result = run_cross(base, args.model, leave_one_out=args.leave_one_out, **over)
     if runtime.is_main():
-        header, rows = cross_tables(result)
-        print("| " + " | ".join(header) + " |\n|" + "|".join(["---"] * len(header)) + "|")
-        for r in rows:
-            print("| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in r) + " |")
+        print(markdown(*cross_tables(result)))
         print(f"\nmatrix: {result['outputs']['json']}  heatmap: {result['outputs']['png']}")
     return 0
 

@@ -13,7 +13,8 @@ def add_parser(sub):
     a.add_data(e)
     e.add_argument("--threshold", type=a.threshold, default=0.5)
     e.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the JSON here")
-    e.add_argument("--out", default=None, help="folder for the PNGs (default: RUN/eval-<split>)")
+    e.add_argument("--out", default=None, help="folder for the PNGs and scores.npz "
+                   "(default: RUN/eval-<data root's folder name>-<split>)")
     e.add_argument("--native-size", default=None, help="override the run's native size: N or off")
     e.add_argument("--degrade", action="append", default=None, metavar="KIND:LEVELS",
                    help="jpeg:95,75,50,30 | blur:1,2,3 | resize:0.5,0.25 (repeatable)")
@@ -23,16 +24,17 @@ def add_parser(sub):
 
 def run(args) -> int:
     from fakescope.engine import runtime
-    from fakescope.engine.evaluate import evaluate_run
+    from fakescope.engine.evaluation import evaluate_run
+    from fakescope.report.artifacts import eval_folder, write_evaluation
     from fakescope.report.tables import markdown_table
 
     result = evaluate_run(
         args.run, args.data, split=args.split, generators=args.generators, threshold=args.threshold,
         native_size=args.native_size, jpeg_align=args.jpeg_align, degrade=args.degrade, device=args.device,
         precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
-        use_cache=not args.no_cache, cache_dir=args.cache_dir, out_dir=args.out, json_out=args.json_out,
-        max_pixels=args.max_pixels, compile=args.compile,
+        use_cache=not args.no_cache, cache_dir=args.cache_dir, max_pixels=args.max_pixels, compile=args.compile,
     )
+    write_evaluation(result, args.out or eval_folder(args.run, args.data, args.split, args.jpeg_align), args.json_out)
     if runtime.is_main():
         rows = {"overall": result["overall"], **result["per_generator"]}
         print(markdown_table(rows, first=f"{result['model']['name']} on {args.split}"))
@@ -41,7 +43,11 @@ def run(args) -> int:
             print(markdown_table({f"{kind} {lv['level']:g}": lv["overall"] for lv in levels},
                                  ("accuracy", "f1", "roc_auc", "n"), first="degradation"))
         if result["bad_files"]:
-            print(f"\n{len(result['bad_files'])} unreadable files skipped (listed in the JSON)")
+            n_bad = len(result["bad_files"])
+            nonfinite = sum("non-finite score" in r for r in result["bad_files"].values())
+            print(f"\n{n_bad - nonfinite} unreadable files skipped (listed in the JSON)" if not nonfinite else
+                  f"\n{n_bad} images skipped: {n_bad - nonfinite} unreadable, {nonfinite} scored NaN or inf by the "
+                  f"model (listed in the JSON)")
         print(f"\nresults: {result['outputs']['json']}  figures: {result['outputs']['folder']}")
     if not result["overall"].get("n"):  # exit code 0 unless nothing could be read
         print(f"fakescope: error: none of the {len(result['bad_files'])} images could be read", file=sys.stderr)

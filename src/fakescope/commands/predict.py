@@ -25,7 +25,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from fakescope.engine import runtime
-    from fakescope.engine.evaluate import predict_paths
+    from fakescope.engine.evaluation import predict_paths
 
     rows = predict_paths(args.run, args.paths, threshold=args.threshold, device=args.device,
                          precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,

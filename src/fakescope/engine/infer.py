@@ -35,18 +35,38 @@ def default_batch_size(input_size: int) -> int:
     return int(min(512, max(32, 64 * (224 / max(1, input_size)) ** 2)))
 
 
+def forward_logits(model, x: torch.Tensor, precision: Precision, device: torch.device) -> torch.Tensor:
+    """float32 logits for a float batch in [0, 1], computed the way every command that reports
+    metrics computes them: ``precision``'s autocast and memory format; a frozen backbone's features
+    rounded to float16 and the head in fp32, exactly as when they come from the feature cache.
+    Gradients flow (callers wrap it in ``no_grad`` when they need none)."""
+    if model.frozen:
+        with precision.autocast(device):
+            f = model.features(precision.prepare(x))
+        return model.head(f.float().half().float()).float()
+    with precision.autocast(device):
+        return model(precision.prepare(x)).float()
+
+
 def forward_p_ai(model, x: torch.Tensor, precision: Precision, device: torch.device) -> torch.Tensor:
-    """P(ai) for a float batch in [0, 1]. A frozen backbone's features are rounded to float16 and
-    the head runs in fp32, exactly as when they come from the feature cache."""
+    """P(ai) for a float batch in [0, 1] (see :func:`forward_logits`)."""
     with torch.no_grad():
-        if model.frozen:
-            with precision.autocast(device):
-                f = model.features(precision.prepare(x))
-            logits = model.head(f.float().half().float())
-        else:
-            with precision.autocast(device):
-                logits = model(precision.prepare(x))
-        return model.p_ai(logits)
+        return model.p_ai(forward_logits(model, x, precision, device))
+
+
+def nonfinite_errors(p: np.ndarray, errors: dict[int, str], names: list[str] | None = None) -> np.ndarray:
+    """Turn scores that are not finite numbers (a model that returns NaN or inf for some input)
+    into errors: each such file gets a reason in ``errors`` (naming the variants where it
+    happened) and NaN in every variant, so every variant scores the same images. ``p``: ``[V, N]``,
+    changed in place and returned."""
+    bad = ~np.isfinite(p) & ~np.isin(np.arange(p.shape[1]), list(errors))[None, :]
+    for i in np.flatnonzero(bad.any(axis=0)).tolist():
+        where = [names[j] if names else str(j) for j in np.flatnonzero(bad[:, i]).tolist()]
+        values = sorted({str(float(v)) for v in p[bad[:, i], i]})
+        errors[i] = (f"the model returned a non-finite score ({', '.join(values)})"
+                     + (f" under {', '.join(where)}" if names and len(names) > 1 else ""))
+        p[:, i] = np.nan
+    return p
 
 
 def stage_p_ai(model, pipeline: Pipeline, stage: torch.Tensor, precision: Precision,
@@ -76,7 +96,16 @@ def score_variants(model, files: list[str], pipelines: list[Pipeline], *, device
                    max_file_size: int | None = None, desc: str = "scoring",
                    descs: list[str] | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """``(p_ai [V, N], errors)``: P(ai) of every file under each of ``pipelines`` (NaN where
-    unreadable) and ``{position: reason}``. Every rank returns the full result."""
+    unreadable, or where the model's score was not a finite number) and ``{position: reason}``.
+    Every rank returns the full result."""
+    p, errors = _score_variants(model, files, pipelines, device=device, precision=precision, batch_size=batch_size,
+                                num_workers=num_workers, use_cache=use_cache, cache_root=cache_root,
+                                max_pixels=max_pixels, max_file_size=max_file_size, desc=desc, descs=descs)
+    return nonfinite_errors(p, errors, ["clean", *descs[1:]] if descs else None), errors
+
+
+def _score_variants(model, files, pipelines, *, device, precision, batch_size, num_workers, use_cache, cache_root,
+                    max_pixels, max_file_size, desc, descs) -> tuple[np.ndarray, dict[int, str]]:
     model.eval()
     n, v = len(files), len(pipelines)
     bs = batch_size or default_batch_size(model.preprocess.input_size)
@@ -154,7 +183,7 @@ def score_files(model, files: list[str], pipeline: Pipeline, *, device: torch.de
 
 
 def _metrics(labels, p, gens, threshold) -> tuple[dict, np.ndarray]:
-    ok = ~np.isnan(p)
+    ok = np.isfinite(p)
     m = DetectionMetrics(threshold)
     m.update(labels[ok], p[ok], gens[ok].tolist())
     return m.compute(), ok
@@ -169,7 +198,8 @@ def evaluate_index(model, index: Index, pipeline: Pipeline, *, device: torch.dev
     ``images_per_second`` the readable images scored per second over all levels.
 
     Returns the evaluate JSON (without the ``model``/``data`` descriptions, which the caller adds)
-    plus ``_scores`` (labels, p_ai, generators of the readable images) for plots."""
+    plus ``scores``: ``files``, ``labels``, ``p_ai`` and ``generators`` of the scored images (arrays;
+    ``bad_files`` lists the others: unreadable, or scored NaN/inf by the model)."""
     files = [index.abspath(i) for i in range(len(index))]
     labels = np.asarray(index.labels)
     gens = np.asarray(index.generators, dtype=object)
@@ -185,7 +215,8 @@ def evaluate_index(model, index: Index, pipeline: Pipeline, *, device: torch.dev
     result["seconds"] = seconds
     result["images_per_second"] = float(ok.sum() * len(pipelines) / seconds) if seconds > 0 else None
     result["bad_files"] = {files[i]: r for i, r in sorted(errors.items())}
-    result["_scores"] = {"labels": labels[ok], "p_ai": p[0][ok], "generators": gens[ok]}
+    result["scores"] = {"files": np.asarray(files, dtype=object)[ok], "labels": labels[ok], "p_ai": p[0][ok],
+                        "generators": gens[ok]}
     if degradations:
         result["degradations"] = {}
         for j, (kind, level) in enumerate(levels, start=1):

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from fakescope.data.transforms import IDENTITY_LEVEL
-from fakescope.report.tables import fmt
-from fakescope.utils import atomic_write_text
+from fakescope.report.artifacts import read_scores
+from fakescope.report.tables import fmt, markdown
+from fakescope.utils import atomic_write_text, slug
 
 STUDY_COLUMNS = ("accuracy", "precision", "recall", "f1", "roc_auc")
 _TITLES = {"accuracy": "accuracy", "precision": "precision", "recall": "recall", "f1": "F1", "roc_auc": "ROC-AUC",
@@ -37,10 +38,6 @@ td:first-child,th:first-child{text-align:left}
 figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}figcaption{font-size:.85em;color:#555}
 img{max-width:100%}code{background:#f4f4f4;padding:0 .2em}.note{color:#555;font-size:.9em}
 """
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 class Doc:
@@ -76,10 +73,7 @@ class Doc:
             elif b[0] == "p":
                 out.append(("_" + b[1] + "_") if b[2] else b[1])
             elif b[0] == "table":
-                header, rows = [_cell(h) for h in b[1]], [[_cell(c) for c in r] for r in b[2]]
-                lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-                lines += ["| " + " | ".join(r) + " |" for r in rows]
-                out.append("\n".join(lines))
+                out.append(markdown(b[1], b[2]))
             else:
                 out.append("\n".join(f"![{c}]({self._rel(p)})" for p, c in b[1]))
         return "\n\n".join(out) + "\n"
@@ -106,10 +100,6 @@ class Doc:
                 out.append("<div>" + "".join(figs) + "</div>")
         out.append("</body></html>\n")
         return "\n".join(out)
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "model"
 
 
 def _mean(v):
@@ -141,10 +131,8 @@ def write_cross(result: dict, stem: str | os.PathLike) -> dict:
     png = heatmap(full, result["train"], [*result["test"], "average"], stem.with_suffix(".png"),
                   title=f"{result['model']}: {result['metric']} ({result['protocol']})", xlabel="tested on",
                   ylabel="trained on")
-    header, rows = cross_tables(result)
     lines = [f"# Cross-generator {result['metric']}: {result['model']} ({result['protocol']}, {result['split']} split)",
-             "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in r) + " |" for r in rows]
+             "", markdown(*cross_tables(result))]
     if "mean_held_out" in result:
         lines += ["", f"mean accuracy on the generator left out: {fmt(result['mean_held_out'])}"]
     else:
@@ -166,23 +154,19 @@ def _cross_results(out: Path, results: dict) -> dict[str, dict]:
         if isinstance(r, dict) and "matrix" in r and "protocol" in r:
             found[f.stem] = r
     for label, r in (results.get("cross") or {}).items():
-        key = _slug(label) + ("-loo" if r.get("protocol") == "leave-one-out" else "")
+        key = slug(label, default="model") + ("-loo" if r.get("protocol") == "leave-one-out" else "")
         found.setdefault(key, r)
     return found
 
 
 # --- the report -----------------------------------------------------------------------------------
 
-def _scores(run: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    f = Path(run.get("figures", "")) / "scores.npz"
-    if not f.is_file():
-        return None
-    with np.load(f, allow_pickle=False) as z:
-        return z["labels"], z["p_ai"]
+def write_report(out: str | os.PathLike, results: dict | None = None,
+                 samples: list[tuple[str, list[np.ndarray]]] | None = None) -> dict:
+    """Write ``out/report.md`` and ``out/report.html`` (and ``out/figures/*.png``); return their paths.
 
-
-def write_report(out: str | os.PathLike, results: dict | None = None) -> dict:
-    """Write ``out/report.md`` and ``out/report.html`` (and ``out/figures/*.png``); return their paths."""
+    ``samples``: the sample grid's rows ``(label, [HxWx3 uint8 images])``, handed over by the study
+    (the report reads no dataset itself)."""
     from fakescope.report import plots as P
 
     out = Path(out)
@@ -203,8 +187,10 @@ def write_report(out: str | os.PathLike, results: dict | None = None) -> dict:
              f"selected generators, evaluated on the {split} split. Seeds: {seeds}; "
              f"epochs: {cfg.get('epochs')}; threshold {cfg.get('threshold')}.")
     if multi:
-        doc.para("With several seeds each figure is mean ± sample std [95 % bootstrap interval of the mean, "
-                 "per-seed figures resampled].", note=True)
+        n = len(cfg.get("seeds", []))
+        doc.para(f"With several seeds each figure is mean ± sample std [95 % Student t-interval of the mean over "
+                 f"the {n} seeds]" + (f"; with n = {n} < 5 seeds the interval is wide and assumes normally "
+                                      f"distributed per-seed figures" if n < 5 else "") + ".", note=True)
 
     if models:
         doc.heading(2, "Results")
@@ -227,18 +213,18 @@ def write_report(out: str | os.PathLike, results: dict | None = None) -> dict:
 
         curves = {}
         for label, m in models.items():
-            s = _scores(m["runs"][0]) if m.get("runs") else None
+            s = read_scores(m["runs"][0].get("figures", "")) if m.get("runs") else None
             if s is not None:
                 curves[label] = s
         roc = P.roc_plot(curves, figs / "roc.png", title=f"ROC on {split}") if curves else None
-        conf = [(P.confusion_plot(_confusion(m["overall"]["confusion"]), figs / f"confusion-{_slug(label)}.png",
+        conf = [(P.confusion_plot(_confusion(m["overall"]["confusion"]), figs / f"confusion-{slug(label)}.png",
                                   title=label + (" (seeds summed)" if multi else "")), f"confusion matrix: {label}")
                 for label, m in models.items()]
         doc.heading(2, "ROC curves and confusion matrices")
         doc.figures([(roc, "ROC curves of all models" + (" (first seed)" if multi else ""))])
         doc.figures(conf)
 
-    sample = _sample_grid(cfg, gens, split, figs / "samples.png")
+    sample = P.image_grid(samples, figs / "samples.png", title="samples") if samples else None
     if sample:
         doc.heading(2, "Sample images")
         doc.figures([(sample, f"samples of the {split} split per generator and class")])
@@ -349,20 +335,3 @@ def write_report(out: str | os.PathLike, results: dict | None = None) -> dict:
     atomic_write_text(md, doc.markdown())
     atomic_write_text(page, doc.html("fakescope benchmark"))
     return {"markdown": str(md), "html": str(page), "figures": str(figs)}
-
-
-def _sample_grid(cfg: dict, gens: list[str], split: str, path: Path) -> str | None:
-    """The study's Fig. 1: a grid of sample images per generator and class."""
-    if not cfg.get("data") or not cfg.get("sample_per_class", 6):
-        return None
-    from fakescope.data.inspect import sample_images
-    from fakescope.data.layout import index_root
-    from fakescope.errors import FakescopeError
-    from fakescope.report.plots import image_grid
-
-    try:
-        index = index_root(cfg["data"]).select(gens or None, split)
-    except FakescopeError:
-        return None
-    rows = sample_images(index, int(cfg.get("sample_per_class", 6)))
-    return image_grid(rows, path, title="samples") if rows else None

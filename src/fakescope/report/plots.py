@@ -1,30 +1,42 @@
-"""Figures as PNG files (matplotlib's Agg backend, nothing shown on screen)."""
+"""Figures as PNG files.
+
+Each figure is a :class:`matplotlib.figure.Figure` drawn by the Agg canvas directly, without
+``pyplot``: importing this module or writing a figure never changes matplotlib's backend or
+touches the user's open figures (a notebook keeps its inline plots). Files are written atomically.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score, roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from fakescope.utils import atomic_write_bytes
 
 
-def _save(fig, path: str | os.PathLike) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def _subplots(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1, **kw):
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
     return str(path)
 
 
 def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
              title: str = "ROC") -> str | None:
     """One ROC curve per name: ``{name: (labels, p_ai)}``; names with a single class are skipped."""
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _subplots((5, 5))
     drawn = 0
     for name, (y, p) in curves.items():
         y = np.asarray(y)
@@ -34,7 +46,6 @@ def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.Pa
         ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
         drawn += 1
     if not drawn:
-        plt.close(fig)
         return None
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="false positive rate (real called AI)", ylabel="true positive rate (AI caught)", title=title)
@@ -44,7 +55,7 @@ def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.Pa
 
 def confusion_plot(confusion: Sequence[Sequence[int]], path: str | os.PathLike, title: str = "confusion") -> str:
     cm = np.asarray(confusion)
-    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    fig, ax = _subplots((3.6, 3.2))
     ax.imshow(cm, cmap="Blues")
     for i in range(2):
         for j in range(2):
@@ -58,7 +69,7 @@ def confusion_plot(confusion: Sequence[Sequence[int]], path: str | os.PathLike, 
 
 def curve_plot(xs: Sequence[float], series: dict[str, Sequence[float | None]], path: str | os.PathLike, *,
                xlabel: str, ylabel: str, title: str, invert_x: bool = False) -> str:
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = _subplots((5, 3.6))
     for name, ys in series.items():
         ax.plot(list(xs), [np.nan if v is None else v for v in ys], marker="o", label=name)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
@@ -73,7 +84,7 @@ def curve_plot(xs: Sequence[float], series: dict[str, Sequence[float | None]], p
 def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | os.PathLike, *,
             title: str, xlabel: str, ylabel: str) -> str:
     m = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 + 0.8 * len(cols)), max(3.4, 1.4 + 0.7 * len(rows))))
+    fig, ax = _subplots((max(4.5, 1.6 + 0.8 * len(cols)), max(3.4, 1.4 + 0.7 * len(rows))))
     ax.imshow(m, cmap="viridis", vmin=0, vmax=1)
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
@@ -88,7 +99,7 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: 
 def image_grid(rows: list[tuple[str, list[np.ndarray]]], path: str | os.PathLike, title: str = "") -> str:
     """A labelled grid: one row per ``(label, [HxWx3 uint8 images])``."""
     ncols = max((len(imgs) for _, imgs in rows), default=1)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.4 * ncols + 1.2, 1.45 * len(rows)), squeeze=False)
+    fig, axes = _subplots((1.4 * ncols + 1.2, 1.45 * len(rows)), len(rows), ncols, squeeze=False)
     for r, (label, imgs) in enumerate(rows):
         for c in range(ncols):
             ax = axes[r][c]

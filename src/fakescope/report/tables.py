@@ -1,4 +1,4 @@
-"""Readable tables (Markdown, which also reads well on a terminal)."""
+"""Readable tables (Markdown, which also reads well on a terminal): the package's one table writer."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ DEFAULT_COLUMNS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_
 
 
 def fmt(v) -> str:
+    """A cell: 4 decimals for floats, ``—`` for a missing value, ``mean ± std [interval]`` for a
+    multi-seed figure (the interval only where one is defined, see :mod:`fakescope.study.stats`)."""
     if v is None:
         return "—"
     if isinstance(v, bool):
@@ -21,13 +23,24 @@ def fmt(v) -> str:
         if v["mean"] is None:
             return "—"
         ci = v.get("ci95")
-        return f"{v['mean']:.4f} ± {v['std']:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        std = "" if v.get("std") is None else f" ± {v['std']:.4f}"
+        return f"{v['mean']:.4f}{std}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     return str(v)
 
 
-def markdown_table(rows: dict[str, dict], columns: Sequence[str] = DEFAULT_COLUMNS, first: str = "") -> str:
-    header = [first] + list(columns)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    for name, row in rows.items():
-        lines.append("| " + " | ".join([name] + [fmt(row.get(c)) for c in columns]) + " |")
+def _cell(v) -> str:
+    text = v if isinstance(v, str) else fmt(v)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A Markdown table: ``header`` and ``rows`` of cells (strings kept, other values through :func:`fmt`;
+    ``|`` escaped)."""
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def markdown_table(rows: dict[str, dict], columns: Sequence[str] = DEFAULT_COLUMNS, first: str = "") -> str:
+    """One row per ``name -> {column: value}``."""
+    return markdown([first, *columns], [[name, *(row.get(c) for c in columns)] for name, row in rows.items()])

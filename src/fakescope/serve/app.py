@@ -2,7 +2,7 @@
 
 * ``POST /v1/predict``: images as ``multipart/form-data`` (field ``file``, repeatable) or one raw
   ``image/*`` body; P(ai) per image, exactly as ``fakescope predict`` computes it (the same reader,
-  native-size preprocessing, precision and memory format, see :class:`~fakescope.engine.evaluate.Predictor`).
+  native-size preprocessing, precision and memory format, see :class:`~fakescope.engine.evaluation.Predictor`).
 * ``GET /v1/models``, ``GET /health``, ``GET /ready``, ``GET /openapi.json``, ``GET /docs`` (offline
   Swagger UI: its assets are served from this process), ``GET /`` (the web page).
 
@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from fakescope import __version__
 from fakescope.data.io import sniff_format
-from fakescope.engine.evaluate import Predictor, verdict
+from fakescope.engine.evaluation import Predictor, verdict
 from fakescope.errors import FakescopeError, ImageReadError
 from fakescope.serve.batcher import Batcher, QueueFull
 from fakescope.serve.errors import ApiError, error_response, install_handlers

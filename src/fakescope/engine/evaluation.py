@@ -1,4 +1,6 @@
-"""``evaluate`` and ``predict`` for a run directory: the library functions behind the commands."""
+"""Evaluation and prediction with a run directory: the library functions behind ``evaluate`` and ``predict``.
+
+They return data; nothing here writes a file."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fakescope import validate
 from fakescope.data.dataset import cpu_threads
 from fakescope.data.io import DEFAULT_MAX_PIXELS, Decoded, list_images, read_image_bytes
 from fakescope.data.layout import index_root
@@ -16,8 +19,7 @@ from fakescope.engine import runtime
 from fakescope.engine.checkpoint import load_run
 from fakescope.engine.infer import evaluate_index, score_files, stage_p_ai
 from fakescope.errors import FakescopeError
-from fakescope.metrics import check_threshold
-from fakescope.utils import write_json
+from fakescope.validate import checked
 
 
 def native_size_for(config: dict, override: str | int | None) -> int | None:
@@ -52,10 +54,15 @@ def prepare(run_dir, *, device="auto", precision="auto", native_size=None, jpeg_
 def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: str = "val", generators=None,
                  threshold: float = 0.5, native_size=None, jpeg_align: int | None = None, degrade=None,
                  device: str = "auto", precision: str = "auto", batch_size: int | None = None,
-                 num_workers: int | None = None, use_cache: bool = True, cache_dir=None, out_dir=None,
-                 json_out=None, max_pixels: int | None = None, plots: bool = True, compile: bool = False) -> dict:
-    """Evaluate a run on ``data``'s ``split``; writes the JSON and the ROC / confusion PNGs."""
-    check_threshold(threshold)
+                 num_workers: int | None = None, use_cache: bool = True, cache_dir=None,
+                 max_pixels: int | None = None, compile: bool = False) -> dict:
+    """Evaluate a run on ``data``'s ``split``: the evaluate JSON as a dict, plus ``scores`` (the
+    per-image ``files``, ``labels``, ``p_ai`` and ``generators`` as arrays). Writes nothing: the
+    JSON, figures and ``scores.npz`` are :func:`fakescope.report.artifacts.write_evaluation`'s job.
+
+    Images that cannot be read, and images the model scores NaN or inf, are listed in ``bad_files``
+    (path -> reason) and left out of the metrics."""
+    threshold = checked("threshold", threshold, validate.threshold, source="evaluate_run")
     try:
         degradations = parse_degradations(degrade)
     except ValueError as e:
@@ -69,36 +76,14 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
                             batch_size=batch_size, num_workers=num_workers, use_cache=use_cache,
                             cache_root=cache_dir, degradations=degradations,
                             max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-    scores = result.pop("_scores")
+    scores = result.pop("scores")
     result["model"] = {"name": config["model"]["name"], "run": str(Path(run_dir).resolve()),
                        "options": config["model"].get("options", {})}
     result["data"] = {"root": index.root, "split": split, "generators": index.generator_names,
                       "n_files": len(index), "native_size": pipeline.native_size, "jpeg_align": pipeline.jpeg_align}
     result["threshold"] = threshold
     result["precision"] = prec.name
-    folder = Path(out_dir or Path(run_dir) / f"eval-{split}")
-    json_path = Path(json_out) if json_out else folder / "metrics.json"
-    result["outputs"] = {"json": str(json_path), "folder": str(folder)}
-    if runtime.is_main():
-        if plots:
-            from fakescope.report import plots as P
-
-            name = config["model"]["name"]
-            curves = {"all": (scores["labels"], scores["p_ai"])}
-            for g in sorted(set(scores["generators"].tolist())):
-                m = scores["generators"] == g
-                curves[g] = (scores["labels"][m], scores["p_ai"][m])
-            P.roc_plot(curves, folder / "roc.png", title=f"ROC — {name}")
-            P.confusion_plot(result["overall"]["confusion"], folder / "confusion.png", title=name)
-            for kind, rows in result.get("degradations", {}).items():
-                P.curve_plot([r["level"] for r in rows], {
-                    "accuracy": [r["overall"]["accuracy"] for r in rows],
-                    "roc_auc": [r["overall"]["roc_auc"] for r in rows]}, folder / f"degrade-{kind}.png",
-                    xlabel={"jpeg": "JPEG quality", "blur": "blur sigma", "resize": "scale factor"}[kind],
-                    ylabel="score", title=f"{name} under {kind}", invert_x=kind in ("jpeg", "resize"))
-            np.savez_compressed(folder / "scores.npz", labels=scores["labels"], p_ai=scores["p_ai"],
-                                generators=scores["generators"].astype(str))
-        write_json(json_path, result)
+    result["scores"] = scores
     return result
 
 
@@ -106,8 +91,10 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float = 0.5, device: 
                   precision: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
                   max_file_size: int | None = 50 * 2**20, max_pixels: int | None = None,
                   native_size=None, compile: bool = False) -> list[dict]:
-    """One row per image: ``{"path", "p_ai", "verdict"}`` or ``{"path", "error"}``; bad files never stop the rest."""
-    check_threshold(threshold)
+    """One row per image: ``{"path", "p_ai", "verdict"}`` or ``{"path", "error"}``; bad files never stop the rest.
+
+    An image the model scores NaN or inf is an error row (``p_ai`` is always a finite number)."""
+    threshold = checked("threshold", threshold, validate.threshold, source="predict_paths")
     missing = [p for p in paths if not os.path.lexists(p)]
     files = list_images([p for p in paths if os.path.lexists(p)])
     model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision,

@@ -5,18 +5,16 @@ once; for each batch it predicts the clean images, then attacks the images in sc
 ``direction``) at every eps and predicts the adversarial ones. Counts are integers summed over
 batches, so eps = 0 (never attacked: the clean predictions are reused) gives exactly the clean
 accuracy. With ``source_model`` the examples are crafted on that model and judged by ``model``
-(transfer).
+(transfer). Nothing is written to disk: example images come back as arrays in ``examples``.
 """
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from fakescope.attacks.base import Attack, AttackError, check_eps, check_threshold, eval_mode, l2_norms
@@ -95,9 +93,10 @@ def _predict_ai(model: nn.Module, x: torch.Tensor, threshold: float) -> torch.Te
         return model.p_ai(model(x)) >= threshold
 
 
-def _save_png(img: torch.Tensor, path: Path) -> None:
-    arr = (img.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
-    Image.fromarray(np.ascontiguousarray(arr)).save(path)
+def _uint8(img: torch.Tensor) -> np.ndarray:
+    """An image ``[3, S, S]`` in [0, 1] as ``S x S x 3`` uint8 (what a PNG of it holds)."""
+    return np.ascontiguousarray(img.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+                                .permute(1, 2, 0).cpu().numpy())
 
 
 def _input_size(model: nn.Module) -> int | None:
@@ -105,16 +104,21 @@ def _input_size(model: nn.Module) -> int | None:
     return getattr(pre, "input_size", None)
 
 
-def robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]], *, attack: str,
+def robustness(model: nn.Module, batches: Iterable[tuple], *, attack: str,
                eps_list: list[float], steps: int = 10, step_size: float | None = None, direction: str = "both",
-               seed: int = 42, source_model: nn.Module | None = None, save_examples: str | Path | None = None,
-               threshold: float = 0.5, max_examples: int = 16, attack_options: dict | None = None) -> dict:
+               seed: int = 42, source_model: nn.Module | None = None, crafter: nn.Module | None = None,
+               threshold: float = 0.5, max_examples: int = 0, attack_options: dict | None = None) -> dict:
     """Robust accuracy of ``model`` under ``attack`` at each eps of ``eps_list`` (in that order).
 
     ``batches``: iterated once, tuples ``(x, y, generators)`` with ``x`` float ``[B, 3, S, S]`` in
     [0, 1] on the model's device, ``y`` long labels (nature=0, ai=1), ``generators`` one name per
-    image. ``direction``: ``both`` attacks every image, ``ai-to-real`` only ai images,
-    ``real-to-ai`` only nature images; the top-level counts cover the images in scope, and
+    image; with ``source_model``, a batch may carry a fourth element, the same images as the source
+    model sees them (its own preprocessing): the attack is crafted there and its perturbation is
+    added to ``x`` (clipped to [0, 1]). ``crafter``: the model whose gradients or queries craft the
+    examples when it is not ``model`` itself (e.g. the same detector in fp32 while ``model``
+    judges in bf16); ``source_model`` (a transfer attack) takes precedence. ``direction``: ``both``
+    attacks every image, ``ai-to-real`` only ai images, ``real-to-ai`` only nature images; the
+    top-level counts cover the images in scope, and
     ``per_direction`` also reports the out-of-scope class (left clean, ``"attacked": False``).
     ``steps`` / ``step_size`` apply to pgd and pgd-l2; ``attack_options`` are further keyword
     arguments for the attack (e.g. ``{"n_queries": 200}`` for square). Prediction: ``p_ai >= threshold``.
@@ -123,8 +127,9 @@ def robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
     mistake counting as wrong), ``success_rate`` (flipped among those correct before; None if none
     were), ``mean_linf`` / ``mean_l2`` (mean perturbation norms over attacked images), ``psnr``
     (mean PSNR in dB over the images the attack changed; None when it changed none, e.g. eps = 0).
-    ``save_examples``: a folder that receives, for up to ``max_examples`` images in scope and each
-    eps > 0, ``{i:04d}_eps{eps:.4f}_clean.png`` and ``..._adv.png`` (8-bit PNGs, so rounded).
+    ``examples``: for up to ``max_examples`` images in scope and each eps > 0,
+    ``{"index", "eps", "clean", "adv"}`` with the images as ``S x S x 3`` uint8 arrays
+    (:func:`fakescope.report.artifacts.write_examples` saves them as PNGs).
     """
     from fakescope.attacks import attack_class, create_attack
 
@@ -150,23 +155,22 @@ def robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
                           f"got {sorted(options)}")
     if cls.name in ("pgd", "pgd-l2"):
         options.update(steps=steps, step_size=step_size)
-    crafter = source_model if source_model is not None else model
+    crafter = source_model if source_model is not None else crafter if crafter is not None else model
     if source_model is not None and _input_size(source_model) != _input_size(model):
         raise AttackError(f"expected source_model to take the same input size as model ({_input_size(model)}), "
                           f"got {_input_size(source_model)}")
     attacks = [create_attack(attack, crafter, eps=e, seed=seed, threshold=threshold, **options) if e > 0 else None
                for e in eps_values]
 
-    out_dir = Path(save_examples) if save_examples is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    examples: list[dict] = []
     n_saved = 0
     clean = _Tally()
     results = [_EpsResult(e) for e in eps_values]
     total = len(batches) if hasattr(batches, "__len__") else None
     with eval_mode(model):
         for batch in progress(batches, desc=f"attack {attack}", total=total):
-            x, y, generators = batch
+            x, y, generators = batch[:3]
+            x_craft = batch[3] if len(batch) > 3 and source_model is not None else x
             if not isinstance(x, torch.Tensor) or x.dim() != 4:
                 raise AttackError(f"expected each batch's images as a tensor [B, 3, S, S], got {type(x).__name__} "
                                   f"{list(getattr(x, 'shape', []))}")
@@ -180,12 +184,14 @@ def robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
             clean.add(clean_ok[in_scope], clean_ok[in_scope])
             keep = in_scope.nonzero().squeeze(1).tolist()
             gens = [generators[i] for i in keep]
-            to_save = keep[:max(0, max_examples - n_saved)] if out_dir is not None else []
+            to_save = keep[:max(0, max_examples - n_saved)]
             for res, att in zip(results, attacks, strict=True):
                 if att is None:
                     x_adv, adv_ok = x, clean_ok
                 else:
-                    x_adv = perturb_batch(att, x, y, direction)
+                    x_adv = perturb_batch(att, x_craft, y, direction)
+                    if x_craft is not x:  # the source's perturbation, on the target's view of the images
+                        x_adv = (x + (x_adv - x_craft)).clamp_(0, 1)
                     adv_ok = _predict_ai(model, x_adv, threshold) == y.bool()
                 res.all.add(clean_ok[in_scope], adv_ok[in_scope])
                 for d, label in _LABEL_OF_DIRECTION.items():
@@ -210,9 +216,8 @@ def robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
                 res.psnr_sum += float((10 * torch.log10(1.0 / mse[changed])).sum())
                 res.psnr_n += int(changed.sum())
                 for j, i in enumerate(to_save):
-                    stem = f"{n_saved + j:04d}_eps{res.eps:.4f}"
-                    _save_png(x[i], out_dir / f"{stem}_clean.png")
-                    _save_png(x_adv[i], out_dir / f"{stem}_adv.png")
+                    examples.append({"index": n_saved + j, "eps": res.eps, "clean": _uint8(x[i]),
+                                     "adv": _uint8(x_adv[i])})
             n_saved += len(to_save)
     n = clean.n
     return {
@@ -223,4 +228,5 @@ def robustness(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
         "clean_accuracy": clean.adv_correct / n if n else None,
         "n": n,
         "results": [r.as_dict(direction) for r in results],
+        **({"examples": examples} if max_examples else {}),
     }

@@ -1,0 +1,128 @@
+"""``attack`` for a run directory: load the run and its data, run an attack at several eps and
+return the results (nothing is written: see :func:`fakescope.report.artifacts.write_attack`).
+
+Precision policy, shared with ``evaluate``: the clean and adversarial images are *judged* exactly
+as ``evaluate`` scores images (``precision="auto"``: bf16 where the processor supports it, else
+fp32; see :func:`fakescope.engine.infer.forward_logits`), so the attack's clean accuracy is
+``evaluate``'s accuracy on the same images. The examples are *crafted* with fp32 gradients unless
+a precision is asked for explicitly, which then applies to both."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fakescope import validate
+from fakescope.data.dataset import ImageDataset, make_loader
+from fakescope.data.layout import index_root, limit_per_class
+from fakescope.engine.evaluation import prepare
+from fakescope.engine.infer import forward_logits
+from fakescope.engine.runtime import Precision, resolve_precision
+from fakescope.errors import FakescopeError
+from fakescope.validate import checked
+
+
+class _Judged(nn.Module):
+    """A detector computing its logits as the evaluation does (``precision``'s autocast and memory
+    format, a frozen backbone's features rounded to float16) and returning float32 logits;
+    gradients with respect to the input still flow. Delegates the Detector helpers (``ai_logit``...)."""
+
+    def __init__(self, model: nn.Module, precision: Precision, device: torch.device) -> None:
+        super().__init__()
+        self.model, self.precision, self.device = model, precision, device
+        self.preprocess = model.preprocess
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return forward_logits(self.model, x, self.precision, self.device)
+
+    def ai_logit(self, logits):
+        return self.model.ai_logit(logits)
+
+    def p_ai(self, logits):
+        return self.model.p_ai(logits)
+
+    def loss(self, logits, labels):
+        return self.model.loss(logits, labels)
+
+
+def _batches(index, pipeline, device, batch_size, num_workers, source_pipeline=None):
+    """``(x, y, generators[, x_source])`` batches; ``x_source``: the same images through the source
+    run's pipeline (its own native size and JPEG alignment) when it differs from the target's."""
+    files = [index.abspath(i) for i in range(len(index))]
+
+    def loader(pl):
+        return make_loader(ImageDataset(files, pl, stage_only=True), batch_size, num_workers=num_workers)
+
+    pairs = zip(loader(pipeline), loader(source_pipeline), strict=True) if source_pipeline else \
+        ((b, None) for b in loader(pipeline))
+    for batch, src in pairs:
+        keep = batch.index.tolist()
+        if src is not None and src.index.tolist() != keep:  # a file one pipeline could read and the other not
+            common = sorted(set(keep) & set(src.index.tolist()))
+            pos = {i: k for k, i in enumerate(keep)}
+            spos = {i: k for k, i in enumerate(src.index.tolist())}
+            img, simg = batch.image[[pos[i] for i in common]], src.image[[spos[i] for i in common]]
+            keep = common
+        else:
+            img, simg = batch.image, None if src is None else src.image
+        if not keep:
+            continue
+        x = pipeline.finish(img.to(device)).float().div_(255)
+        y = torch.tensor([index.labels[i] for i in keep], device=device)
+        gens = [index.generators[i] for i in keep]
+        if simg is None:
+            yield x, y, gens
+        else:
+            yield x, y, gens, source_pipeline.finish(simg.to(device)).float().div_(255)
+
+
+def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: str = "pgd",
+               eps_list: list[float], steps: int = 10, step_size: float | None = None, direction: str = "both",
+               split: str = "val", generators=None, limit: int | None = None, source: str | None = None,
+               examples: int = 0, threshold: float = 0.5, seed: int = 42, device: str = "auto",
+               precision: str = "auto", batch_size: int = 64, num_workers: int | None = None,
+               attack_options: dict | None = None) -> dict:
+    """Robust accuracy of a run under ``attack`` at each eps: the attack JSON as a dict (``precision``:
+    how images were judged, ``attack_precision``: how examples were crafted) plus, with ``examples``,
+    up to that many example images per eps as arrays (``examples``). Writes nothing.
+
+    ``source``: a transfer attack, crafted on that run (through its own preprocessing: native size
+    and JPEG alignment) and judged by ``run_dir``."""
+    from fakescope.attacks import robustness
+
+    threshold = checked("threshold", threshold, validate.threshold, source="attack_run")
+    model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision)
+    craft_prec = resolve_precision("fp32" if precision == "auto" else precision, dev, inference=True)
+    target = _Judged(model, prec, dev)
+    crafter = _Judged(model, craft_prec, dev) if craft_prec != prec else None
+    src_model, src_pipeline = None, None
+    if source is not None:
+        src, _, src_pipeline, _, _ = prepare(source, device=device, precision=craft_prec.name)
+        if src.preprocess.input_size != model.preprocess.input_size:
+            raise FakescopeError(f"expected --source to take the same input size as the target run, got "
+                                 f"{src.preprocess.input_size} and {model.preprocess.input_size}")
+        src_model = _Judged(src, craft_prec, dev)
+        if src_pipeline == pipeline:
+            src_pipeline = None
+    index = index_root(data).select(generators, split)
+    if limit:
+        index = limit_per_class(index, limit)
+    if len(index) == 0:
+        raise FakescopeError(f"no images in {data} for split {split!r}")
+    torch.manual_seed(seed)
+    result = robustness(target, _batches(index, pipeline, dev, batch_size, num_workers, src_pipeline), attack=attack,
+                        eps_list=eps_list, steps=steps, step_size=step_size, direction=direction, seed=seed,
+                        source_model=src_model, crafter=crafter, max_examples=examples, threshold=threshold,
+                        attack_options=attack_options)
+    result["model"] = {"name": config["model"]["name"], "run": str(Path(run_dir).resolve()),
+                       "source": str(Path(source).resolve()) if source else None}
+    result["data"] = {"root": index.root, "split": split, "generators": index.generator_names, "n_files": len(index),
+                      "limit_per_class": limit, "native_size": pipeline.native_size,
+                      "source_native_size": (src_pipeline or pipeline).native_size if source else None}
+    result["precision"] = prec.name
+    result["attack_precision"] = craft_prec.name
+    result["seed"] = seed
+    return result

@@ -1,0 +1,145 @@
+"""Every file an evaluation or an attack leaves behind, written in one place.
+
+The engines (:func:`fakescope.engine.evaluation.evaluate_run`, :func:`fakescope.engine.attack.attack_run`)
+return data; the commands and the study call these functions to write the JSON, the figures and
+``scores.npz``. Every file is written atomically, and only by rank 0 under torchrun (the other ranks
+get the same paths back and write nothing). Matplotlib is used through its Agg canvas only, so
+writing figures never changes the process's backend (see :mod:`fakescope.report.plots`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fakescope.engine import runtime
+from fakescope.utils import atomic_write_bytes, slug, write_json
+
+DEGRADE_XLABEL = {"jpeg": "JPEG quality", "blur": "blur sigma", "resize": "scale factor"}
+
+
+def root_slug(data_root: str | os.PathLike) -> str:
+    """The data root's folder name as a file-name part (``/data/GenImage/`` -> ``GenImage``)."""
+    return slug(Path(os.path.abspath(os.fspath(data_root))).name, default="root")
+
+
+def eval_folder(run_dir: str | os.PathLike, data_root: str | os.PathLike, split: str,
+                jpeg_align: int | None = None) -> Path:
+    """``RUN/eval-<root>-<split>[-jpegQ]``: one folder per data root and split, so evaluating a run on a
+    second data root does not overwrite the first one's figures and scores."""
+    tag = f"-jpeg{jpeg_align}" if jpeg_align is not None else ""
+    return Path(run_dir) / f"eval-{root_slug(data_root)}-{split}{tag}"
+
+
+def attack_folder(run_dir: str | os.PathLike, attack: str) -> Path:
+    return Path(run_dir) / f"attack-{attack}"
+
+
+def without_arrays(result: dict) -> dict:
+    """The JSON part of an engine's result (``scores`` and ``examples`` are arrays, written apart)."""
+    return {k: v for k, v in result.items() if k not in ("scores", "examples")}
+
+
+def _savez(path: Path, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_evaluation(result: dict, folder: str | os.PathLike, json_path: str | os.PathLike | None = None, *,
+                     figures: bool = True) -> dict:
+    """Write an evaluation into ``folder``: ``metrics.json`` (or ``json_path``), ``scores.npz``
+    (per-image labels, P(ai), generators, files and the data root), ``roc.png``, ``confusion.png``
+    and one ``degrade-<kind>.png`` per degradation (``figures=False``: the JSON and scores only).
+    Sets and returns ``result["outputs"]``."""
+    folder = Path(folder)
+    json_path = Path(json_path) if json_path else folder / "metrics.json"
+    outputs = {"json": str(json_path), "folder": str(folder)}
+    result["outputs"] = outputs
+    if not runtime.is_main():
+        return outputs
+    scores = result.get("scores")
+    if scores is not None:
+        _savez(folder / "scores.npz", labels=np.asarray(scores["labels"]), p_ai=np.asarray(scores["p_ai"]),
+               generators=np.asarray(scores["generators"]).astype(str), files=np.asarray(scores["files"]).astype(str),
+               data_root=np.asarray(result.get("data", {}).get("root", "")))
+        outputs["scores"] = str(folder / "scores.npz")
+    if figures and scores is not None:
+        from fakescope.report import plots as P
+
+        name = result["model"]["name"]
+        labels, p, gens = (np.asarray(scores[k]) for k in ("labels", "p_ai", "generators"))
+        curves = {"all": (labels, p)}
+        for g in sorted(set(gens.tolist())):
+            curves[g] = (labels[gens == g], p[gens == g])
+        P.roc_plot(curves, folder / "roc.png", title=f"ROC — {name}")
+        P.confusion_plot(result["overall"]["confusion"], folder / "confusion.png", title=name)
+        for kind, rows in result.get("degradations", {}).items():
+            P.curve_plot([r["level"] for r in rows], {
+                "accuracy": [r["overall"]["accuracy"] for r in rows],
+                "roc_auc": [r["overall"]["roc_auc"] for r in rows]}, folder / f"degrade-{kind}.png",
+                xlabel=DEGRADE_XLABEL[kind], ylabel="score", title=f"{name} under {kind}",
+                invert_x=kind in ("jpeg", "resize"))
+    write_json(json_path, without_arrays(result))
+    return outputs
+
+
+def read_scores(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(labels, p_ai)`` from an evaluation folder's ``scores.npz`` (None when absent)."""
+    f = Path(folder) / "scores.npz"
+    if not f.is_file():
+        return None
+    with np.load(f, allow_pickle=False) as z:
+        return z["labels"], z["p_ai"]
+
+
+def write_examples(examples: list[dict], folder: str | os.PathLike) -> list[str]:
+    """Clean and adversarial example images of an attack: ``{i:04d}_eps{eps:.4f}_clean.png`` and
+    ``..._adv.png`` per example (8-bit PNGs, so rounded)."""
+    from PIL import Image
+
+    paths: list[str] = []
+    if not runtime.is_main():
+        return paths
+    folder = Path(folder)
+    for ex in examples:
+        stem = f"{ex['index']:04d}_eps{ex['eps']:.4f}"
+        for part in ("clean", "adv"):
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(ex[part])).save(buf, format="PNG")
+            atomic_write_bytes(folder / f"{stem}_{part}.png", buf.getvalue())
+            paths.append(str(folder / f"{stem}_{part}.png"))
+    return paths
+
+
+def write_attack(result: dict, folder: str | os.PathLike, json_path: str | os.PathLike | None = None, *,
+                 examples_dir: str | os.PathLike | None = None) -> dict:
+    """Write an attack's ``attack.json`` (or ``json_path``) and ``robust_accuracy.png`` into ``folder``, and
+    its example images (``result["examples"]``) into ``examples_dir``. Sets and returns ``result["outputs"]``."""
+    folder = Path(folder)
+    json_path = Path(json_path) if json_path else folder / "attack.json"
+    plot = folder / "robust_accuracy.png"
+    outputs = {"json": str(json_path), "plot": str(plot)}
+    if examples_dir is not None:
+        outputs["examples"] = str(examples_dir)
+    result["outputs"] = outputs
+    if not runtime.is_main():
+        return outputs
+    from fakescope.report.plots import curve_plot
+
+    eps = [r["eps"] for r in result["results"]]
+    series = {"robust accuracy": [r["robust_accuracy"] for r in result["results"]]}
+    for d in ("ai-to-real", "real-to-ai"):
+        vals = [r.get("per_direction", {}).get(d, {}).get("robust_accuracy") for r in result["results"]]
+        if any(v is not None for v in vals):
+            series[d] = vals
+    l2 = result["attack"] == "pgd-l2"
+    curve_plot([e * 255 for e in eps], series, plot, xlabel="eps (L2, x 1/255)" if l2 else "eps (x 1/255)",
+               ylabel="accuracy", title=f"{result['attack']} on {result['model']['name']}")
+    if examples_dir is not None:
+        write_examples(result.get("examples") or [], examples_dir)
+    write_json(json_path, without_arrays(result))
+    return outputs

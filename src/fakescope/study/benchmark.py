@@ -1,0 +1,177 @@
+"""The study's benchmark: every model x seed trained, evaluated, summarised, reported."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from fakescope.engine import checkpoint as ckpt
+from fakescope.engine import runtime
+from fakescope.study.config import BenchmarkConfig, ModelSpec, make_config
+from fakescope.study.runs import (
+    ensure_run,
+    evaluate_cached,
+    log,
+    precision_agreement,
+    robustness_cached,
+    run_dir_for,
+    train_options,
+)
+from fakescope.study.stats import aggregate_eval, summarize
+from fakescope.utils import write_json
+
+RESULTS = "results.json"
+CONFIG_FILE = "benchmark-config.json"
+
+
+def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
+    """Train and evaluate every model of ``config`` (a mapping or :class:`BenchmarkConfig`) for every
+    seed; write ``out/results.json``, the resolved configuration and the report; return the results::
+
+        {"models": {label: {"overall", "per_generator", "seeds", "params", "train_seconds",
+                            "images_per_second", "runs", ...}}, "config": {...}}
+    """
+    cfg = config if isinstance(config, BenchmarkConfig) and not overrides else make_config(config, **overrides)
+    out = Path(cfg.out)
+    if runtime.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / CONFIG_FILE, cfg.resolved())
+    dev = runtime.resolve_device(cfg.device)
+    log(f"{len(cfg.models)} model(s) x {len(cfg.seeds)} seed(s) on {cfg.data} "
+        f"(generators: {', '.join(cfg.generators)}; device {dev.type}); writing to {out}")
+    results: dict = {"models": {}, "config": cfg.resolved(), "data": {"root": cfg.data, "generators": cfg.generators,
+                                                                      "split": cfg.split}}
+    total = len(cfg.models) * len(cfg.seeds)
+    k = 0
+    t_start = time.perf_counter()
+    for spec in cfg.models:
+        evals, summaries, runs = [], [], []
+        for seed in cfg.seeds:
+            k += 1
+            what = f"[{k}/{total}] {spec.label} seed {seed}"
+            rd = run_dir_for(cfg, spec, seed)
+            summary, _ = ensure_run(train_options(cfg, spec, seed, cfg.generators), rd, force=cfg.force, what=what)
+            ev = evaluate_cached(cfg, rd, generators=cfg.generators, degrade=cfg.degrade, force=cfg.force, what=what)
+            log(f"{what}: {cfg.split} accuracy {ev['overall']['accuracy']:.4f}, F1 {_f(ev['overall']['f1'])}, "
+                f"ROC-AUC {_f(ev['overall']['roc_auc'])}")
+            evals.append(ev)
+            summaries.append(summary)
+            runs.append({"seed": seed, "dir": str(rd), "eval": ev["outputs"]["json"],
+                         "figures": ev["outputs"]["folder"]})
+        run_cfg = ckpt.read_config(run_dir_for(cfg, spec, cfg.seeds[0]))
+        entry = {**aggregate_eval(evals), "seeds": list(cfg.seeds), "model": spec.model,
+                 "options": {k: v for k, v in spec.options.items() if k != "pretrained_file"},
+                 "params": run_cfg.get("params"), "trainable_params": run_cfg.get("trainable_params"),
+                 "input_size": run_cfg.get("preprocess", {}).get("input_size"),
+                 "native_size": run_cfg.get("native_size"),
+                 "eval_precision": evals[0].get("precision"),
+                 **_timing(summaries, evals), "runs": runs}
+        if cfg.jpeg_align is not None:
+            entry["shortcut"] = _shortcut(cfg, spec, runs)
+        if cfg.attack:
+            atk = robustness_cached(cfg, runs[0]["dir"], what=f"{spec.label} seed {cfg.seeds[0]}")
+            entry["robustness"] = {
+                "attack": atk["attack"], "eps": [r["eps"] for r in atk["results"]], "n": atk["n"],
+                "clean_accuracy": atk["clean_accuracy"], "precision": atk.get("precision"),
+                "robust_accuracy": [r["robust_accuracy"] for r in atk["results"]],
+                "per_direction": {d: [r.get("per_direction", {}).get(d, {}).get("robust_accuracy")
+                                      for r in atk["results"]] for d in ("ai-to-real", "real-to-ai")},
+                "json": atk["outputs"]["json"]}
+        if cfg.precision_check:
+            entry["precision_check"] = precision_agreement(runs[0]["dir"], cfg, cfg.generators,
+                                                           what=f"{spec.label} seed {cfg.seeds[0]}")
+        results["models"][spec.label] = entry
+        if runtime.is_main():
+            write_json(out / RESULTS, results)  # partial results survive an interruption
+    crossed = cfg.cross if isinstance(cfg.cross, list) else ([m.label for m in cfg.models] if cfg.cross else [])
+    if crossed:
+        from fakescope.study.cross import run_cross
+
+        results["cross"] = {}
+        for label in crossed:
+            results["cross"][label] = run_cross(cfg, label, leave_one_out=cfg.leave_one_out, report=False)
+    results["seconds"] = time.perf_counter() - t_start
+    if runtime.is_main():
+        write_json(out / RESULTS, results)
+        if cfg.report:
+            paths = write_benchmark_report(out, results)
+            results["outputs"] = paths
+            write_json(out / RESULTS, results)
+            log(f"report: {paths['html']}")
+    return results
+
+
+def write_benchmark_report(out: str | os.PathLike, results: dict | None = None) -> dict:
+    """The report of the benchmark in ``out`` (``results``: its results, else ``out/results.json``),
+    with the sample grid of its data (rank 0 only; see :func:`fakescope.report.html.write_report`)."""
+    import json
+
+    from fakescope.report.html import write_report
+
+    out = Path(out)
+    if results is None:
+        results = json.loads((out / RESULTS).read_text())
+    return write_report(out, results, samples=_samples(results))
+
+
+def _samples(results: dict) -> list | None:
+    """The study's Fig. 1: sample images per generator and class of the evaluation split."""
+    from fakescope.data.inspect import sample_images
+    from fakescope.data.layout import index_root
+    from fakescope.errors import FakescopeError
+
+    cfg = results.get("config", {})
+    n = int(cfg.get("sample_per_class", 6) or 0)
+    if not cfg.get("data") or not n:
+        return None
+    data = results.get("data", {})
+    try:
+        index = index_root(cfg["data"]).select(data.get("generators") or cfg.get("generators") or None,
+                                               data.get("split", cfg.get("split", "val")))
+    except FakescopeError:
+        return None
+    return sample_images(index, n) or None
+
+
+def _f(v) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+def _timing(summaries: list[dict], evals: list[dict]) -> dict:
+    """Training seconds and throughput (training images/s; ``eval_images_per_second``: inference).
+
+    ``data_seconds`` is the time spent preparing the inputs before the first epoch (decoding, or the
+    frozen backbone's feature extraction); ``train_seconds`` and ``images_per_second`` cover the
+    epochs only (for a frozen backbone: the head on cached features, see ``input_path``)."""
+    def agg(vals):
+        return vals[0] if len(vals) == 1 else summarize(vals)
+
+    return {"train_seconds": agg([s.get("train_seconds") for s in summaries]),
+            "data_seconds": agg([s.get("data_seconds") for s in summaries]),
+            "images_per_second": agg([s.get("train_images_per_second") for s in summaries]),
+            "eval_images_per_second": agg([e.get("images_per_second") for e in evals]),
+            "epochs_run": agg([s.get("epochs_run") for s in summaries]),
+            "input_path": summaries[0].get("input_path")}
+
+
+def _shortcut(cfg: BenchmarkConfig, spec: ModelSpec, runs: list[dict]) -> dict:
+    q = cfg.jpeg_align
+    evals = []
+    for r in runs:
+        what = f"{spec.label} seed {r['seed']}"
+        evals.append(evaluate_cached(cfg, Path(r["dir"]), generators=cfg.generators, jpeg_align=q, force=cfg.force,
+                                     what=what))
+    out = {"jpeg_align": q, "eval_aligned": aggregate_eval(evals),
+           "eval_aligned_runs": [e["outputs"]["json"] for e in evals]}
+    if cfg.jpeg_align_train:
+        evals, dirs = [], []
+        for seed in cfg.seeds:
+            what = f"{spec.label} (JPEG-aligned {q}) seed {seed}"
+            rd = run_dir_for(cfg, spec, seed, q)
+            ensure_run(train_options(cfg, spec, seed, cfg.generators, jpeg_align=q), rd, force=cfg.force, what=what)
+            evals.append(evaluate_cached(cfg, rd, generators=cfg.generators, force=cfg.force, what=what))
+            dirs.append(str(rd))
+        out["train_aligned"] = aggregate_eval(evals)
+        out["train_aligned_runs"] = dirs
+    return out

@@ -1,0 +1,393 @@
+"""The benchmark's configuration: a mapping (from YAML, TOML or JSON, or built by the CLI) checked
+into a :class:`BenchmarkConfig`.
+
+Every value is checked with the command line's own rules (:mod:`fakescope.validate`): ``lr: 1e-3``,
+which YAML reads as a string, is the number 0.001; ``threshold: 1.5`` is a one-line error naming the
+key (``benchmark config: threshold: expected a threshold in [0, 1], got 1.5``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from fakescope import validate
+from fakescope.data.layout import index_root
+from fakescope.data.transforms import Augment, parse_degradations
+from fakescope.engine.runtime import PRECISIONS
+from fakescope.errors import FakescopeError
+from fakescope.utils import slug
+
+DEFAULT_MODELS = ("cnn32", "resnet50", "convnext_small")
+MODEL_KEYS = ("pretrained", "pretrained_file", "freeze", "filters", "hidden", "dropout", "input_size")
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "patience", "val_fraction", "limit", "native_size",
+              "augment", "precision", "adv_train", "adv_eps", "adv_steps", "adv_mix")
+ATTACK_KEYS = ("name", "eps", "steps", "limit", "direction", "precision")
+ATTACKS = ("fgsm", "pgd", "pgd-l2", "square")
+SOURCE = "benchmark config"
+
+
+@dataclass
+class ModelSpec:
+    """One row of the results table: a ``label`` (unique), the registry name and its options."""
+
+    label: str
+    model: str
+    options: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        return slug(self.label, default="model")
+
+
+@dataclass
+class BenchmarkConfig:
+    """Every option of a benchmark (see :mod:`fakescope.study`); :meth:`resolved` is what gets saved."""
+
+    data: str
+    out: str = "runs/benchmark"
+    models: list[ModelSpec] = field(default_factory=list)
+    generators: list[str] | None = None
+    seeds: list[int] = field(default_factory=lambda: [42])
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    patience: int = 3
+    val_fraction: float = 0.1
+    limit: int | None = None
+    native_size: str | int = "auto"
+    augment: dict = field(default_factory=dict)
+    split: str = "val"
+    threshold: float = 0.5
+    degrade: list[str] = field(default_factory=list)
+    jpeg_align: int | None = None
+    jpeg_align_train: bool = False
+    precision_check: bool = True
+    cross: bool | list[str] = False
+    leave_one_out: bool = False
+    model_options: dict = field(default_factory=dict)
+    device: str = "auto"
+    precision: str = "auto"
+    eval_batch_size: int = 64
+    workers: int | None = None
+    cache_dir: str | None = None
+    use_cache: bool = True
+    max_pixels: int | None = None
+    sample_per_class: int = 6
+    force: bool = False
+    report: bool = True
+    attack: dict = field(default_factory=dict)
+
+    def resolved(self) -> dict:
+        d = asdict(self)
+        d["models"] = {m.label: {"model": m.model, **m.options, **m.train} for m in self.models}
+        return d
+
+    def model(self, label: str) -> ModelSpec:
+        for m in self.models:
+            if m.label == label or m.model == label:
+                return m
+        raise FakescopeError(f"unknown model {label!r} in this benchmark: expected one of "
+                             f"{', '.join(m.label for m in self.models)}")
+
+
+FIELDS = {f.name for f in fields(BenchmarkConfig)}
+
+
+# --- value checks (the command line's rules, from fakescope.validate) --------------------------------
+
+def _optional(check: Callable) -> Callable:
+    return lambda v: None if v is None else check(v)
+
+
+def _choice(*choices) -> Callable:
+    def check(v):
+        if v not in choices:
+            raise ValueError(f"expected one of {', '.join(str(c) for c in choices)}, got {v!r}")
+        return v
+    return check
+
+
+def _string(v) -> str:
+    if not isinstance(v, (str, os.PathLike)) or not str(v):
+        raise ValueError(f"expected a non-empty string, got {v!r}")
+    return str(v)
+
+
+def _positive_number(v) -> float:
+    x = validate.number(v)
+    if not x > 0:
+        raise ValueError(f"expected a number > 0, got {v!r}")
+    return x
+
+
+def _native_size(v) -> str:
+    if v in ("auto", "off"):
+        return v
+    try:
+        return str(validate.positive_int(v))
+    except ValueError:
+        raise ValueError(f"expected auto, off or a positive integer, got {v!r}") from None
+
+
+def _eps(v) -> float:
+    x = validate.number(v)
+    if not 0 <= x <= 1:
+        raise ValueError(f"expected a number in [0, 1], got {v!r}")
+    return x
+
+
+def _positive_ints(v) -> list[int]:
+    items = validate.csv(v) if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError(f"expected a list of positive integers like [32, 64, 128], got {v!r}")
+    return [validate.positive_int(x) for x in items]
+
+
+def _seeds(v) -> list[int]:
+    items = [v] if isinstance(v, int) and not isinstance(v, bool) else validate.csv(v) if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"expected integer seeds like [42, 43], got {v!r}")
+    try:
+        seeds = [validate.integer(s) for s in items]
+    except ValueError:
+        raise ValueError(f"expected integer seeds like [42, 43], got {v!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"expected distinct seeds, got {seeds}")
+    return seeds
+
+
+def _names(v) -> list[str]:
+    if isinstance(v, (list, tuple)):
+        v = [str(x) for x in v]
+    return validate.csv(v)
+
+
+_AUGMENT = {"jpeg_prob": validate.fraction, "jpeg_quality": lambda v: validate.value_range(v, validate.quality),
+            "blur_prob": validate.fraction, "blur_sigma": lambda v: validate.value_range(v, validate.number),
+            "crop": validate.fraction, "flip": validate.boolean}
+
+TOP_LEVEL: dict[str, Callable] = {
+    "data": _string, "out": _string, "seeds": _seeds, "epochs": validate.positive_int,
+    "batch_size": validate.positive_int, "lr": _positive_number, "lr_schedule": _choice("constant", "cosine"),
+    "patience": validate.nonneg_int, "val_fraction": validate.fraction, "limit": _optional(validate.positive_int),
+    "native_size": _native_size, "split": _choice("train", "val"), "threshold": validate.threshold,
+    "jpeg_align": _optional(validate.quality), "jpeg_align_train": validate.boolean,
+    "precision_check": validate.boolean, "leave_one_out": validate.boolean, "device": _string,
+    "precision": _choice(*PRECISIONS), "eval_batch_size": validate.positive_int,
+    "workers": _optional(validate.nonneg_int), "cache_dir": _optional(_string), "use_cache": validate.boolean,
+    "max_pixels": _optional(validate.positive_int), "sample_per_class": validate.nonneg_int,
+    "force": validate.boolean, "report": validate.boolean,
+}
+TRAINING: dict[str, Callable] = {
+    **{k: TOP_LEVEL[k] for k in ("epochs", "batch_size", "lr", "lr_schedule", "patience", "val_fraction", "limit",
+                                 "native_size", "precision")},
+    "adv_train": _optional(_choice("pgd", "fgsm")), "adv_eps": _eps, "adv_steps": validate.positive_int,
+    "adv_mix": validate.fraction,
+}
+MODEL_OPTIONS: dict[str, Callable] = {
+    "pretrained": validate.boolean, "pretrained_file": _optional(_string), "freeze": _optional(validate.boolean),
+    "filters": _positive_ints, "hidden": validate.positive_int, "dropout": validate.fraction,
+    "input_size": validate.positive_int,
+}
+
+
+def _check(key: str, value, check: Callable):
+    return validate.checked(key, value, check, source=SOURCE)
+
+
+def check_augment(aug, key: str = "augment") -> dict:
+    if aug is None:
+        return {}
+    if not isinstance(aug, dict):
+        raise FakescopeError(f"{SOURCE}: {key}: expected a mapping of augmentation options, got {aug!r}")
+    bad = sorted(set(aug) - set(_AUGMENT))
+    if bad:
+        raise FakescopeError(f"unknown augmentation option {bad[0]!r}: expected one of {', '.join(_AUGMENT)}")
+    return {k: _check(f"{key}.{k}", v, _AUGMENT[k]) for k, v in aug.items()}
+
+
+def model_options(options: dict | None = None, key: str | None = "model_options", **given) -> dict:
+    """Model options, checked, with ``None`` values dropped and ``pretrained_file`` resolved to an
+    absolute path (``~`` expanded) the same way for ``train``, ``cross``, ``benchmark`` and
+    configuration files: the one place where model options from a user are normalised. Errors name
+    ``key.option`` of the configuration, or ``--option`` of the command line when ``key`` is None."""
+    opts = {**(options or {}), **{k: v for k, v in given.items() if v is not None}}
+    bad = sorted(set(opts) - set(MODEL_OPTIONS))
+    if bad:
+        raise FakescopeError(f"unknown model option {bad[0]!r}: expected one of {', '.join(MODEL_KEYS)}")
+    out = {}
+    for k, v in opts.items():
+        v = (_check(f"{key}.{k}", v, MODEL_OPTIONS[k]) if key is not None else
+             validate.checked("--" + k.replace("_", "-"), v, MODEL_OPTIONS[k], source="command line"))
+        if v is not None:
+            out[k] = v
+    if out.get("pretrained_file"):
+        out["pretrained_file"] = str(Path(out["pretrained_file"]).expanduser().resolve())
+    return out
+
+
+def is_timm(name: str) -> bool:
+    return name.startswith("timm:") or name in ("resnet50", "convnext_small")
+
+
+def _model_specs(models, global_options: dict) -> list[ModelSpec]:
+    entries: list[tuple[str, dict]] = []
+    if models is None:
+        models = list(DEFAULT_MODELS)
+    if isinstance(models, dict):
+        for k, v in models.items():
+            if v is not None and not isinstance(v, dict):
+                raise FakescopeError(f"{SOURCE}: models.{k}: expected a mapping of options, got {v!r}")
+            entries.append((str(k), dict(v or {})))
+    else:
+        if not isinstance(models, (str, list, tuple)):
+            raise FakescopeError(f"{SOURCE}: models: expected a list of names or a mapping, got {models!r}")
+        for m in validate.csv(models) if isinstance(models, str) else models:
+            if isinstance(m, str):
+                entries.append((m, {}))
+            elif isinstance(m, dict) and "name" in m:
+                m = dict(m)
+                entries.append((str(m.pop("name")), m))
+            elif isinstance(m, dict) and len(m) == 1:
+                (k, v), = m.items()
+                entries.append((str(k), dict(v or {})))
+            else:
+                raise FakescopeError(f"expected a model as a name or {{name: options}}, got {m!r}")
+    if not entries:
+        raise FakescopeError("expected at least one model, e.g. models: [cnn32]")
+    specs, seen = [], set()
+    for label, opts in entries:
+        if label in seen:
+            raise FakescopeError(f"model {label!r} is listed twice: give the second one another label and "
+                                 f"'model: {label}'")
+        seen.add(label)
+        name = str(opts.pop("model", label))
+        unknown = sorted(set(opts) - set(MODEL_KEYS) - set(TRAIN_KEYS))
+        if unknown:
+            raise FakescopeError(f"unknown option {unknown[0]!r} for model {label!r}: expected model options "
+                                 f"{', '.join(MODEL_KEYS)} or training options {', '.join(TRAIN_KEYS)}")
+        given = {k: opts[k] for k in MODEL_KEYS if k in opts}
+        if is_timm(name):
+            given = {**global_options, **given}
+        options = model_options(given, key=f"models.{label}")
+        train = {k: _check(f"models.{label}.{k}", opts[k], TRAINING[k]) for k in TRAINING if k in opts}
+        if "augment" in opts:
+            train["augment"] = check_augment(opts["augment"], key=f"models.{label}.augment")
+        specs.append(ModelSpec(label, name, options, train))
+    from fakescope.models import list_models
+
+    known = set(list_models())
+    for s in specs:
+        if not s.model.startswith("timm:") and (s.model not in known or s.model == "timm"):
+            raise FakescopeError(f"unknown model {s.model!r}: expected one of "
+                                 f"{', '.join(sorted(known - {'timm'}))} or timm:<name>")
+    return specs
+
+
+def check_attack(attack) -> dict:
+    """``attack: pgd`` or ``attack: {name, eps, steps, limit, direction, precision}`` (empty: no attack)."""
+    if not attack:
+        return {}
+    if not isinstance(attack, (str, dict)):
+        raise FakescopeError(f"{SOURCE}: attack: expected an attack name or a mapping, got {attack!r}")
+    a = {"name": attack} if isinstance(attack, str) else dict(attack)
+    bad = sorted(set(a) - set(ATTACK_KEYS))
+    if bad:
+        raise FakescopeError(f"unknown attack option {bad[0]!r}: expected one of {', '.join(ATTACK_KEYS)}")
+    from fakescope.attacks import parse_eps
+
+    a["name"] = _check("attack.name", a.get("name", "pgd"), _choice(*ATTACKS))
+    eps = a.get("eps", "0,1/255,2/255,4/255,8/255")
+    a["eps"] = ",".join(str(e) for e in eps) if isinstance(eps, (list, tuple)) else str(eps)
+    parse_eps(a["eps"], norm="l2" if a["name"] == "pgd-l2" else "linf")
+    a["steps"] = _check("attack.steps", a.get("steps", 10), validate.positive_int)
+    a["limit"] = _check("attack.limit", a.get("limit"), _optional(validate.positive_int))
+    a["direction"] = _check("attack.direction", a.get("direction", "both"), _choice("both", "ai-to-real",
+                                                                                     "real-to-ai"))
+    if "precision" in a:
+        a["precision"] = _check("attack.precision", a["precision"], _choice(*PRECISIONS))
+    return a
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """A configuration file as a dict: YAML (``.yaml``/``.yml``), TOML (``.toml``) or JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FakescopeError(f"configuration file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise FakescopeError("TOML configuration files need Python >= 3.11: use YAML instead") from None
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except FakescopeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any parser error is the user's file
+        raise FakescopeError(f"{path} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: "
+                             f"{str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FakescopeError(f"expected {path} to hold a mapping of options, got {type(data).__name__}")
+    return data
+
+
+def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> BenchmarkConfig:
+    """A validated :class:`BenchmarkConfig` from a mapping (a config file's content) and overrides."""
+    if isinstance(options, BenchmarkConfig):
+        options = options.resolved()
+    d = {**(options or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    unknown = sorted(set(d) - FIELDS)
+    if unknown:
+        raise FakescopeError(f"unknown benchmark option {unknown[0]!r}: expected one of {', '.join(sorted(FIELDS))}")
+    if not d.get("data"):
+        raise FakescopeError("expected a data root: pass --data ROOT or set 'data' in the configuration file")
+    for k, check in TOP_LEVEL.items():
+        if k in d:
+            d[k] = _check(k, d[k], check)
+    d["data"] = str(Path(d["data"]).expanduser().resolve())
+    d["out"] = str(d.get("out") or "runs/benchmark")
+    gopts = d.pop("model_options", None) or {}
+    if not isinstance(gopts, dict):
+        raise FakescopeError(f"{SOURCE}: model_options: expected a mapping, got {gopts!r}")
+    gopts = model_options(gopts)
+    d["models"] = _model_specs(d.get("models"), gopts)
+    d["model_options"] = gopts
+    d.setdefault("seeds", [42])
+    if d.get("generators") is not None:
+        d["generators"] = _check("generators", d["generators"], _names) or None
+    d["degrade"] = _check("degrade", d.get("degrade") or [], _names)
+    try:
+        parse_degradations(d["degrade"])
+    except ValueError as e:
+        raise FakescopeError(f"{SOURCE}: degrade: {e}") from None
+    d["augment"] = check_augment(d.get("augment"))
+    if "cross" in d and not isinstance(d["cross"], bool):
+        d["cross"] = _check("cross", d["cross"], lambda v: validate.boolean(v) if isinstance(v, str) and v.lower()
+                            in ("true", "false", "yes", "no", "on", "off") else _names(v))
+    d["attack"] = check_attack(d.get("attack"))
+    cfg = BenchmarkConfig(**d)
+    if cfg.jpeg_align_train and cfg.jpeg_align is None:
+        raise FakescopeError("jpeg_align_train needs jpeg_align: Q (the JPEG quality of the aligned runs)")
+    index = index_root(cfg.data)
+    cfg.generators = index.select(cfg.generators, "train").generator_names
+    index.select(cfg.generators, cfg.split)  # the evaluation split must exist too
+    if isinstance(cfg.cross, list):
+        for label in cfg.cross:
+            cfg.model(label)
+    return cfg
+
+
+def train_augment(aug: dict) -> Augment:
+    return Augment(**{k: tuple(v) if isinstance(v, list) else v for k, v in (aug or {}).items()})

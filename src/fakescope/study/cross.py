@@ -1,0 +1,86 @@
+"""GenImage's cross-generator protocol: train on each generator alone and test on every generator
+(an N x N accuracy matrix), or train on all generators but one and test on the one left out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fakescope.engine import runtime
+from fakescope.errors import FakescopeError
+from fakescope.study.config import BenchmarkConfig, make_config
+from fakescope.study.runs import canonical, ensure_run, evaluate_cached, log, train_options
+from fakescope.study.stats import aggregate, mean_of
+from fakescope.utils import write_json
+
+
+def run_cross(config: dict | BenchmarkConfig, model: str | None = None, *, leave_one_out: bool = False,
+              report: bool = True, **overrides) -> dict:
+    """GenImage's cross-generator protocol for one model of ``config``.
+
+    Default: one run per generator, trained on that generator's train split alone, tested on the
+    val split of every generator: ``matrix[i][j]`` is the accuracy of the model trained on
+    ``train[i]`` on ``test[j]`` (mean over seeds), ``row_average[i]`` its mean over the test
+    generators. ``leave_one_out``: run ``i`` trains on every generator but ``train[i]``;
+    ``held_out[g]`` is its accuracy on the generator left out. Writes ``out/cross/<model>[-loo]``
+    ``.json``, ``.md`` and ``.png`` (heatmap); the runs live in ``out/cross/<model>-.../``."""
+    cfg = config if isinstance(config, BenchmarkConfig) and not overrides else make_config(config, **overrides)
+    if model is None:
+        if len(cfg.models) != 1:
+            raise FakescopeError(f"expected one model for the cross-generator protocol, got "
+                                 f"{', '.join(m.label for m in cfg.models)}: name one")
+        spec = cfg.models[0]
+    else:
+        spec = cfg.model(model)
+    gens = cfg.generators
+    if leave_one_out and len(gens) < 2:
+        raise FakescopeError(f"expected at least 2 generators for --leave-one-out (train on the others, test on the "
+                             f"one left out), got {len(gens)}: {', '.join(gens)}")
+    if len(gens) < 2:
+        log(f"only one generator ({gens[0]}): the cross-generator matrix is 1 x 1")
+    folder = Path(cfg.out) / "cross"
+    kind = "leave-one-out" if leave_one_out else "one-vs-all"
+    log(f"cross-generator ({kind}) for {spec.label}: {len(gens)} runs x {len(cfg.seeds)} seed(s)")
+    rows, per_gen, runs = [], {}, {}
+    total, k = len(gens) * len(cfg.seeds), 0
+    for g in gens:
+        train_gens = [x for x in gens if x != g] if leave_one_out else [g]
+        name = f"without-{g}" if leave_one_out else f"train-{g}"
+        evals, dirs = [], []
+        for seed in cfg.seeds:
+            k += 1
+            what = f"cross [{k}/{total}] {spec.label} {name} seed {seed}"
+            rd = folder / f"{spec.slug}-{name}-seed{seed}"
+            ensure_run(train_options(cfg, spec, seed, train_gens), rd, force=cfg.force, what=what)
+            evals.append(evaluate_cached(cfg, rd, generators=gens, force=cfg.force, what=what))
+            dirs.append(str(rd))
+        per_gen[g] = {t: aggregate([e["per_generator"][t] for e in evals]) for t in gens}
+        rows.append([mean_of(per_gen[g][t]["accuracy"]) for t in gens])
+        runs[g] = dirs
+    matrix = np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64)
+    result = {
+        "model": spec.label, "protocol": kind, "metric": "accuracy", "split": cfg.split,
+        "train": [f"all but {g}" if leave_one_out else g for g in gens], "test": list(gens),
+        "matrix": matrix.tolist(), "row_average": np.nanmean(matrix, axis=1).tolist(),
+        "column_average": np.nanmean(matrix, axis=0).tolist(), "seeds": list(cfg.seeds),
+        "per_generator": per_gen, "runs": runs,
+    }
+    if leave_one_out:
+        result["held_out"] = {g: matrix[i, i] for i, g in enumerate(gens)}
+        result["mean_held_out"] = float(np.nanmean(np.diag(matrix)))
+    else:
+        off = matrix[~np.eye(len(gens), dtype=bool)]
+        result["mean_in_distribution"] = float(np.nanmean(np.diag(matrix)))
+        result["mean_cross"] = float(np.nanmean(off)) if off.size else None
+    if runtime.is_main():
+        from fakescope.report.html import write_cross
+        from fakescope.study.benchmark import RESULTS, write_benchmark_report
+
+        stem = folder / (spec.slug + ("-loo" if leave_one_out else ""))
+        result["outputs"] = write_cross(result, stem)
+        write_json(stem.with_suffix(".json"), result)
+        log(f"cross-generator matrix: {stem.with_suffix('.md')}")
+        if report and (Path(cfg.out) / RESULTS).is_file():
+            write_benchmark_report(cfg.out)
+    return canonical(result)

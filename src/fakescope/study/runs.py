@@ -1,0 +1,279 @@
+"""Runs of a study and the reuse of what was already computed.
+
+:func:`reuse_or_compute` is the one cache check: a result is stored beside its *key* (a JSON mapping
+of everything that produces its numbers) and reused only while the key is identical. The keys of
+evaluations, attacks and precision checks include the weights (SHA-256 of ``model.safetensors``),
+the data root and a digest of the selected files, ``max_pixels``, the resolved precision and device,
+the batch size, the fakescope version and every option of the request, so changing any of them
+recomputes. Training runs are reused by :func:`ensure_run` when their training configuration is
+unchanged (runtime-only options excluded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fakescope import __version__
+from fakescope.data.io import DEFAULT_MAX_PIXELS
+from fakescope.data.layout import index_root
+from fakescope.engine import checkpoint as ckpt
+from fakescope.engine import runtime
+from fakescope.errors import FakescopeError
+from fakescope.study.config import TRAIN_KEYS, BenchmarkConfig, ModelSpec, train_augment
+from fakescope.utils import dumps, write_json
+
+# TrainOptions fields that do not change what a run learns (ignored when deciding to reuse a run)
+RUNTIME_KEYS = ("device", "num_workers", "use_cache", "cache_dir", "strict")
+
+
+def log(msg: str) -> None:
+    """Progress of the study, one line per step, on stderr (rank 0 only)."""
+    if runtime.is_main():
+        print(f"fakescope benchmark: {msg}", file=sys.stderr, flush=True)
+
+
+def canonical(obj) -> object:
+    """``obj`` as it reads back from JSON (tuples become lists, NaN becomes null...)."""
+    return json.loads(dumps(obj))
+
+
+def reuse_or_compute(record: str | os.PathLike, key: dict, compute: Callable[[], dict], *, force: bool = False,
+                     what: str = "", name: str = "result") -> dict:
+    """The result stored in ``record`` when it was computed for exactly ``key`` (and not ``force``),
+    else ``compute()``, stored with its key (rank 0 writes) and returned. The result must be JSON."""
+    record = Path(record)
+    key = canonical(key)
+    if not force and record.is_file():
+        try:
+            blob = json.loads(record.read_text())
+        except (OSError, ValueError):
+            blob = None
+        if isinstance(blob, dict) and blob.get("key") == key and "result" in blob:
+            log(f"{what}: reusing the {name} {record}")
+            return blob["result"]
+    result = canonical(compute())
+    if runtime.is_main():
+        write_json(record, {"key": key, "result": result})
+    return result
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str | None:
+    """SHA-256 of a file (remembered per path, size, inode and modification time); None if absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    memo = (os.path.abspath(path), st.st_size, st.st_ino, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[memo] = h.hexdigest()
+    return _DIGESTS[memo]
+
+
+def selection_digest(data: str, generators, split: str) -> dict:
+    """The data an evaluation reads: root, split, generators and a digest of the selected files' list."""
+    index = index_root(data).select(generators, split)
+    h = hashlib.sha256()
+    for p, y, g in zip(index.paths, index.labels, index.generators, strict=True):
+        h.update(f"{p}\0{y}\0{g}\n".encode())
+    return {"root": index.root, "split": split, "generators": index.generator_names, "n_files": len(index),
+            "files_sha256": h.hexdigest()}
+
+
+def _base_key(cfg: BenchmarkConfig, run_dir, generators, precision: str | None, inference: bool = True) -> dict:
+    dev = runtime.resolve_device(cfg.device)
+    prec = runtime.resolve_precision(precision or cfg.precision, dev, inference=inference)
+    return {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
+            "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG),
+            "data": selection_digest(cfg.data, generators, cfg.split), "threshold": cfg.threshold,
+            "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS, "device": dev.type, "precision": prec.name}
+
+
+# --- training runs ----------------------------------------------------------------------------------
+
+def run_dir_for(cfg: BenchmarkConfig, spec: ModelSpec, seed: int, jpeg_align: int | None = None) -> Path:
+    tag = f"-jpeg{jpeg_align}" if jpeg_align is not None else ""
+    return Path(cfg.out) / "runs" / f"{spec.slug}{tag}-seed{seed}"
+
+
+def _comparable(train_dict: dict) -> dict:
+    d = canonical(train_dict)
+    for k in RUNTIME_KEYS:
+        d.pop(k, None)
+    return d
+
+
+def train_options(cfg: BenchmarkConfig, spec: ModelSpec, seed: int, generators: list[str],
+                  jpeg_align: int | None = None):
+    from fakescope.engine.train import TrainOptions
+
+    t = {k: getattr(cfg, k) for k in TRAIN_KEYS if hasattr(cfg, k)}  # adversarial training is per model
+    t.update(spec.train)
+    return TrainOptions(
+        model=spec.model, data=cfg.data, generators=list(generators), seed=seed, jpeg_align=jpeg_align,
+        augment=train_augment(t.pop("augment")), model_options=dict(spec.options), device=cfg.device,
+        use_cache=cfg.use_cache, cache_dir=cfg.cache_dir, num_workers=cfg.workers, max_pixels=cfg.max_pixels,
+        native_size=str(t.pop("native_size")), **t)
+
+
+def ensure_run(opts, run_dir: Path, *, force: bool = False, what: str = "") -> tuple[dict, bool]:
+    """Train ``opts`` into ``run_dir`` unless a finished run with the same configuration is there.
+
+    Returns ``(training summary, trained)``. An interrupted run with the same configuration is
+    resumed; a run with another configuration (or any run, with ``force``) is replaced."""
+    from fakescope.engine.train import train
+
+    run_dir = Path(run_dir)
+    resume = False
+    if (run_dir / ckpt.CONFIG).is_file():
+        try:
+            stored = ckpt.read_config(run_dir)
+            same = _comparable(stored.get("train", {})) == _comparable(opts.to_dict())
+        except FakescopeError:
+            same = False
+        finished = (run_dir / ckpt.METRICS).is_file() and (run_dir / ckpt.WEIGHTS).is_file()
+        if same and finished and not force:
+            log(f"{what}: reusing the finished run {run_dir}")
+            return json.loads((run_dir / ckpt.METRICS).read_text()), False
+        if same and not force and (run_dir / ckpt.LAST_STATE).is_file():
+            resume = True
+            log(f"{what}: resuming the interrupted run {run_dir}")
+        else:
+            why = "--force" if force else "its configuration changed"
+            log(f"{what}: replacing {run_dir} ({why})")
+            if runtime.is_main():
+                shutil.rmtree(run_dir)
+            runtime.barrier()
+    elif run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / ckpt.CONFIG).exists():
+        raise FakescopeError(f"{run_dir} exists and is not a fakescope run: move it away or choose another --out")
+    if not resume:
+        log(f"{what}: training into {run_dir}")
+    t0 = time.perf_counter()
+    summary = train(opts, run_dir, resume=resume)
+    v = summary["validation"]
+    log(f"{what}: trained in {time.perf_counter() - t0:.1f} s (best epoch {summary['best_epoch']} of "
+        f"{summary['epochs_run']}, validation accuracy {v['accuracy']:.4f})")
+    return summary, True
+
+
+# --- evaluations, attacks, precision checks ---------------------------------------------------------
+
+def evaluation_key(cfg: BenchmarkConfig, run_dir, *, generators: list[str], jpeg_align: int | None = None,
+                   degrade: list[str] | None = None, precision: str | None = None) -> dict:
+    return {**_base_key(cfg, run_dir, generators, precision), "jpeg_align": jpeg_align, "degrade": degrade or [],
+            "batch_size": cfg.eval_batch_size}
+
+
+def evaluate_cached(cfg: BenchmarkConfig, run_dir: Path, *, generators: list[str], jpeg_align: int | None = None,
+                    degrade: list[str] | None = None, precision: str | None = None, force: bool = False,
+                    what: str = "") -> dict:
+    """``evaluate_run`` with its files in ``RUN/eval-<root>-<split>[-jpegQ]`` (see
+    :func:`fakescope.report.artifacts.eval_folder`), reused while :func:`evaluation_key` is unchanged."""
+    from fakescope.report.artifacts import eval_folder, without_arrays, write_evaluation
+
+    folder = eval_folder(run_dir, cfg.data, cfg.split, jpeg_align)
+
+    def compute() -> dict:
+        from fakescope.engine.evaluation import evaluate_run
+
+        log(f"{what}: evaluating on {cfg.split}" + (f" (JPEG-aligned at {jpeg_align})" if jpeg_align else "")
+            + (f" with degradations {', '.join(degrade)}" if degrade else ""))
+        result = evaluate_run(run_dir, cfg.data, split=cfg.split, generators=generators, threshold=cfg.threshold,
+                              jpeg_align=jpeg_align, degrade=degrade or None, device=cfg.device,
+                              precision=precision or cfg.precision, batch_size=cfg.eval_batch_size,
+                              num_workers=cfg.workers, use_cache=cfg.use_cache, cache_dir=cfg.cache_dir,
+                              max_pixels=cfg.max_pixels)
+        write_evaluation(result, folder)
+        return without_arrays(result)
+
+    key = evaluation_key(cfg, run_dir, generators=generators, jpeg_align=jpeg_align, degrade=degrade,
+                         precision=precision)
+    return reuse_or_compute(folder / "reuse.json", key, compute, force=force, what=what, name="evaluation")
+
+
+def attack_key(cfg: BenchmarkConfig, run_dir) -> dict:
+    a = cfg.attack
+    return {**_base_key(cfg, run_dir, cfg.generators, a.get("precision")), "attack": a,
+            "batch_size": cfg.eval_batch_size}
+
+
+def robustness_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str) -> dict:
+    """Robust accuracy of one run under ``cfg.attack`` (reused while :func:`attack_key` is unchanged)."""
+    from fakescope.attacks import parse_eps
+    from fakescope.report.artifacts import attack_folder, without_arrays, write_attack
+
+    a = cfg.attack
+    folder = attack_folder(run_dir, a["name"])
+
+    def compute() -> dict:
+        from fakescope.engine.attack import attack_run
+
+        log(f"{what}: {a['name']} attack at eps {a['eps']}")
+        res = attack_run(run_dir, cfg.data, attack=a["name"],
+                         eps_list=parse_eps(a["eps"], norm="l2" if a["name"] == "pgd-l2" else "linf"),
+                         steps=int(a["steps"]), direction=a["direction"], split=cfg.split, generators=cfg.generators,
+                         limit=a["limit"], threshold=cfg.threshold, device=cfg.device,
+                         precision=a.get("precision") or cfg.precision, batch_size=cfg.eval_batch_size,
+                         num_workers=cfg.workers)
+        write_attack(res, folder)
+        return without_arrays(res)
+
+    return reuse_or_compute(folder / "reuse.json", attack_key(cfg, run_dir), compute, force=cfg.force, what=what,
+                            name="attack")
+
+
+def precision_agreement(run_dir, cfg: BenchmarkConfig, generators: list[str], what: str = "") -> dict:
+    """fp32 vs bf16 predictions of a run on the evaluation split: ``{"agreement", "max_abs_diff",
+    "mean_abs_diff", "n"}`` (``{"skipped": reason}`` where the device has no bf16). Stored in
+    ``run_dir/precision-check.json`` and reused while its key is unchanged."""
+    dev = runtime.resolve_device(cfg.device)
+    if not runtime.bf16_supported(dev):
+        return {"skipped": f"bf16 is not supported on this {dev.type} device"}
+    key = {**_base_key(cfg, run_dir, generators, "fp32"), "precision": ["fp32", "bf16"],
+           "batch_size": cfg.eval_batch_size}
+    return reuse_or_compute(Path(run_dir) / "precision-check.json", key,
+                            lambda: _log_and(what, lambda: _agreement(run_dir, cfg, generators)), force=cfg.force,
+                            what=what, name="fp32-vs-bf16 comparison")
+
+
+def _log_and(what: str, fn: Callable[[], dict]) -> dict:
+    log(f"{what}: comparing fp32 and bf16 predictions")
+    return fn()
+
+
+def _agreement(run_dir, cfg: BenchmarkConfig, generators: list[str]) -> dict:
+    import numpy as np
+
+    from fakescope.engine.evaluation import prepare
+    from fakescope.engine.infer import score_files
+
+    index = index_root(cfg.data).select(generators, cfg.split)
+    files = [index.abspath(i) for i in range(len(index))]
+    scores = {}
+    for name in ("fp32", "bf16"):
+        model, _, pipeline, dev, prec = prepare(run_dir, device=cfg.device, precision=name)
+        scores[name], _ = score_files(model, files, pipeline, device=dev, precision=prec,
+                                      batch_size=cfg.eval_batch_size, num_workers=cfg.workers,
+                                      use_cache=cfg.use_cache, cache_root=cfg.cache_dir,
+                                      max_pixels=cfg.max_pixels or DEFAULT_MAX_PIXELS, desc=f"scoring in {name}")
+    a, b = scores["fp32"], scores["bf16"]
+    ok = np.isfinite(a) & np.isfinite(b)
+    if not ok.any():
+        return {"agreement": None, "max_abs_diff": None, "mean_abs_diff": None, "n": 0}
+    t = cfg.threshold
+    return {"agreement": float(np.mean((a[ok] >= t) == (b[ok] >= t))),
+            "max_abs_diff": float(np.max(np.abs(a[ok] - b[ok]))),
+            "mean_abs_diff": float(np.mean(np.abs(a[ok] - b[ok]))), "n": int(ok.sum())}
