@@ -118,7 +118,7 @@ def test_results_structure(bench, env):
 
 def test_numbers_equal_evaluate_json_of_the_runs(bench, env, tmp_path):
     cfg, res = bench
-    for label, m in res["models"].items():
+    for m in res["models"].values():
         fresh = [evaluate_run(r["dir"], cfg["data"], precision="fp32", num_workers=0) for r in m["runs"]]
         for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
             vals = [f["overall"][key] for f in fresh]

@@ -5,10 +5,10 @@ import torch
 
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine.evaluation import evaluate_run, predict_paths
-from fakescope.report.artifacts import write_evaluation
 from fakescope.engine.train import TrainOptions, train
 from fakescope.errors import DataError
 from fakescope.metrics import METRIC_KEYS
+from fakescope.report.artifacts import write_evaluation
 
 from synth import make_dataset
 
