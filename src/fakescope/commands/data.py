@@ -67,10 +67,11 @@ def _inspect(args) -> int:
         print(dumps(info))
     else:
         print(f"{info['root']}  ({info['layout']} layout, {info['total']} images, {info['checked']} decoded)\n")
-        print("| generator | split | nature | ai |\n|---|---|---|---|")
-        for g, splits in info["counts"].items():
-            for s, c in splits.items():
-                print(f"| {g} | {s} | {c['nature']} | {c['ai']} |")
+        from fakescope.report.tables import markdown
+
+        print(markdown(["generator", "split", "nature", "ai"], [[g, s, c["nature"], c["ai"]]
+                                                                for g, splits in info["counts"].items()
+                                                                for s, c in splits.items()]))
         print(f"\nformats: nature {info['formats']['nature']}, ai {info['formats']['ai']}")
         print(f"sizes: {info['sizes']['most_common']}  shorter side: {info['sizes']['shorter_side']}")
         if info["unreadable"]:
