@@ -324,8 +324,8 @@ def load_config_file(path: str | os.PathLike) -> dict:
         if path.suffix.lower() == ".toml":
             try:
                 import tomllib
-            except ImportError:  # Python 3.10
-                raise FakescopeError("TOML configuration files need Python >= 3.11: use YAML instead") from None
+            except ImportError:  # Python 3.10: the same parser, as the `tomli` dependency
+                import tomli as tomllib
             data = tomllib.loads(text)
         else:
             import yaml
