@@ -3,6 +3,7 @@ error status, P(ai) equal to ``predict_paths``, the API key, dynamic batching an
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -358,3 +359,27 @@ def test_batcher_waits_only_while_announced_requests_are_on_their_way():
 
     assert asyncio.run(go()) < 1.0
     assert calls == [[1], [2, 3]]
+
+
+def test_a_non_finite_score_is_an_error_row_never_nan_in_json(runs, images):
+    """A model that returns NaN for one image: that row gets an error, the others are scored, and the
+    body is strict JSON (a 500 before: JSONResponse refuses NaN)."""
+    with TestClient(create_app([runs[0]], ServeOptions(max_wait_ms=0))) as c:
+        _ready(c)
+        served = c.app.state.fakescope.models["cnn32"]
+        score = served.batcher.fn
+
+        def nan_for_first(stages):
+            p = np.asarray(score(stages), dtype=np.float64)
+            p[0] = np.nan
+            return p
+
+        served.batcher.fn = nan_for_first
+        r = c.post("/v1/predict", files=_multipart(images[:2]))
+        assert r.status_code == 200, r.text
+        json.loads(r.text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON body"))
+        rows = r.json()["results"]
+        assert rows[0]["p_ai"] is None and rows[0]["error"]["code"] == "nonfinite_score"
+        assert rows[1]["error"] is None and 0 <= rows[1]["p_ai"] <= 1
+        r = c.post("/v1/predict", content=images[0].read_bytes(), headers={"content-type": "image/png"})
+        assert r.status_code == 422 and r.json()["results"][0]["error"]["code"] == "nonfinite_score"

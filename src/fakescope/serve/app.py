@@ -18,6 +18,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -347,9 +348,13 @@ def create_app(runs: list[str | os.PathLike], options: ServeOptions | None = Non
                 except QueueFull as e:
                     raise ApiError(429, "queue_full", str(e), headers={"Retry-After": RETRY_AFTER_BUSY}) from None
                 for i, p in zip(good, scores):
-                    rows[i].update(verdict(p, threshold))
+                    if math.isfinite(p):
+                        rows[i].update(verdict(p, threshold))
+                    else:  # a model that returns NaN/inf for this input: an error row, never NaN in JSON
+                        rows[i]["error"] = {"code": "nonfinite_score",
+                                            "message": f"the model returned a non-finite score ({p})"}
         body = {"model": served.name, "threshold": threshold, "results": rows}
-        if good:
+        if any(r["p_ai"] is not None for r in rows):
             return JSONResponse(body)
         codes = {r["error"]["code"] for r in rows}
         status = 415 if codes == {"unsupported_media_type"} else 422
