@@ -5,7 +5,8 @@ Two runs are trained on a few CIFAKE images (a ``cnn32`` and a frozen ``tf_effic
 with the real ImageNet weights from ../shared). For each run and each image set (CIFAKE's 32x32
 JPEGs, and the real photographs re-encoded as ~512 px JPEGs), a ``fakescope serve`` process is
 started on a free loopback port, and this process (a second one) sends a bounded number of
-requests (one raw JPEG each) with an async httpx client at concurrency 1, 8 and 32. Every cell
+requests (one raw JPEG each, or K files per multipart request with ``--images-per-request``) with
+an async httpx client at concurrency 1, 8 and 32. Every cell
 reports requests/s, images/s, p50/p95/p99 latency and errors; every server its RSS at the start and
 the end; every image set ``predict_paths`` images/s (everything ``fakescope predict`` does after
 start-up) on the same files, measured while the server is idle, and the largest difference between
@@ -13,6 +14,7 @@ the served P(ai) and predict's.
 
     python benchmarks/bench_serve.py                          # 2,000 requests per cell, 60 s cap
     python benchmarks/bench_serve.py --requests 500 --seconds 20
+    python benchmarks/bench_serve.py --models cnn32 --images-per-request 1,8
 """
 
 from __future__ import annotations
@@ -47,7 +49,26 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
-async def load(url: str, bodies: list[bytes], concurrency: int, requests: int, seconds: float) -> dict:
+BOUNDARY = "fakescope-bench-boundary"
+
+
+def request_bodies(files: list[Path], per_request: int) -> tuple[list[bytes], str]:
+    """The request bodies, made once: one raw JPEG each (``per_request`` 1), or ``multipart/form-data``
+    with ``per_request`` files each (a client that sends its images in groups)."""
+    if per_request == 1:
+        return [f.read_bytes() for f in files], "image/jpeg"
+    bodies = []
+    for s in range(0, len(files), per_request):
+        group = (files[s:] + files)[:per_request]
+        parts = [b"--" + BOUNDARY.encode() + b"\r\nContent-Disposition: form-data; name=\"file\"; filename=\""
+                 + f.name.encode() + b"\"\r\nContent-Type: image/jpeg\r\n\r\n" + f.read_bytes() + b"\r\n"
+                 for f in group]
+        bodies.append(b"".join(parts) + b"--" + BOUNDARY.encode() + b"--\r\n")
+    return bodies, f"multipart/form-data; boundary={BOUNDARY}"
+
+
+async def load(url: str, bodies: list[bytes], concurrency: int, requests: int, seconds: float,
+               content_type: str = "image/jpeg") -> dict:
     """``requests`` POSTs (bodies in turn) from ``concurrency`` connections, stopping after ``seconds``."""
     import httpx
 
@@ -64,7 +85,7 @@ async def load(url: str, bodies: list[bytes], concurrency: int, requests: int, s
                 next_i += 1
                 t = time.perf_counter()
                 try:
-                    r = await client.post(url, content=body, headers={"content-type": "image/jpeg"})
+                    r = await client.post(url, content=body, headers={"content-type": content_type})
                     key: int | str = r.status_code
                 except httpx.HTTPError as e:
                     key = type(e).__name__
@@ -124,6 +145,8 @@ def main() -> None:
     p.add_argument("--models", default="cnn32,lite0")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5)
+    p.add_argument("--images-per-request", default="1",
+                   help="comma-separated: images per request (1 = a raw JPEG body; K > 1 = multipart with K files)")
     args = p.parse_args()
     need(LITE0)
     from PIL import Image
@@ -131,6 +154,7 @@ def main() -> None:
     from fakescope.engine.evaluation import predict_paths
 
     levels = [int(c) for c in args.concurrency.split(",")]
+    per_request = [int(k) for k in args.images_per_request.split(",")]
     with Workdir(args.workdir, args.keep) as wd:
         data = extract_cifake(wd, 100, args.cifake_images // 2)
         small = sorted((data / "val").rglob("*.jpg"))[: args.cifake_images]
@@ -166,20 +190,20 @@ def main() -> None:
                     served = served_p_ai(url, files)
                     diff = max(abs(served[r["path"]] - r["p_ai"]) for r in ref)
                     rss0 = rss_mib(proc.pid)
-                    bodies = [f.read_bytes() for f in files]
-                    for c in levels:
-                        res = asyncio.run(load(f"{url}/v1/predict", bodies, c, args.requests, args.seconds))
+                    for c, k in [(c, k) for k in per_request for c in levels]:
+                        bodies, ctype = request_bodies(files, k)
+                        res = asyncio.run(load(f"{url}/v1/predict", bodies, c, args.requests, args.seconds, ctype))
                         lat = [x * 1000 for x in res["latencies"]]
                         fails = sum(n for k, n in res["statuses"].items() if not (isinstance(k, int) and k < 500))
-                        rows.append({"model": model, "images": set_name, "concurrency": c,
+                        rows.append({"model": model, "images": set_name, "per_request": k, "concurrency": c,
                                      "requests": res["requests"], "req_per_s": round(res["requests"] / res["seconds"],
                                                                                       1),
-                                     "images_per_s": round(res["ok"] / res["seconds"], 1),
+                                     "images_per_s": round(res["ok"] * k / res["seconds"], 1),
                                      "p50_ms": round(percentile(lat, 50), 1), "p95_ms": round(percentile(lat, 95), 1),
                                      "p99_ms": round(percentile(lat, 99), 1),
                                      "errors": res["requests"] - res["ok"], "non_4xx_failures": fails,
                                      "predict_images_per_s": round(predict_rate, 1),
-                                     "ratio": round(res["ok"] / res["seconds"] / predict_rate, 3)})
+                                     "ratio": round(res["ok"] * k / res["seconds"] / predict_rate, 3)})
                         print(rows[-1], flush=True)
                     rss1 = rss_mib(proc.pid)
                 finally:
@@ -192,13 +216,15 @@ def main() -> None:
         for s in servers:
             print(s)
         c8 = [r for r in rows if r["concurrency"] == 8]
-        emit("serve", rows, ["model", "images", "concurrency", "requests", "req_per_s", "images_per_s", "p50_ms",
-                             "p95_ms", "p99_ms", "errors", "non_4xx_failures", "predict_images_per_s", "ratio"],
+        emit("serve", rows, ["model", "images", "per_request", "concurrency", "requests", "req_per_s", "images_per_s",
+                             "p50_ms", "p95_ms", "p99_ms", "errors", "non_4xx_failures", "predict_images_per_s",
+                             "ratio"],
              {"servers": servers,
               "targets": "0 errors, RSS growth < 10 %, concurrency 8 images/s >= 0.7x predict",
               "met": {"errors": all(r["errors"] == 0 for r in rows),
                       "rss": all(s["rss_growth"] < 0.10 for s in servers),
-                      "ratio_c8": {f"{r['model']} / {r['images']}": r["ratio"] >= 0.7 for r in c8}},
+                      "ratio_c8": {f"{r['model']} / {r['images']} / {r['per_request']} per request": r["ratio"] >= 0.7
+                                   for r in c8}},
               "requests_cap": args.requests, "seconds_cap": args.seconds, "cores": os.cpu_count()})
 
 
