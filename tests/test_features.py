@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fakescope.data.transforms import Pipeline
+from fakescope.engine import feature_cache as FC
 from fakescope.engine import features as F
 from fakescope.engine import runtime
 from fakescope.engine.infer import score_files
@@ -50,9 +51,9 @@ def _extract(model, files, root, pipeline=None, **kw):
 def test_feature_table_gathers_rows_across_sources():
     a = np.arange(12, dtype=np.float16).reshape(4, 3)
     b = -np.arange(6, dtype=np.float16).reshape(2, 3)
-    src = np.array([1, 0, F.FAILED, 0, 1, 0], np.int32)
+    src = np.array([1, 0, FC.FAILED, 0, 1, 0], np.int32)
     rows = np.array([1, 3, 0, 0, 0, 2], np.int64)
-    t = F.FeatureTable(6, 3, [a, b], src, rows)
+    t = FC.FeatureTable(6, 3, [a, b], src, rows)
     dense = np.stack([b[1], a[3], np.zeros(3), a[0], b[0], a[2]]).astype(np.float16)
     np.testing.assert_array_equal(t.numpy(), dense)
     np.testing.assert_array_equal(t[torch.tensor([5, 0, 2])].numpy(), dense[[5, 0, 2]])
@@ -103,27 +104,56 @@ def test_cache_is_invalidated_by_what_changes_features(files, tmp_path):
     calls2 = _count_forwards(other)
     _extract(other, files, tmp_path)
     assert sum(calls2) == len(files)
-    keys = {F.extractor_key(model, Pipeline(64, 32), FP32),
-            F.extractor_key(model, Pipeline(64, 32), runtime.Precision("bf16", torch.bfloat16, True)),
-            F.extractor_key(model, Pipeline(64, None), FP32),
-            F.extractor_key(model, Pipeline(64, 32, degrade=("jpeg", 50.0)), FP32),
-            F.extractor_key(model, Pipeline(64, 32), FP32, max_pixels=1000),
-            F.extractor_key(other, Pipeline(64, 32), FP32)}
+    keys = {FC.extractor_key(model, Pipeline(64, 32), FP32),
+            FC.extractor_key(model, Pipeline(64, 32), runtime.Precision("bf16", torch.bfloat16, True)),
+            FC.extractor_key(model, Pipeline(64, None), FP32),
+            FC.extractor_key(model, Pipeline(64, 32, degrade=("jpeg", 50.0)), FP32),
+            FC.extractor_key(model, Pipeline(64, 32), FP32, max_pixels=1000),
+            FC.extractor_key(other, Pipeline(64, 32), FP32)}
     assert len(keys) == 6
     assert len(list(tmp_path.iterdir())) == 3
 
 
-def test_unreadable_files_are_cached_as_errors(files, tmp_path):
+@pytest.mark.parametrize("ingredient", ["fakescope.__version__", "timm.__version__", "torch.__version__",
+                                        "PIL.__version__", "fakescope.data.io.READER_VERSION"])
+def test_cache_is_invalidated_by_the_versions_that_produce_features(files, tmp_path, monkeypatch, ingredient):
+    import importlib
+
+    model = _model()
+    calls = _count_forwards(model)
+    _extract(model, files[:4], tmp_path)
+    calls.clear()
+    _extract(model, files[:4], tmp_path)
+    assert sum(calls) == 0
+    module, name = ingredient.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, "999.0" if "version" in name else 999)
+    _extract(model, files[:4], tmp_path)
+    assert sum(calls) == 4  # a new key: recomputed, never read from the other version's cache
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_unreadable_files_are_reported_and_retried_by_the_next_run(files, tmp_path, monkeypatch):
+    """A read error is not cached: a file repaired in place (same size and modification time, so the
+    same file key) is read again and gets its features."""
+    from PIL import Image
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(good)
+    png = good.read_bytes()
     bad = tmp_path / "bad.png"
-    bad.write_bytes(b"garbage")
+    bad.write_bytes(b"x" * len(png))
+    st = os.stat(bad)
     model = _model()
     calls = _count_forwards(model)
     t, errors = _extract(model, files[:3] + [str(bad)], tmp_path / "c")
     assert list(errors) == [3] and "not an image" in errors[3]
     assert not t.numpy()[3].any()  # zero row
+    assert sum(calls) == 3
+    bad.write_bytes(png)  # repaired: same size, and the same modification time
+    os.utime(bad, ns=(st.st_atime_ns, st.st_mtime_ns))
     calls.clear()
-    _, errors = _extract(model, [str(bad)], tmp_path / "c")
-    assert sum(calls) == 0 and list(errors) == [0]
+    t, errors = _extract(model, files[:3] + [str(bad)], tmp_path / "c")
+    assert not errors and sum(calls) == 1 and t.numpy()[3].any()
 
 
 def test_shards_are_written_incrementally(files, tmp_path, monkeypatch):
@@ -144,7 +174,7 @@ def test_read_only_cache_falls_back_to_memory(files, tmp_path, monkeypatch):
     def refuse(self, *a, **k):
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(F.FeatureCache, "add", refuse)
+    monkeypatch.setattr(FC.FeatureCache, "add", refuse)
     with pytest.warns(UserWarning, match="cannot write the feature cache"):
         t, errors = _extract(model, files, tmp_path)
     assert t.shape == (len(files), t.dim) and not errors and t.numpy().any()

@@ -100,7 +100,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, dumps(obj) + "\n")
 
 
+def torch_seed(value: int) -> int:
+    """``value`` as a seed torch accepts (``0 <= seed < 2**64``): reduced modulo 2**64, which is
+    what torch itself does to every value it accepts, so seeds that fit are unchanged. Seeds derived
+    from ``--seed`` by arithmetic go through it, so no ``--seed`` overflows them."""
+    return int(value) % 2**64
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.manual_seed(torch_seed(seed))

@@ -27,6 +27,7 @@ from fakescope.data.io import DEFAULT_MAX_PIXELS, read_image
 from fakescope.data.transforms import Pipeline, TransformError
 from fakescope.errors import ImageReadError
 from fakescope.progress import progress
+from fakescope.utils import torch_seed
 
 
 class ImageDataset(Dataset):
@@ -62,7 +63,7 @@ class ImageDataset(Dataset):
             return {"index": i, "error": e.reason}
         rng = None
         if self.pipeline.augment.active:
-            rng = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            rng = torch.Generator().manual_seed(torch_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i))
         try:
             if self.variants:
                 x = torch.stack([v.to_stage(img, rng) if self.stage_only else v(img, rng) for v in self.variants])

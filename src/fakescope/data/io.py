@@ -37,6 +37,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF")
 """The Pillow decoders fakescope runs (by content, not by extension); anything else is refused."""
 DEFAULT_MAX_PIXELS = 120_000_000  # 6000x4000 is 24 M; a 40000x40000 bomb is 1.6 G
+READER_VERSION = 1
+"""Bump whenever :func:`read_image` can return different pixels for the same file (decoding,
+orientation, compositing, draft scaling): caches of decoded-image results key on it."""
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 _ORIENTATION = 0x0112
 DECODE_ERRORS: tuple[type[BaseException], ...] = (
