@@ -118,6 +118,28 @@ def test_valid_file_whose_header_length_starts_with_0x80_loads(tmp_path):
     pytest.fail("no header of length 0x80 mod 256 produced")
 
 
+def test_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    """safetensors orders metadata by a per-call hash; save_tensors sorts it (8 keys: 8! orders)."""
+    from safetensors import safe_open
+
+    meta = {f"k{i}": i for i in range(6)}
+    t = {"b": torch.arange(5.0), "a": torch.zeros(3, dtype=torch.int64), "é": torch.ones(2, 2)}
+    blobs = set()
+    for _ in range(5):
+        ckpt.save_tensors(tmp_path / "a.safetensors", t, meta)
+        blobs.add((tmp_path / "a.safetensors").read_bytes())
+    assert len(blobs) == 1
+    blob = blobs.pop()
+    n = int.from_bytes(blob[:8], "little")
+    assert n % 8 == 0 and list(json.loads(blob[8:8 + n])["__metadata__"]) == sorted(["format", "fakescope_version",
+                                                                                      *meta])
+    back = ckpt.load_tensors(tmp_path / "a.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in t.items())
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "fakescope", "fakescope_version": __version__,
+                                **{k: str(v) for k, v in meta.items()}}
+
+
 def test_shape_mismatch_from_edited_config(run):
     d, _ = run
     cfg = json.loads((d / ckpt.CONFIG).read_text())

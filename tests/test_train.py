@@ -65,10 +65,42 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
     train(TrainOptions(model="cnn32", data="ignored-on-resume"), tmp_path / "cut", resume=True)
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # byte-identical files, metadata included (safetensors writes its metadata in hash-map order)
+    full, cut = (tmp_path / "full" / ckpt.WEIGHTS).read_bytes(), (tmp_path / "cut" / ckpt.WEIGHTS).read_bytes()
+    assert full == cut
+    for blob in (full, cut):
+        meta = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])["__metadata__"]
+        assert list(meta) == sorted(meta)
     la = [json.loads(x) for x in (tmp_path / "full" / ckpt.LOG).read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "cut" / ckpt.LOG).read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(la) == strip(lb)
+
+
+def test_resume_trains_with_the_native_size_in_config(tmp_path, monkeypatch):
+    """The native size is part of the run: a resume uses (and config.json keeps) the value the first
+    epochs were trained with, even when the data now suggest another one."""
+    from fakescope.engine import train as train_module
+
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=12, n_val=2, size=32)
+    real_save = ckpt.save_train_state
+
+    def crash_after_epoch_1(run_dir, model, optimizer, scheduler, state):
+        real_save(run_dir, model, optimizer, scheduler, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save_train_state", crash_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainOptions(model="cnn32", data=str(data), epochs=2, patience=0, batch_size=8), tmp_path / "run")
+    monkeypatch.setattr(ckpt, "save_train_state", real_save)
+    assert json.loads((tmp_path / "run" / ckpt.CONFIG).read_text())["native_size"] == 32
+    make_dataset(tmp_path / "data", generators=("g",), n_train=12, n_val=2, size=48)  # same files, now 48 px
+    natives = []
+    real_pipeline = train_module.Pipeline
+    monkeypatch.setattr(train_module, "Pipeline", lambda *a, **k: natives.append(a[1]) or real_pipeline(*a, **k))
+    train(TrainOptions(model="cnn32", data="ignored-on-resume"), tmp_path / "run", resume=True)
+    assert natives == [32]
+    assert json.loads((tmp_path / "run" / ckpt.CONFIG).read_text())["native_size"] == 32
 
 
 def test_early_stopping_stops_and_keeps_best(tmp_path):

@@ -30,10 +30,26 @@ METRICS = "metrics.json"
 BAD_FILES = "bad_files.json"
 
 
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its ``__metadata__`` keys in sorted order.
+
+    safetensors writes the metadata from a hash map whose order changes from call to call, so the
+    same tensors and metadata gave different bytes; the header is rewritten in one canonical form
+    (tensor entries and data untouched, the header padded with spaces to 8 bytes as safetensors does)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    canonical = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | header
+    text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Write ``tensors`` as safetensors with fakescope's metadata; the same inputs give the same bytes."""
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"format": "fakescope", "fakescope_version": __version__, **(metadata or {})}
-    atomic_write_bytes(path, st_save(data, metadata={k: str(v) for k, v in meta.items()}))
+    atomic_write_bytes(path, _sorted_metadata(st_save(data, metadata={k: str(v) for k, v in meta.items()})))
 
 
 _PICKLE_HINT = ("fakescope never unpickles weights (convert it with safetensors.torch.save_file on a machine "
