@@ -162,3 +162,30 @@ def test_frozen_backbone_path_with_real_imagenet_weights(cifake_small, lite0_wei
     assert "pretrained_file" not in cfg["model"]["options"]
     res = evaluate_run(tmp_path / "lite0", cifake_small)
     assert res["overall"]["accuracy"] > 0.65
+
+
+@pytest.mark.parametrize("seed", [2**31, 2**40])
+def test_large_seeds_train_reproducibly_with_augmentation(tmp_path, seed):
+    """Per-image augmentation seeds are (seed, epoch, index) arithmetic: reduced modulo 2**64, so no
+    --seed overflows them, and seeds that always fitted keep their exact value."""
+    from fakescope.data.dataset import ImageDataset
+    from fakescope.data.io import read_image
+    from fakescope.data.transforms import Augment, Pipeline
+
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=8, n_val=2)
+    files = sorted(str(p) for p in (data / "g" / "train").rglob("*.png"))
+    aug = Pipeline(32, 32, augment=Augment(flip=True, crop=0.8))
+    a, b = ImageDataset(files, aug, seed=seed), ImageDataset(files, aug, seed=seed + 1)
+    a.epoch = b.epoch = 3
+    assert all("image" in a[i] for i in range(len(files)))
+    assert any(not torch.equal(a[i]["image"], b[i]["image"]) for i in range(len(files)))  # the seed matters
+    small = ImageDataset(files, aug, seed=42)
+    small.epoch = 1
+    g = torch.Generator().manual_seed((42 * 1_000_003 + 1) * 10_000_019 + 5)  # the formula, unchanged below 2**64
+    assert torch.equal(small[5]["image"], aug(read_image(files[5]), g))
+    opts = dict(model="cnn32", data=str(data), epochs=2, patience=0, batch_size=4, seed=seed,
+                augment=Augment(flip=True), adv_train="fgsm", adv_mix=0.5)
+    s1 = train(TrainOptions(**opts), tmp_path / "a")
+    s2 = train(TrainOptions(**opts), tmp_path / "b")
+    assert s1["input_path"] == "stream" and s1["validation"] == s2["validation"]
+    assert (tmp_path / "a" / ckpt.WEIGHTS).read_bytes() == (tmp_path / "b" / ckpt.WEIGHTS).read_bytes()
