@@ -169,8 +169,38 @@ def test_single_pass_degradations_match_separate_passes(tmp_path):
     assert [files[i] for i in errors] == [f for f in files if "broken" in f]
 
 
-def test_compile_keeps_state_dict_names():
-    model = create_model("cnn32")
+def test_compile_runs_compiled_graphs_and_keeps_state_dict_names():
+    """The compiled detector really runs dynamo graphs (aot_eager here: inductor needs a minute on
+    2 cores), gives the eager outputs and keeps its checkpoint names."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = create_model("cnn32").eval()
     keys = list(model.state_dict())
-    runtime.compile_model(model)
+    x = torch.rand(4, 3, 32, 32)
+    eager = model(x)
+    graphs = counters["stats"]["unique_graphs"]
+    runtime.compile_model(model, backend="aot_eager")
+    out = model(x)
+    assert counters["stats"]["unique_graphs"] >= graphs + 2  # backbone and head each traced
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
     assert list(model.state_dict()) == keys
+
+
+def test_compile_failure_falls_back_to_eager_only_inside_the_model():
+    """A compiler that fails leaves the detector running eagerly, without turning dynamo's
+    suppress_errors on for the rest of the process: other compiled code still raises."""
+    import torch._dynamo
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    torch.manual_seed(0)
+    model = create_model("cnn32").eval()
+    x = torch.rand(2, 3, 32, 32)
+    eager = model(x)
+    runtime.compile_model(model, backend=broken)
+    assert torch.equal(model(x), eager)
+    assert torch._dynamo.config.suppress_errors is False
+    with pytest.raises(Exception, match="no C\\+\\+ compiler here"):
+        torch.compile(lambda a: a.sin() + 1, backend=broken)(x)

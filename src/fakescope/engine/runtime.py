@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,19 +95,28 @@ def fewest_threads(*counts: int | None) -> int | None:
     return min(set_) if set_ else None
 
 
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, backend: str | Callable = "inductor") -> torch.nn.Module:
     """``torch.compile`` a detector in place: its backbone and head modules are compiled (so the
     state dict keeps its names and checkpoints are unchanged); ``features``/``head``/``forward``
     all use the compiled modules. Where compilation fails at run time (no C++ compiler, an
-    unsupported operator) torch falls back to eager mode with a warning instead of stopping."""
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
+    unsupported operator) these modules fall back to eager mode with a logged warning instead of
+    stopping; torch's ``suppress_errors`` is set only while they run, never for the whole process."""
     parts = [getattr(model, name, None) for name in ("backbone", "head_net")]
     parts = [m for m in parts if isinstance(m, torch.nn.Module) and any(True for _ in m.parameters())]
     for m in parts or [model]:
-        m.compile()
+        m.forward = _eager_on_failure(torch.compile(m.forward, backend=backend))
     return model
+
+
+def _eager_on_failure(compiled: Callable) -> Callable:
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        import torch._dynamo
+
+        with torch._dynamo.config.patch(suppress_errors=True):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 def resolve_precision(precision: str, device: torch.device, *, inference: bool) -> Precision:
