@@ -183,7 +183,7 @@ def test_run_format_and_version_mismatch(run):
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "not a fakescope run config"),
     ('{"format": 1, "model": "cnn32"}', "not a fakescope run config"),
-    ('{"format": 1, "model": {"name": "nope"}}', "names a model this fakescope cannot build: unknown model 'nope'"),
+    ('{"format": 1, "model": {"name": "nope"}}', "describes a model this fakescope cannot build: unknown model 'nope'"),
     ('{"format": 1, "model": {"name": "cnn32", "options": {"filters": "abc"}}}', "cannot be built"),
     ('{"format": 1, "model": {"name": "cnn32", "options": {"hidden": -5}}}', "cannot be built"),
 ])

@@ -97,3 +97,32 @@ def test_normalisation_happens_inside_the_model():
         direct = m.head(m.backbone((x - torch.tensor(m.preprocess.mean).view(1, 3, 1, 1))
                                    / torch.tensor(m.preprocess.std).view(1, 3, 1, 1)))
         assert torch.allclose(m(x), direct, atol=1e-5)
+
+
+def test_unknown_options_are_errors_that_name_the_valid_ones():
+    with pytest.raises(FakescopeError, match=r"model 'cnn32' takes no option 'freeze', 'pretrained': expected "
+                                             r"options among filters, hidden, dropout, input_size"):
+        create_model("cnn32", pretrained=False, freeze=True)
+    with pytest.raises(FakescopeError, match=r"takes no option 'head_size'.*hidden"):
+        create_model("timm:test_efficientnet", pretrained=False, head_size=3)
+    with pytest.raises(FakescopeError, match=r"takes no option 'filters'"):
+        create_model("resnet50", pretrained=False, filters=[8])
+    with pytest.raises(FakescopeError, match=r"input_size of at least 2\*\*layers = 8"):
+        create_model("cnn32", input_size=4)
+
+
+def test_cnn32_input_size_is_a_real_option():
+    m = create_model("cnn32", input_size=48, filters=[4, 8, 8], hidden=16, dropout=0.25)
+    assert m.preprocess.input_size == 48 and m.head_net[0].in_features == 8 * 6 * 6
+    assert m.head_net[2].p == 0.25 and m.head_net[0].out_features == 16
+    assert m(torch.rand(2, 3, 48, 48)).shape == (2, 2)
+
+
+def test_old_cnn32_configs_with_a_pretrained_flag_still_load():
+    """fakescope 0.1.0's train command recorded ``pretrained: true`` for every model."""
+    from fakescope.engine.checkpoint import build_model
+
+    m = build_model({"model": {"name": "cnn32", "options": {"pretrained": True, "filters": [4, 8, 8]}}})
+    assert m.head_net[0].in_features == 8 * 4 * 4
+    t = build_model({"model": {"name": "timm:test_efficientnet", "options": {"input_size": 64}}})
+    assert t.preprocess.input_size == 64

@@ -154,16 +154,19 @@ def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], so
 def build_model(config: dict):
     """Rebuild the model described by a run config, without downloading pretrained weights."""
     from fakescope.errors import FakescopeError
-    from fakescope.models import create_model
+    from fakescope.models import create_model, model_options
 
     m = config["model"]
     options = dict(m.get("options") or {})
-    options["pretrained"] = False
     options.pop("pretrained_file", None)
     try:
+        if "pretrained" in model_options(m["name"]):
+            options["pretrained"] = False  # the weights come from the run
+        else:
+            options.pop("pretrained", None)  # fakescope 0.1.0's train command recorded it for every model
         return create_model(m["name"], **options)
     except FakescopeError as e:
-        raise CheckpointError(f"the run's {CONFIG} names a model this fakescope cannot build: {e}") from None
+        raise CheckpointError(f"the run's {CONFIG} describes a model this fakescope cannot build: {e}") from None
     except Exception as e:  # e.g. an edited config with options the model does not take
         raise CheckpointError(f"the run's {CONFIG} describes a model that cannot be built "
                               f"({m['name']} with options {options}: {type(e).__name__}: {e})") from None

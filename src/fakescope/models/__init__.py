@@ -2,6 +2,7 @@
 
 from fakescope.models import cnn32, timm_models  # noqa: F401  (registers the models)
 from fakescope.models.base import Detector, Preprocess
-from fakescope.models.registry import check_model_name, create_model, list_models, register_model
+from fakescope.models.registry import check_model_name, create_model, list_models, model_options, register_model
 
-__all__ = ["Detector", "Preprocess", "check_model_name", "create_model", "list_models", "register_model"]
+__all__ = ["Detector", "Preprocess", "check_model_name", "create_model", "list_models", "model_options",
+           "register_model"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fakescope.errors import FakescopeError
 from fakescope.models.base import Detector, Preprocess
 from fakescope.models.registry import register_model
 
@@ -35,7 +36,12 @@ class CNN32(Detector):
 
 
 @register_model("cnn32", "the study's custom CNN: 3 conv layers (32/64/128), dense 128, dropout 0.5, "
-                         "2-way softmax; 32x32 input")
+                         "2-way softmax; 32x32 input", options=("filters", "hidden", "dropout", "input_size"))
 def cnn32(filters: tuple[int, ...] | list[int] = (32, 64, 128), hidden: int = 128, dropout: float = 0.5,
-          **_: object) -> CNN32:
-    return CNN32(tuple(int(f) for f in filters), hidden, dropout)
+          input_size: int = 32) -> CNN32:
+    filters = tuple(int(f) for f in filters)
+    if not filters or input_size < 2 ** len(filters):
+        raise FakescopeError(f"expected cnn32 filters (one per conv layer) and an input_size of at least "
+                             f"2**layers = {2 ** len(filters)} pixels, got filters {list(filters)} and input_size "
+                             f"{input_size}")
+    return CNN32(filters, int(hidden), float(dropout), int(input_size))

@@ -2,6 +2,8 @@
 
 ``create_model("cnn32")``, ``create_model("resnet50", pretrained_file=...)`` or
 ``create_model("timm:efficientnet_b0", freeze=True)``; ``list_models()`` describes them all.
+Each model declares the options it takes; any other option is an error that names them, never
+silently dropped.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from fakescope.errors import FakescopeError
 
 _FACTORIES: dict[str, Callable] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_OPTIONS: dict[str, tuple[str, ...]] = {}
 TIMM_PREFIX = "timm:"
 
 
-def register_model(name: str, description: str) -> Callable[[Callable], Callable]:
+def register_model(name: str, description: str, options: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Register ``factory(**options)`` as ``name``; ``options`` are the keyword options it accepts."""
     def deco(fn: Callable) -> Callable:
         _FACTORIES[name] = fn
         _DESCRIPTIONS[name] = description
+        _OPTIONS[name] = tuple(options)
         return fn
 
     return deco
@@ -27,6 +32,16 @@ def register_model(name: str, description: str) -> Callable[[Callable], Callable
 def list_models() -> dict[str, str]:
     """Registered names with a one-line description; any ``timm:<name>`` works as well."""
     return dict(sorted(_DESCRIPTIONS.items()))
+
+
+def _registered(name: str) -> str:
+    return "timm" if name.startswith(TIMM_PREFIX) else name
+
+
+def model_options(name: str) -> tuple[str, ...]:
+    """The options model ``name`` accepts (``create_model`` refuses any other)."""
+    check_model_name(name)
+    return _OPTIONS[_registered(name)]
 
 
 def check_model_name(name: str) -> str:
@@ -46,10 +61,11 @@ def check_model_name(name: str) -> str:
 
 def create_model(name: str, **options):
     """Build the detector registered as ``name`` (or ``timm:<backbone>``) with ``options``."""
-    check_model_name(name)
+    accepted = model_options(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise FakescopeError(f"model {name!r} takes no option {', '.join(map(repr, unknown))}: expected options "
+                             f"among {', '.join(accepted)}")
     if name.startswith(TIMM_PREFIX):
-        backbone = name[len(TIMM_PREFIX):]
-        if not backbone:
-            raise FakescopeError("expected a timm model name after 'timm:', e.g. timm:resnet18")
-        return _FACTORIES["timm"](backbone=backbone, **options)
+        return _FACTORIES["timm"](backbone=name[len(TIMM_PREFIX):], **options)
     return _FACTORIES[name](**options)

@@ -102,25 +102,24 @@ class TimmDetector(Detector):
         return self.backbone(self.normalize(x))
 
 
-def _options(kw: dict) -> dict:
-    allowed = {"pretrained", "pretrained_file", "freeze", "hidden", "dropout", "input_size"}
-    return {k: v for k, v in kw.items() if k in allowed}
+TIMM_OPTIONS = ("pretrained", "pretrained_file", "freeze", "hidden", "dropout", "input_size")
 
 
-@register_model("timm", "any timm backbone: timm:<name> (frozen by default; --finetune to train it)")
+@register_model("timm", "any timm backbone: timm:<name> (frozen by default; --finetune to train it)",
+                options=TIMM_OPTIONS)
 def timm_detector(backbone: str, **kw) -> TimmDetector:
-    return TimmDetector(backbone, **_options(kw))
+    return TimmDetector(backbone, **kw)
 
 
 @register_model("resnet50", "ImageNet ResNet-50, every conv layer frozen; head: GAP, dense 256 + ReLU, "
-                            "dropout 0.5, dense 1 (sigmoid)")
+                            "dropout 0.5, dense 1 (sigmoid)", options=TIMM_OPTIONS)
 def resnet50(**kw) -> TimmDetector:
     kw.setdefault("freeze", True)
-    return TimmDetector("resnet50.tv_in1k", **_options(kw))
+    return TimmDetector("resnet50.tv_in1k", **kw)
 
 
 @register_model("convnext_small", "ImageNet ConvNeXt-Small with the same head, fine-tuned end to end "
-                                  "(--freeze to freeze)")
+                                  "(--freeze to freeze)", options=TIMM_OPTIONS)
 def convnext_small(**kw) -> TimmDetector:
     kw.setdefault("freeze", False)
-    return TimmDetector("convnext_small.fb_in1k", **_options(kw))
+    return TimmDetector("convnext_small.fb_in1k", **kw)
