@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -44,11 +45,20 @@ def _env(tmp_path) -> dict:
 
 
 def _torchrun(tmp_path, *args, timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    r = subprocess.run([str(a) for a in cmd], env=_env(tmp_path), capture_output=True, text=True, timeout=timeout,
-                       cwd=tmp_path)
-    assert r.returncode == 0, f"torchrun failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
+    """Run torchrun with 2 ranks; a run that hangs (e.g. ranks waiting on each other) is killed with
+    its ranks and fails the test."""
+    cmd = [str(a) for a in (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            *args)]
+    p = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=tmp_path, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout} s (ranks hung?):\n{out[-2000:]}\n{err[-2000:]}")
+    assert p.returncode == 0, f"torchrun failed:\n{out[-3000:]}\n{err[-3000:]}"
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def _strip(result: dict) -> dict:
@@ -148,3 +158,52 @@ def test_two_ranks_extract_features_like_one_process(data, tmp_path):
     assert summary == {"input_path": "features", "epochs_run": 2}
     model, _ = load_run(tmp_path / "frozen-run")
     assert model.frozen
+
+
+BAD_FILES_SCRIPT = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    from fakescope.engine import runtime, sources
+    from fakescope.engine.train import TrainOptions, train
+
+    out, data = Path(sys.argv[1]), sys.argv[2]
+    runtime.init_distributed("cpu")
+    seen = []
+    real = sources.StreamSource.batches
+
+    def spy(self, order, batch_size, epoch=0):
+        seen.append({"n": len(self.labels), "epoch": epoch, "order": order.tolist(), "errors": sorted(self.errors)})
+        yield from real(self, order, batch_size, epoch)
+
+    sources.StreamSource.batches = spy
+    summary = train(TrainOptions(model="cnn32", data=data, epochs=3, patience=0, batch_size=4, preload="off",
+                                 val_fraction=0.25, device="cpu"), out / "run")
+    (out / f"seen{runtime.rank()}.json").write_text(json.dumps({"seen": seen, "summary": summary}))
+''')
+
+
+def test_two_ranks_streaming_with_bad_files_agree_on_one_list(tmp_path):
+    """Each rank reads only its shard of the streamed files; the readability check runs under DDP
+    too and the ranks unite their findings, so from the first epoch on both leave out the same files,
+    deal disjoint shards of the same size and finish (a rank with fewer batches would hang DDP)."""
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=14, n_val=0)
+    bad = [data / "g" / "train" / cls / f"zz-bad{i}.png" for cls in ("ai", "nature") for i in range(3)]
+    for i, f in enumerate(bad):
+        f.write_bytes(b"not an image " * (i + 1))
+    (tmp_path / "script.py").write_text(BAD_FILES_SCRIPT)
+    _torchrun(tmp_path, tmp_path / "script.py", tmp_path, data, timeout=150)
+    ranks = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in range(2)]
+    listed = json.loads((tmp_path / "run" / "bad_files.json").read_text())
+    assert sorted(listed) == sorted(str(f) for f in bad)
+    assert ranks[0]["summary"]["bad_files"] == len(bad) and ranks[0]["summary"]["input_path"] == "stream"
+    n_train = max(c["n"] for c in ranks[0]["seen"])
+    calls = [[c for c in r["seen"] if c["n"] == n_train] for r in ranks]
+    assert [c["epoch"] for c in calls[0]] == [c["epoch"] for c in calls[1]] == [0, 1, 2]
+    bad_train = set(calls[0][0]["errors"])
+    for a, b in zip(*calls, strict=True):
+        assert a["errors"] == b["errors"] == sorted(bad_train)  # one list, known before the first epoch
+        assert len(a["order"]) == len(b["order"])  # the same number of batches on both ranks
+        usable = set(range(n_train)) - bad_train
+        assert set(a["order"]) | set(b["order"]) == usable and not (set(a["order"]) | set(b["order"])) & bad_train
+        assert len(a["order"]) + len(b["order"]) - len(usable) <= 1  # disjoint shards (at most one padded repeat)
+    assert 0 < len(bad_train) <= len(bad)

@@ -103,12 +103,27 @@ def test_resume_trains_with_the_native_size_in_config(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / ckpt.CONFIG).read_text())["native_size"] == 32
 
 
-def test_early_stopping_stops_and_keeps_best(tmp_path):
+def test_early_stopping_stops_and_keeps_best(tmp_path, monkeypatch):
+    """model.safetensors holds the weights of the epoch with the lowest validation loss, not the last."""
     data = make_dataset(tmp_path / "data", n_train=20, n_val=2)
-    s = train(TrainOptions(model="cnn32", data=str(data), epochs=30, patience=1, lr=0.05, batch_size=8),
+    per_epoch = []  # the weights each epoch ended with (those its validation loss was measured on)
+    real_save = ckpt.save_train_state
+
+    def record(run_dir, model, optimizer, scheduler, state):
+        per_epoch.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        real_save(run_dir, model, optimizer, scheduler, state)
+
+    monkeypatch.setattr(ckpt, "save_train_state", record)
+    s = train(TrainOptions(model="cnn32", data=str(data), epochs=30, patience=2, lr=0.05, batch_size=8),
               tmp_path / "run")
-    assert s["epochs_run"] < 30
-    assert s["best_epoch"] <= s["epochs_run"]
+    log = [json.loads(x) for x in (tmp_path / "run" / ckpt.LOG).read_text().splitlines()]
+    losses = [r["val_loss"] for r in log]
+    best = losses.index(min(losses))
+    assert s["epochs_run"] == len(log) == len(per_epoch) == best + 1 + 2 < 30  # stopped 2 epochs after the best
+    assert s["best_epoch"] == best + 1 and [r["best"] for r in log].count(True) >= 1 and log[best]["best"]
+    saved = _weights(tmp_path / "run")
+    assert all(torch.equal(saved[k], per_epoch[best][k]) for k in saved)
+    assert not all(torch.equal(saved[k], per_epoch[-1][k]) for k in saved)  # training went on after the best
 
 
 def test_training_needs_both_classes(tmp_path):

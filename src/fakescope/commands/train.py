@@ -61,7 +61,7 @@ def run(args) -> int:
         batch_size=args.batch_size or 32, lr=args.lr, lr_schedule=args.lr_schedule, patience=args.patience,
         seed=args.seed, val_fraction=args.val_fraction, limit=args.limit, native_size=args.native_size,
         jpeg_align=args.jpeg_align, augment=aug,
-        model_options={"pretrained": not args.no_pretrained, **a.model_options(args)}, device=args.device,
+        model_options=a.model_options(args), device=args.device,
         precision=args.precision, use_cache=not args.no_cache, cache_dir=args.cache_dir, adv_train=args.adv_train,
         adv_eps=args.adv_eps, adv_steps=args.adv_steps, adv_mix=args.adv_mix, strict=args.strict,
         num_workers=args.workers, max_pixels=args.max_pixels, compile=args.compile, preload=args.preload,
