@@ -69,6 +69,7 @@ def test_yaml_numbers_written_as_strings_are_numbers(env, tmp_path):
     ("models: {cnn32: {lr: x}}", "models.cnn32.lr: expected a number"),
     ("models: {cnn32: {filters: [8, 0]}}", "models.cnn32.filters: expected a positive integer, got 0"),
     ("models: {cnn32: {adv_train: cw}}", "models.cnn32.adv_train: expected one of pgd, fgsm, got 'cw'"),
+    ("models: {cnn32: {freeze: true}}", "models.cnn32: model 'cnn32' takes no option 'freeze'"),
     ("model_options: {freeze: perhaps}", "model_options.freeze: expected true or false, got 'perhaps'"),
     ("attack: {name: pgd, steps: 0}", "attack.steps: expected a positive integer, got 0"),
     ("attack: {name: cw}", "attack.name: expected one of fgsm, pgd, pgd-l2, square, got 'cw'"),

@@ -280,12 +280,18 @@ def _model_specs(models, global_options: dict) -> list[ModelSpec]:
             train["augment"] = check_augment(opts["augment"], key=f"models.{label}.augment")
         specs.append(ModelSpec(label, name, options, train))
     from fakescope.models import list_models
+    from fakescope.models import model_options as accepted_options
 
     known = set(list_models())
     for s in specs:
         if not s.model.startswith("timm:") and (s.model not in known or s.model == "timm"):
             raise FakescopeError(f"unknown model {s.model!r}: expected one of "
                                  f"{', '.join(sorted(known - {'timm'}))} or timm:<name>")
+        accepted = accepted_options(s.model)
+        wrong = sorted(set(s.options) - set(accepted))
+        if wrong:  # refused now, not when this model's turn to train comes
+            raise FakescopeError(f"{SOURCE}: models.{s.label}: model {s.model!r} takes no option {wrong[0]!r}: "
+                                 f"expected options among {', '.join(accepted)}")
     return specs
 
 
