@@ -47,6 +47,31 @@ $FS attack "$RUN" --data "$DEMO_DIR/data" --attack pgd --eps 0,1/255,2/255,4/255
 echo "== 5. predict on a few files"
 $FS predict "$RUN" "$DEMO_DIR/data/demo_upconv/val/ai/00000.png" "$DEMO_DIR/data/demo_upconv/val/nature/00000.png"
 
+echo "== 6. serve it: fakescope serve on a free loopback port, one request, then stop"
+PY=${PY:-.venv/bin/python}
+PORT=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+$FS serve "$RUN" --port "$PORT" --no-access-log >"$DEMO_DIR/serve.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+$PY - "$PORT" "$DEMO_DIR/data/demo_upconv/val/ai/00000.png" <<'PYEOF'
+import json, sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}"
+for _ in range(600):
+    try:
+        if urllib.request.urlopen(f"{url}/ready", timeout=1).status == 200:
+            break
+    except OSError:
+        time.sleep(0.2)
+else:
+    sys.exit("the server never became ready (see serve.log)")
+req = urllib.request.Request(f"{url}/v1/predict", data=open(sys.argv[2], "rb").read(),
+                             headers={"Content-Type": "image/png"})
+print(f"POST {url}/v1/predict ->", json.dumps(json.load(urllib.request.urlopen(req, timeout=60))))
+PYEOF
+kill $SERVER 2>/dev/null || true
+wait $SERVER 2>/dev/null || true
+trap - EXIT
+
 echo
 echo "Done. Results:"
 echo "  $DEMO_DIR/benchmark/report.html   (open in a browser; also report.md, results.json)"

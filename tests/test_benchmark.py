@@ -213,9 +213,9 @@ def test_config_files_yaml_toml_and_model_options(env, tmp_path):
     opts = train_options(a, small, 1, a.generators)
     assert (opts.model, opts.model_options, opts.lr, opts.epochs) == ("cnn32", {"filters": [4, 8, 8]}, 0.01, 3)
     assert opts.augment.flip and opts.augment.blur_prob == 0.5 and opts.augment.active
-    g = B.make_config({"data": str(env["data"]), "models": ["cnn32", "timm:x"],
+    g = B.make_config({"data": str(env["data"]), "models": ["cnn32", "timm:resnet10t"],
                        "model_options": {"pretrained_file": str(tmp_path / "w.safetensors"), "freeze": True}})
-    assert g.model("cnn32").options == {} and g.model("timm:x").options["freeze"] is True
+    assert g.model("cnn32").options == {} and g.model("timm:resnet10t").options["freeze"] is True
     with pytest.raises(FakescopeError, match="unknown option 'colour'"):
         B.make_config({"data": str(env["data"]), "models": {"cnn32": {"colour": 1}}})
     with pytest.raises(FakescopeError, match="augmentation option 'rotate'"):
