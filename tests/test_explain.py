@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +73,8 @@ def test_explain_files_writes_overlays_and_json(tmp_path):
     assert len(good) == 1 and len(res["images"]) == 3
     overlay = Image.open(good[0]["overlay"])
     assert overlay.size == (64, 40) and good[0]["seen_box"] == [12, 0, 52, 40]
+    shown, orig = np.asarray(overlay, dtype=float), np.asarray(Image.open(a), dtype=float)
+    np.testing.assert_allclose(shown[:, :12], 0.35 * orig[:, :12], atol=1)  # unseen strips: dimmed, no colour
     assert 0 <= good[0]["p_ai"] <= 1 and good[0]["verdict"] in ("ai", "nature")
     assert json.loads((tmp_path / "out" / "explain.json").read_text())["images"][0]["path"]
     # the run's weights on disk are untouched
@@ -87,3 +90,20 @@ def test_vit_has_no_feature_map():
     model = create_model("timm:vit_tiny_patch16_224", pretrained=False)
     with pytest.raises(FakescopeError, match="3-D tokens"):
         find_target_layer(model)
+
+
+def test_gallery_picks_right_and_wrong_examples(tmp_path):
+    from fakescope.explain import gallery
+
+    from synth import make_dataset
+
+    data = make_dataset(tmp_path / "d", generators=("g",), n_train=0, n_val=12)
+    run = make_run(tmp_path / "run", "cnn32", seed=3)
+    res = gallery(run, data, tmp_path / "gal", per_kind=2, pool=12)
+    assert Image.open(res["png"]).size[0] > 200 and res["layer"] == "backbone.7"
+    assert 1 <= len(res["items"]) <= 8
+    thr = res["threshold"]["value"]
+    for it in res["items"]:
+        called_ai = it["p_ai"] >= thr
+        assert it["correct"] == (called_ai == (it["label"] == "ai"))
+        assert it["path"].split("/")[-2] == it["label"] and Path(it["overlay"]).is_file()

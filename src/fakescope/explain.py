@@ -135,14 +135,22 @@ def to_image_size(heat: np.ndarray, h: int, w: int) -> np.ndarray:
     return out
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5,
+            box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """RGB ``uint8 [H, W, 3]`` image with the heat map (``[H, W]`` in [0, 1]) blended in as a colour map;
-    alpha grows with the heat so cold regions stay visible."""
+    alpha grows with the heat so cold regions stay visible. Outside ``box`` (what the model never saw)
+    the image is dimmed and left without colour."""
     from matplotlib import colormaps
 
     colours = colormaps["jet"](heat)[..., :3]
     a = (alpha * (0.25 + 0.75 * heat))[..., None]
-    out = (1 - a) * (image.astype(np.float64) / 255.0) + a * colours
+    img = image.astype(np.float64) / 255.0
+    out = (1 - a) * img + a * colours
+    if box is not None:
+        left, top, right, bottom = box
+        seen = np.zeros(heat.shape, dtype=bool)
+        seen[top:bottom, left:right] = True
+        out[~seen] = 0.35 * img[~seen]
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -205,7 +213,7 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], out_dir: str | o
         used.add(base)
         png = out_dir / f"{base}.gradcam.png"
         buf = io.BytesIO()
-        Image.fromarray(overlay(img.permute(1, 2, 0).numpy(), heat)).save(buf, "PNG")
+        Image.fromarray(overlay(img.permute(1, 2, 0).numpy(), heat, box=seen_box(h, w))).save(buf, "PNG")
         atomic_write_bytes(png, buf.getvalue())
         py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
         rows.append({"path": f, "p_ai": round(p, 6), "verdict": "ai" if p >= decision.threshold else "nature",
@@ -214,4 +222,76 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], out_dir: str | o
     result = {"method": method, "layer": name, "model": config["model"]["name"], "run": str(Path(run_dir).resolve()),
               "threshold": decision.to_dict(), "images": rows}
     write_json(out_dir / "explain.json", result)
+    return result
+
+
+GALLERY_KINDS = (("ai", True), ("ai", False), ("nature", True), ("nature", False))
+
+
+def gallery(run_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike, *, split: str = "val",
+            generators=None, per_kind: int = 2, pool: int = 24, device: str = "cpu",
+            threshold: float | None = None, uncalibrated: bool = False) -> dict:
+    """"What the model looks at": Grad-CAM overlays of a few correct and wrong examples per class.
+
+    Scores ``pool`` images per generator and class of ``data``'s ``split`` (chosen by path hash), then
+    explains the ``per_kind`` most confident ones of each kind (AI caught, AI missed, real passed, real
+    flagged). Writes ``OUT/gallery.png`` (a captioned grid), the overlays and ``OUT/gallery.json``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fakescope.calibration import resolve_decision
+    from fakescope.data.layout import index_root, limit_per_class
+    from fakescope.engine.evaluate import prepare
+    from fakescope.engine.infer import score_files
+    from fakescope.utils import write_json
+
+    decision = resolve_decision(run_dir, threshold, uncalibrated)
+    index = limit_per_class(index_root(data).select(generators, split), pool)
+    files = [index.abspath(i) for i in range(len(index))]
+    model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision="fp32")
+    p, _ = score_files(model, files, pipeline, device=dev, precision=prec, use_cache=False, desc="gallery")
+    p = decision.p_ai(p)
+    labels = np.asarray(index.labels)
+    chosen: list[tuple[str, bool, int]] = []
+    for cls, correct in GALLERY_KINDS:
+        y = 1 if cls == "ai" else 0
+        pred = p >= decision.threshold
+        ok = ~np.isnan(p) & (labels == y) & ((pred == bool(y)) == correct)
+        idx = np.flatnonzero(ok)
+        conf = p[idx] if (y == 1) == correct else -p[idx]  # most confident in the (right or wrong) verdict
+        chosen += [(cls, correct, int(i)) for i in idx[np.argsort(-conf, kind="stable")][:per_kind]]
+    out_dir = Path(out_dir)
+    res = explain_files(run_dir, [files[i] for _, _, i in chosen], out_dir / "overlays", device=device,
+                        threshold=threshold, uncalibrated=uncalibrated) if chosen else {"images": [], "layer": None}
+    items = []
+    for (cls, correct, i), row in zip(chosen, res["images"]):
+        items.append({**row, "label": cls, "correct": correct, "generator": index.generators[i]})
+    path = None
+    if items:
+        from PIL import Image
+
+        cols = max(1, per_kind)
+        kinds = [k for k in GALLERY_KINDS if any((it["label"], it["correct"]) == k for it in items)]
+        fig, axes = plt.subplots(len(kinds), cols, figsize=(2.3 * cols, 2.5 * len(kinds)), squeeze=False)
+        for r, (cls, correct) in enumerate(kinds):
+            row = [it for it in items if (it["label"], it["correct"]) == (cls, correct)]
+            for c in range(cols):
+                ax = axes[r][c]
+                ax.axis("off")
+                if c < len(row) and "overlay" in row[c]:
+                    ax.imshow(Image.open(row[c]["overlay"]))
+                    what = {("ai", True): "AI, caught", ("ai", False): "AI, missed",
+                            ("nature", True): "real, passed", ("nature", False): "real, flagged"}[(cls, correct)]
+                    ax.set_title(f"{what}\np_ai {row[c]['p_ai']:.3f} ({row[c]['generator']})", fontsize=8)
+        fig.suptitle(f"Grad-CAM ({res['layer']}): red = pushed toward AI; threshold {decision.threshold:.3g}",
+                     fontsize=9)
+        fig.tight_layout()
+        path = str(out_dir / "gallery.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    result = {"png": path, "layer": res["layer"], "threshold": decision.to_dict(), "items": items,
+              "data": {"root": index.root, "split": split, "pool_per_class": pool}}
+    write_json(out_dir / "gallery.json", result)
     return result
