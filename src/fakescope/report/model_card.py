@@ -118,8 +118,8 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
           f"- native size: {cfg.get('native_size')}; JPEG alignment: {train.get('jpeg_align')}"]
     if inspect:
         fm = inspect.get("formats") or {}
-        L += [f"- formats: nature {fm.get('nature')}, ai {fm.get('ai')}",
-              f"- sizes: {(inspect.get('sizes') or {}).get('most_common')}"]
+        L += [f"- formats: nature {fm.get('nature')}, ai {fm.get('ai')} (a sample of {inspect.get('checked')} "
+              f"decoded files)", f"- sizes: {(inspect.get('sizes') or {}).get('most_common')}"]
     L += [""]
 
     L += ["## Training options", ""]
@@ -136,8 +136,9 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
     for name, ev in evals.items():
         d = ev.get("data") or {}
         thr = ev.get("threshold")
-        thr_s = (f"{thr.get('value'):.4g} from {thr.get('source')}" if isinstance(thr, dict)
-                 else _fmt(thr))
+        cal_ev = ev.get("calibration")
+        scores = f"calibrated scores, T = {cal_ev['temperature']:.4f}" if cal_ev else "raw scores"
+        thr_s = f"{_fmt(thr)} ({ev.get('threshold_source', 'given')}, {scores})"
         L += [f"`fakescope evaluate` on `{d.get('root')}` split `{d.get('split')}` ({name}; threshold {thr_s}):", ""]
         L += _table({"overall": ev["overall"], **(ev.get("per_generator") or {})}, first="generator") + [""]
     if not val and not evals:
@@ -172,6 +173,12 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
         for kind, rows in (ev.get("degradations") or {}).items():
             pts = ", ".join(f"{r['level']:g}: {_fmt((r.get('overall') or {}).get('accuracy'))}" for r in rows)
             lim.append(f"accuracy under {kind} ({name}): {pts} (clean {_fmt(ev['overall'].get('accuracy'))})")
+        o = ev["overall"]
+        if o.get("fake_accuracy") is None and o.get("real_accuracy") is not None:
+            fp = o["confusion"][0][1]
+            lim.append(f"real images only, {(ev.get('data') or {}).get('root')} ({name}): {fp} of {o['n']} called AI "
+                       f"(false-positive rate {1 - o['real_accuracy']:.3f} at threshold {_fmt(ev.get('threshold'))}, "
+                       f"{ev.get('threshold_source', 'given')})")
         gens = ev.get("per_generator") or {}
         accs = {g: m.get("accuracy") for g, m in gens.items() if m.get("accuracy") is not None}
         if len(accs) > 1:
@@ -204,15 +211,27 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
     L += [" \\\n    ".join(args)]
     if cal:
         src = cal.get("data") or {}
-        L += [f"fakescope calibrate {run} --data {src.get('root')} --split {src.get('split')} "
+        data_arg = "" if src.get("split") == "holdout" else f" --data {src.get('root')}"
+        L += [f"fakescope calibrate {run}{data_arg} --split {src.get('split')} "
               f"--target-fpr {cal['target_fpr']}" + (f" --limit {src['limit']}" if src.get("limit") else "")]
     L += ["```", "", f"Versions: {json.dumps(cfg.get('versions'))}", ""]
     return "\n".join(L)
 
 
+INSPECT = "data_inspect.json"
+
+
 def write_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) -> Path:
-    """Write ``RUN/MODEL_CARD.md`` atomically; returns its path."""
-    path = Path(run_dir) / CARD
+    """Write ``RUN/MODEL_CARD.md`` atomically; returns its path. A given ``inspect`` summary is kept in
+    ``RUN/data_inspect.json`` for later rewrites of the card (e.g. after ``evaluate``)."""
+    from fakescope.utils import write_json
+
+    run_dir = Path(run_dir)
+    if inspect is not None:
+        write_json(run_dir / INSPECT, {k: v for k, v in inspect.items() if k != "unreadable"})
+    else:
+        inspect = _load(run_dir / INSPECT)
+    path = run_dir / CARD
     atomic_write_text(path, build_model_card(run_dir, inspect))
     return path
 
