@@ -55,7 +55,7 @@ def env(tmp_path_factory):
 def bench(env):
     cfg = {"data": str(env["data"]), "out": str(env["tmp"] / "out"), "models": MODELS, "seeds": [1, 2],
            "epochs": 2, "workers": 0, "precision": "fp32", "jpeg_align": 75, "degrade": ["jpeg:50", "blur:1"],
-           "sample_per_class": 3}
+           "sample_per_class": 3, "calibrate": 0.1}
     return cfg, B.run_benchmark(cfg)
 
 
@@ -151,8 +151,16 @@ def test_report_md_and_self_contained_html(bench):
     for label in MODELS:
         assert re.search(rf"^\| {re.escape(label)} \| \d\.\d{{4}} ± ", md, re.M)
     for section in ("Per generator", "ROC curves", "Sample images", "Shortcut control", "Degradations",
-                    "fp32 vs bf16"):
+                    "fp32 vs bf16", "What the model looks at", "| model | ECE | Brier | TPR at FPR 1 % |"):
         assert section in md
+    assert "calibrated one (temperature scaling" in md
+    # every run calibrated on its own held-out training images; the gallery for the CNN, none for the ViT
+    for label in MODELS:
+        for r in res["models"][label]["runs"]:
+            cal = json.loads((Path(r["dir"]) / "calibration.json").read_text())
+            assert cal["data"]["split"] == "holdout" and cal["target_fpr"] == 0.1
+            assert json.loads(Path(r["eval"]).read_text())["threshold_source"] == "calibration.json"
+    assert Path(res["models"]["cnn32"]["gallery"]).is_file() and res["models"]["vit-tiny"]["gallery"] is None
     for ref in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / ref).is_file(), ref
     page = (out / "report.html").read_text()
@@ -172,6 +180,8 @@ def test_rerun_reuses_finished_runs(bench, monkeypatch):
     monkeypatch.setattr("fakescope.engine.train.train", boom)
     monkeypatch.setattr("fakescope.engine.evaluation.evaluate_run", boom)
     monkeypatch.setattr("fakescope.study.runs._agreement", boom)
+    monkeypatch.setattr("fakescope.engine.calibrate.calibrate_run", boom)
+    monkeypatch.setattr("fakescope.explain.gallery", boom)
     again = B.run_benchmark(cfg)
     for label, m in res["models"].items():
         assert again["models"][label]["overall"] == m["overall"]

@@ -58,7 +58,7 @@ def test_calibrate_then_evaluate_predict_attack(run, data, tmp_path, capsys):
     assert (tmp_path / "ev" / "reliability.png").stat().st_size > 5000 and ev["warnings"] == []
     assert main(["evaluate", str(run), "--data", str(data)]) == 0  # into RUN/eval-val: the card lists it
     card = (run / "MODEL_CARD.md").read_text()
-    assert "`fakescope evaluate` on" in card and "(eval-val; threshold" in card and "calibration.json" in card
+    assert "`fakescope evaluate` on" in card and "-val; threshold" in card and "calibration.json" in card
     z = np.load(tmp_path / "ev" / "scores.npz")
     np.testing.assert_allclose(z["p_ai"], cal.p_ai(z["p_ai_raw"]))
     assert (ev["overall"]["confusion"][0][1] == int((z["p_ai"][z["labels"] == 0] >= cal.threshold).sum()))

@@ -169,7 +169,7 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], out_dir: str | o
     from fakescope.data.transforms import Pipeline
     from fakescope.engine import runtime
     from fakescope.engine.checkpoint import load_run
-    from fakescope.engine.evaluate import native_size_for
+    from fakescope.engine.evaluation import native_size_for
     from fakescope.errors import ImageReadError
     from fakescope.utils import atomic_write_bytes, write_json
 
@@ -236,14 +236,9 @@ def gallery(run_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
     Scores ``pool`` images per generator and class of ``data``'s ``split`` (chosen by path hash), then
     explains the ``per_kind`` most confident ones of each kind (AI caught, AI missed, real passed, real
     flagged). Writes ``OUT/gallery.png`` (a captioned grid), the overlays and ``OUT/gallery.json``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from fakescope.calibration import resolve_decision
     from fakescope.data.layout import index_root, limit_per_class
-    from fakescope.engine.evaluate import prepare
+    from fakescope.engine.evaluation import prepare
     from fakescope.engine.infer import score_files
     from fakescope.utils import write_json
 
@@ -272,25 +267,18 @@ def gallery(run_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
     if items:
         from PIL import Image
 
-        cols = max(1, per_kind)
-        kinds = [k for k in GALLERY_KINDS if any((it["label"], it["correct"]) == k for it in items)]
-        fig, axes = plt.subplots(len(kinds), cols, figsize=(2.3 * cols, 2.5 * len(kinds)), squeeze=False)
-        for r, (cls, correct) in enumerate(kinds):
-            row = [it for it in items if (it["label"], it["correct"]) == (cls, correct)]
-            for c in range(cols):
-                ax = axes[r][c]
-                ax.axis("off")
-                if c < len(row) and "overlay" in row[c]:
-                    ax.imshow(Image.open(row[c]["overlay"]))
-                    what = {("ai", True): "AI, caught", ("ai", False): "AI, missed",
-                            ("nature", True): "real, passed", ("nature", False): "real, flagged"}[(cls, correct)]
-                    ax.set_title(f"{what}\np_ai {row[c]['p_ai']:.3f} ({row[c]['generator']})", fontsize=8)
-        fig.suptitle(f"Grad-CAM ({res['layer']}): red = pushed toward AI; threshold {decision.threshold:.3g}",
-                     fontsize=9)
-        fig.tight_layout()
-        path = str(out_dir / "gallery.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        from fakescope.report.plots import gallery_plot
+
+        names = {("ai", True): "AI, caught", ("ai", False): "AI, missed", ("nature", True): "real, passed",
+                 ("nature", False): "real, flagged"}
+        grid = []
+        for kind in GALLERY_KINDS:
+            row = [it for it in items if (it["label"], it["correct"]) == kind and "overlay" in it]
+            if row:
+                grid.append((names[kind], [(np.asarray(Image.open(it["overlay"]).convert("RGB")),
+                                            f"p_ai {it['p_ai']:.3f} ({it['generator']})") for it in row]))
+        path = gallery_plot(grid, out_dir / "gallery.png", title=f"Grad-CAM ({res['layer']}): red = pushed toward "
+                            f"AI; threshold {decision.threshold:.3g}")
     result = {"png": path, "layer": res["layer"], "threshold": decision.to_dict(), "items": items,
               "data": {"root": index.root, "split": split, "pool_per_class": pool}}
     write_json(out_dir / "gallery.json", result)

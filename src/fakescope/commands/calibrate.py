@@ -26,21 +26,23 @@ def add_parser(sub):
 def run(args) -> int:
     from fakescope.engine import runtime
     from fakescope.engine.calibrate import calibrate_run
+    from fakescope.report.artifacts import write_calibration_files
 
     res = calibrate_run(args.run, args.data, split=args.split, generators=args.generators,
                         target_fpr=args.target_fpr, method=args.method, limit=args.limit, device=args.device,
                         precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
                         use_cache=not args.no_cache, cache_dir=args.cache_dir, max_pixels=args.max_pixels)
+    paths = write_calibration_files(args.run, res["calibration"])
     if not runtime.is_main():
         return 0
     for w in res["warnings"]:
         print(f"WARNING: {w}", file=sys.stderr)
-    c = res["calibration"]
+    c = res["calibration"].to_dict()
     f = c["fit"]
     print(f"calibration set: {c['data']['root']} ({c['data']['split']}), {f['n_real']} real + {f['n_ai']} AI images")
     print(f"temperature {c['temperature']:.4f}: ECE {f['ece_before']:.4f} -> {f['ece_after']:.4f}, "
           f"Brier {f['brier_before']:.4f} -> {f['brier_after']:.4f}")
     print(f"threshold {c['threshold']:.6g} for a false-positive rate <= {c['target_fpr']:g}: "
           f"FPR {f['fpr_at_threshold']:.4f}, TPR {f['tpr_at_threshold']:.4f} on the calibration set")
-    print(f"written: {res['path']}" + (f", {res['model_card']}" if res.get("model_card") else ""))
+    print(f"written: {paths['calibration']}, {paths['model_card']}")
     return 0

@@ -28,7 +28,7 @@ def run(args) -> int:
     from fakescope.engine import runtime
     from fakescope.engine.evaluation import evaluate_run
     from fakescope.report.artifacts import eval_folder, write_evaluation
-    from fakescope.report.tables import markdown_table
+    from fakescope.report.tables import fmt, markdown_table
 
     result = evaluate_run(
         args.run, args.data, split=args.split, generators=args.generators, threshold=args.threshold,
@@ -46,7 +46,7 @@ def run(args) -> int:
                              first="calibration / operating point"))
         cal = result["calibration"]
         print(f"\nthreshold {result['threshold']:.6g} ({result['threshold_source']}); scores "
-              + (f"calibrated (T = {cal['temperature']:.4f}; ECE raw {cal['uncalibrated']['ece']:.4f})"
+              + (f"calibrated (T = {cal['temperature']:.4f}; uncalibrated ECE {fmt(cal['uncalibrated']['ece'])})"
                  if cal else "raw p_ai"))
         for w in result.get("warnings", []):
             print(f"WARNING: {w}", file=sys.stderr)

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fakescope.calibration import CALIBRATION_FILE, fit_calibration, write_calibration
+from fakescope.calibration import fit_calibration
 from fakescope.data.io import DEFAULT_MAX_PIXELS
 from fakescope.data.layout import Index, carve_validation, index_root, limit_per_class
-from fakescope.engine import runtime
 from fakescope.errors import FakescopeError
 
 HOLDOUT = "holdout"
@@ -49,12 +48,11 @@ def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = N
                   generators=None, target_fpr: float = 0.01, method: str = "temperature", limit: int | None = None,
                   device: str = "auto", precision: str = "auto", batch_size: int | None = None,
                   num_workers: int | None = None, use_cache: bool = True, cache_dir=None,
-                  max_pixels: int | None = None, card: bool = True) -> dict:
-    """Score the calibration set with the run, fit, write ``RUN/calibration.json`` (and the model card).
-
-    Returns ``{"calibration": {...}, "path", "warnings": [...]}``."""
+                  max_pixels: int | None = None) -> dict:
+    """Score the calibration set with the run and fit: ``{"calibration": Calibration, "warnings": [...]}``.
+    Writes nothing: :func:`fakescope.report.artifacts.write_calibration_files` stores it in the run."""
     from fakescope.engine.checkpoint import read_config
-    from fakescope.engine.evaluate import prepare
+    from fakescope.engine.evaluation import prepare
     from fakescope.engine.infer import score_files
 
     if not 0.0 <= float(target_fpr) < 1.0:
@@ -92,12 +90,4 @@ def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = N
     labels = np.asarray(index.labels)[ok]
     desc = {"root": root, "split": split, "generators": index.generator_names, "n_files": len(index),
             "unreadable": int((~ok).sum()), "limit": limit, "precision": prec.name}
-    cal = fit_calibration(labels, p[ok], target_fpr, method=method, data=desc)
-    out = {"calibration": cal.to_dict(), "path": str(Path(run_dir) / CALIBRATION_FILE), "warnings": warnings}
-    if runtime.is_main():
-        write_calibration(run_dir, cal)
-        if card:
-            from fakescope.report.model_card import inspect_training_data, write_model_card
-
-            out["model_card"] = str(write_model_card(run_dir, inspect_training_data(config)))
-    return out
+    return {"calibration": fit_calibration(labels, p[ok], target_fpr, method=method, data=desc), "warnings": warnings}
