@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from fakescope import study as B
+from fakescope.calibration import resolve_decision
 from fakescope.cli import main
 from fakescope.engine import runtime
 from fakescope.engine.evaluation import evaluate_run
@@ -97,10 +98,12 @@ def test_results_structure(bench, env):
         if not runtime.bf16_supported(torch.device("cpu")):
             assert set(pc) == {"skipped"} and "bf16 is not supported" in pc["skipped"]
         else:  # the same comparison by hand, from the evaluations in fp32 and bf16 of the first seed's run
+            # (raw scores at the raw equivalent of the run's calibrated threshold: the same decisions)
             p32, p16 = (evaluate_run(m["runs"][0]["dir"], cfg["data"], precision=name, num_workers=0,
-                                     use_cache=False)["scores"]["p_ai"] for name in ("fp32", "bf16"))
+                                     use_cache=False)["scores"]["p_ai_raw"] for name in ("fp32", "bf16"))
+            t = resolve_decision(m["runs"][0]["dir"]).raw_threshold()
             assert pc["n"] == 2 * 2 * VAL == len(p32) == len(p16)
-            assert pc["agreement"] == pytest.approx(np.mean((p32 >= 0.5) == (p16 >= 0.5)), abs=1e-12)
+            assert pc["agreement"] == pytest.approx(np.mean((p32 >= t) == (p16 >= t)), abs=1e-12)
             assert pc["max_abs_diff"] == pytest.approx(np.max(np.abs(p32 - p16)), abs=1e-12)
         # degradations: one row per level, aggregated over seeds
         assert [r["level"] for r in m["degradations"]["jpeg"]] == [50.0]
