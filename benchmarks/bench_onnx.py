@@ -40,7 +40,7 @@ def main() -> None:
         for name in args.models.split(","):
             from fakescope.engine import checkpoint as ckpt
 
-            options = {"pretrained": False}
+            options = {} if name == "cnn32" else {"pretrained": False}
             torch.manual_seed(0)
             model = create_model(name, **options)
             run = wd / name.replace(":", "_")

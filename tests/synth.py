@@ -97,7 +97,7 @@ def make_run(run_dir: Path, name: str = "cnn32", options: dict | None = None, na
     from fakescope.engine import checkpoint as ckpt
     from fakescope.models import create_model
 
-    options = {"pretrained": False, **(options or {})}
+    options = {**({} if name == "cnn32" else {"pretrained": False}), **(options or {})}
     torch.manual_seed(seed)
     model = create_model(name, **options)
     ckpt.write_config(run_dir, {"model": {"name": name, "options": options}, "native_size": native_size})
