@@ -87,3 +87,19 @@ def extract_cifake(dest: Path, per_class_train: int, per_class_val: int) -> Path
             if got == want:
                 break
     return dest / "cifake_sdv14"
+
+
+def make_run(run_dir: Path, name: str = "cnn32", options: dict | None = None, native_size: int | None = None,
+             seed: int = 0) -> Path:
+    """A run directory (config.json + model.safetensors) holding a model with random weights: no training."""
+    import torch
+
+    from fakescope.engine import checkpoint as ckpt
+    from fakescope.models import create_model
+
+    options = {**({} if name == "cnn32" else {"pretrained": False}), **(options or {})}
+    torch.manual_seed(seed)
+    model = create_model(name, **options)
+    ckpt.write_config(run_dir, {"model": {"name": name, "options": options}, "native_size": native_size})
+    ckpt.save_tensors(Path(run_dir) / ckpt.WEIGHTS, model.state_dict())
+    return Path(run_dir)

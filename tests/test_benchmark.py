@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from fakescope import study as B
+from fakescope.calibration import resolve_decision
 from fakescope.cli import main
 from fakescope.engine import runtime
 from fakescope.engine.evaluation import evaluate_run
@@ -55,7 +56,7 @@ def env(tmp_path_factory):
 def bench(env):
     cfg = {"data": str(env["data"]), "out": str(env["tmp"] / "out"), "models": MODELS, "seeds": [1, 2],
            "epochs": 2, "workers": 0, "precision": "fp32", "jpeg_align": 75, "degrade": ["jpeg:50", "blur:1"],
-           "sample_per_class": 3}
+           "sample_per_class": 3, "calibrate": 0.1}
     return cfg, B.run_benchmark(cfg)
 
 
@@ -97,10 +98,12 @@ def test_results_structure(bench, env):
         if not runtime.bf16_supported(torch.device("cpu")):
             assert set(pc) == {"skipped"} and "bf16 is not supported" in pc["skipped"]
         else:  # the same comparison by hand, from the evaluations in fp32 and bf16 of the first seed's run
+            # (raw scores at the raw equivalent of the run's calibrated threshold: the same decisions)
             p32, p16 = (evaluate_run(m["runs"][0]["dir"], cfg["data"], precision=name, num_workers=0,
-                                     use_cache=False)["scores"]["p_ai"] for name in ("fp32", "bf16"))
+                                     use_cache=False)["scores"]["p_ai_raw"] for name in ("fp32", "bf16"))
+            t = resolve_decision(m["runs"][0]["dir"]).raw_threshold()
             assert pc["n"] == 2 * 2 * VAL == len(p32) == len(p16)
-            assert pc["agreement"] == pytest.approx(np.mean((p32 >= 0.5) == (p16 >= 0.5)), abs=1e-12)
+            assert pc["agreement"] == pytest.approx(np.mean((p32 >= t) == (p16 >= t)), abs=1e-12)
             assert pc["max_abs_diff"] == pytest.approx(np.max(np.abs(p32 - p16)), abs=1e-12)
         # degradations: one row per level, aggregated over seeds
         assert [r["level"] for r in m["degradations"]["jpeg"]] == [50.0]
@@ -151,8 +154,16 @@ def test_report_md_and_self_contained_html(bench):
     for label in MODELS:
         assert re.search(rf"^\| {re.escape(label)} \| \d\.\d{{4}} ± ", md, re.M)
     for section in ("Per generator", "ROC curves", "Sample images", "Shortcut control", "Degradations",
-                    "fp32 vs bf16"):
+                    "fp32 vs bf16", "What the model looks at", "| model | ECE | Brier | TPR at FPR 1 % |"):
         assert section in md
+    assert "calibrated one (temperature scaling" in md
+    # every run calibrated on its own held-out training images; the gallery for the CNN, none for the ViT
+    for label in MODELS:
+        for r in res["models"][label]["runs"]:
+            cal = json.loads((Path(r["dir"]) / "calibration.json").read_text())
+            assert cal["data"]["split"] == "holdout" and cal["target_fpr"] == 0.1
+            assert json.loads(Path(r["eval"]).read_text())["threshold_source"] == "calibration.json"
+    assert Path(res["models"]["cnn32"]["gallery"]).is_file() and res["models"]["vit-tiny"]["gallery"] is None
     for ref in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / ref).is_file(), ref
     page = (out / "report.html").read_text()
@@ -172,6 +183,8 @@ def test_rerun_reuses_finished_runs(bench, monkeypatch):
     monkeypatch.setattr("fakescope.engine.train.train", boom)
     monkeypatch.setattr("fakescope.engine.evaluation.evaluate_run", boom)
     monkeypatch.setattr("fakescope.study.runs._agreement", boom)
+    monkeypatch.setattr("fakescope.engine.calibrate.calibrate_run", boom)
+    monkeypatch.setattr("fakescope.explain.gallery", boom)
     again = B.run_benchmark(cfg)
     for label, m in res["models"].items():
         assert again["models"][label]["overall"] == m["overall"]

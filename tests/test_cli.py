@@ -66,7 +66,7 @@ def test_train_evaluate_predict_from_the_command_line(run, data, tmp_path, capsy
     assert [r["path"] for r in rows[1:]] == files and rows[0]["error"] == "file not found"
     assert main(["predict", str(run), str(data / "beta" / "val"), "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "path,p_ai,verdict,error" and len(lines) == 1 + 16
+    assert lines[0] == "path,p_ai,verdict,generator_hint,error" and len(lines) == 1 + 16
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -87,7 +87,8 @@ def test_two_ranks_train_and_evaluate_like_one_process(data, tmp_path, monkeypat
     assert two["overall"]["n"] == 2 * 2 * 9 == two["data"]["n_files"] - 1  # each readable image once, no padding
     assert len(two["bad_files"]) == 1
     assert sorted(p.name for p in (tmp_path / "ev2").iterdir()) == ["confusion.png", "degrade-blur.png",
-                                                                  "degrade-jpeg.png", "roc.png", "scores.npz"]
+                                                                  "degrade-jpeg.png", "reliability.png", "roc.png",
+                                                                  "scores.npz"]
 
 
 SCRIPT = textwrap.dedent('''

@@ -33,7 +33,8 @@ def test_cnn32_layer_by_layer():
     assert m(x).shape == (5, 2)
     m.eval()
     p = m.p_ai(m(x))
-    assert p.shape == (5,) and torch.allclose(p, torch.softmax(m(x), 1)[:, 1], atol=1e-6)
+    assert p.shape == (5,) and p.dtype == torch.float64
+    assert torch.allclose(p, torch.softmax(m(x).double(), 1)[:, 1], atol=1e-6)
     assert create_model("cnn32", filters=[8, 16, 32])(x).shape == (5, 2)
 
 

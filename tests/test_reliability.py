@@ -104,7 +104,8 @@ def test_train_skips_counts_and_lists_bad_files(messy, tmp_path, capsys):
     for path, reason in listed.items():
         assert bad[path].reason.lower() in reason.lower(), (bad[path].kind, reason)
     assert f"{len(bad)} unreadable files skipped" in out
-    assert {p.suffix for p in out_dir.iterdir()} <= {".json", ".jsonl", ".safetensors"}
+    assert {p.name for p in out_dir.iterdir() if p.suffix not in (".json", ".jsonl", ".safetensors")} <= {
+        "MODEL_CARD.md"}
 
 
 def test_train_streamed_inputs_also_list_bad_files(messy, tmp_path, capsys):
@@ -175,7 +176,7 @@ def test_predict_exit_code_is_1_only_when_nothing_could_be_read(flat_corpus, cle
     code, out, err = _run(["predict", clean_run, *bad, "--format", "csv", "--workers", "0"], capsys)
     assert code == 1
     lines = out.strip().splitlines()
-    assert lines[0] == "path,p_ai,verdict,error" and len(lines) == 1 + len(bad)
+    assert lines[0] == "path,p_ai,verdict,generator_hint,error" and len(lines) == 1 + len(bad)
     good = str(flat_corpus["grey.png"].path)
     code, out, _ = _run(["predict", clean_run, good, "missing.png", "--format", "json", "--workers", "0"], capsys)
     rows = json.loads(out)
@@ -305,7 +306,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, monkeypatch):
         assert torch.equal(la[k], lb[k]), k
     names = sorted(p.name for p in b.iterdir())
     assert not [n for n in names if n.startswith(".")], names  # no half-written temporary file survives
-    assert {Path(n).suffix for n in names} <= {".json", ".jsonl", ".safetensors"}
+    assert {n for n in names if Path(n).suffix not in (".json", ".jsonl", ".safetensors")} <= {"MODEL_CARD.md"}
 
 
 def test_resume_of_a_run_killed_before_its_config_starts_afresh(tmp_path, capsys):

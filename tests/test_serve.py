@@ -383,3 +383,42 @@ def test_a_non_finite_score_is_an_error_row_never_nan_in_json(runs, images):
         assert rows[1]["error"] is None and 0 <= rows[1]["p_ai"] <= 1
         r = c.post("/v1/predict", content=images[0].read_bytes(), headers={"content-type": "image/png"})
         assert r.status_code == 422 and r.json()["results"][0]["error"]["code"] == "nonfinite_score"
+
+
+def test_calibrated_run_and_provenance(runs, images, tmp_path):
+    """A calibrated run serves calibrated p_ai (equal to `predict`) at its calibrated threshold, and every
+    row carries the upload's provenance metadata; ?threshold and --uncalibrated still work."""
+    from PIL import PngImagePlugin
+
+    from fakescope.calibration import fit_calibration, write_calibration
+
+    run = tmp_path / "calibrated"
+    shutil.copytree(runs[0], run)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    cal = fit_calibration(y, 1 / (1 + np.exp(-(3 * rng.normal(size=400) + 2 * y))), 0.05)
+    write_calibration(run, cal)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 20")
+    sd = tmp_path / "sd.png"
+    Image.open(images[0]).save(sd, pnginfo=info)
+    ref = predict_paths(run, [str(images[0]), str(sd)], precision="fp32", provenance=False)
+    with TestClient(create_app([run], ServeOptions(max_wait_ms=2, precision="fp32"))) as c:
+        _ready(c)
+        m = c.get("/v1/models").json()["models"][0]
+        assert m["threshold"] == pytest.approx(cal.threshold) and m["threshold_source"] == "calibration.json"
+        body = c.post("/v1/predict", files=_multipart([images[0], sd])).json()
+        assert body["calibrated"] and body["threshold_source"] == "calibration.json"
+        for row, r in zip(body["results"], ref):
+            assert row["p_ai"] == pytest.approx(r["p_ai"], abs=1e-6) and row["verdict"] == r["verdict"]
+        assert body["results"][0]["provenance"]["generator_hint"] is None
+        assert body["results"][1]["provenance"]["generator_hint"] == "stable-diffusion (PNG parameters chunk)"
+        q = c.post("/v1/predict?threshold=0", files=_multipart([images[0]])).json()
+        assert q["threshold_source"] == "?threshold" and q["results"][0]["verdict"] == "ai"
+    with TestClient(create_app([run], ServeOptions(max_wait_ms=2, precision="fp32", uncalibrated=True,
+                                                   provenance=False))) as c:
+        _ready(c)
+        body = c.post("/v1/predict", files=_multipart([images[0]])).json()
+        raw = predict_paths(run, [str(images[0])], precision="fp32", uncalibrated=True, provenance=False)
+        assert not body["calibrated"] and body["threshold"] == 0.5 and "provenance" not in body["results"][0]
+        assert body["results"][0]["p_ai"] == pytest.approx(raw[0]["p_ai"], abs=1e-6)

@@ -11,10 +11,25 @@ import sys
 
 from fakescope import __version__
 from fakescope.commands import args as a
-from fakescope.commands import attack, benchmark, cross, data, evaluate, models, predict, serve, train
+from fakescope.commands import (
+    attack,
+    benchmark,
+    calibrate,
+    cross,
+    data,
+    evaluate,
+    explain,
+    export,
+    models,
+    predict,
+    provenance,
+    serve,
+    train,
+)
 from fakescope.errors import FakescopeError
 
-COMMANDS = (models, data, train, evaluate, predict, attack, benchmark, cross, serve)
+COMMANDS = (models, data, train, evaluate, calibrate, predict, explain, provenance, export, attack, benchmark, cross,
+            serve)
 
 
 def build_parser() -> a.Parser:

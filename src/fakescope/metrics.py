@@ -20,9 +20,11 @@ import numpy as np
 from sklearn import metrics as skm
 
 from fakescope import validate
+from fakescope.calibration import calibration_metrics
 
 METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision",
-               "real_accuracy", "fake_accuracy", "n", "confusion")
+               "real_accuracy", "fake_accuracy", "n", "confusion",
+               "ece", "brier", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct", "eer")
 
 
 def check_threshold(threshold: float) -> float:
@@ -55,7 +57,10 @@ def _ratio(num: int, den: int) -> float | None:
 
 def binary_metrics(labels: Sequence[int] | np.ndarray, p_ai: Sequence[float] | np.ndarray,
                    threshold: float = 0.5) -> dict:
-    """Accuracy, precision, recall, F1, ROC-AUC, AP, real/fake accuracy, n and the confusion matrix.
+    """Accuracy, precision, recall, F1, ROC-AUC, AP, real/fake accuracy, n, the confusion matrix, and
+    the calibration and operating-point figures of :func:`fakescope.calibration.calibration_metrics`
+    (ECE over 15 equal-mass bins, Brier score, TPR at FPR 1 % and 5 %, EER; ``None`` with one class
+    only, like ROC-AUC).
 
     ``labels``: 0 = nature, 1 = ai. ``p_ai``: P(ai), finite, in [0, 1] (else ``ValueError``). An
     image is called AI when ``p_ai >= threshold`` (equal counts as AI). ``confusion`` is
@@ -84,6 +89,8 @@ def binary_metrics(labels: Sequence[int] | np.ndarray, p_ai: Sequence[float] | n
         real_accuracy=_ratio(tn, tn + fp),
         fake_accuracy=_ratio(tp, tp + fn),
     )
+    if both:
+        out.update(calibration_metrics(y, p))
     return out
 
 

@@ -20,7 +20,9 @@ def add_parser(sub):
     p.add_argument("--limit", type=a.positive_int, default=None, help="at most N images per generator and class")
     p.add_argument("--save-examples", default=None, metavar="DIR",
                    help="write up to 16 clean/adversarial example pairs per eps as PNGs into DIR")
-    p.add_argument("--threshold", type=a.threshold, default=0.5)
+    p.add_argument("--threshold", type=a.threshold, default=None,
+                   help="decision threshold on p_ai (default: the run's calibrated one, else 0.5)")
+    p.add_argument("--uncalibrated", action="store_true", help="raw p_ai and threshold 0.5, ignoring calibration.json")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT")
     p.add_argument("--out", default=None, help="folder for the plot (default RUN/attack-<name>)")
@@ -43,7 +45,8 @@ def run(args) -> int:
     res = attack_run(args.run, args.data, attack=args.attack, eps_list=eps, steps=args.steps,
                      step_size=args.step_size, direction=args.direction, split=args.split,
                      generators=args.generators, limit=args.limit, source=args.source,
-                     examples=EXAMPLES if args.save_examples else 0, threshold=args.threshold, seed=args.seed,
+                     examples=EXAMPLES if args.save_examples else 0, threshold=args.threshold,
+                     uncalibrated=args.uncalibrated, seed=args.seed,
                      device=args.device, precision=args.precision, batch_size=args.batch_size or 64,
                      num_workers=args.workers, attack_options=options)
     write_attack(res, args.out or attack_folder(args.run, args.attack), args.json_out, examples_dir=args.save_examples)
@@ -54,7 +57,8 @@ def run(args) -> int:
             for r in res["results"]}
     print(markdown_table(rows, ("robust_accuracy", "success_rate", "ai-to-real acc", "real-to-ai acc",
                                 "mean_linf", "mean_l2", "psnr"), first=f"{args.attack} eps"))
-    print(f"\nclean accuracy {res['clean_accuracy']:.4f} on {res['n']} images (judged in {res['precision']}, "
+    print(f"\nthreshold {res['threshold']:.6g} ({res['threshold_source']}; on the raw p_ai {res['raw_threshold']:.6g})")
+    print(f"clean accuracy {res['clean_accuracy']:.4f} on {res['n']} images (judged in {res['precision']}, "
           f"crafted in {res['attack_precision']}); "
           f"results: {res['outputs']['json']}  plot: {res['outputs']['plot']}")
     return 0

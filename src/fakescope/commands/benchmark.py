@@ -64,7 +64,11 @@ def add_parser(sub):
     b.add_argument("--cross", action="store_true", default=None, help="also the cross-generator matrix of every model")
     b.add_argument("--leave-one-out", action="store_true", default=None,
                    help="with --cross: leave-one-generator-out instead of one-vs-all")
-    b.add_argument("--threshold", type=a.threshold, default=None)
+    b.add_argument("--threshold", type=a.threshold, default=None,
+                   help="decision threshold (default: each run's calibrated one, else 0.5)")
+    b.add_argument("--calibrate", type=a.fraction, default=None, metavar="FPR",
+                   help="calibrate every run on its own held-out training images for this target false-positive "
+                        "rate before evaluating it")
     b.add_argument("--attack", default=None, choices=["fgsm", "pgd", "pgd-l2", "square"],
                    help="also the robust accuracy of every model's first-seed run under this attack")
     b.add_argument("--attack-eps", default=None, help="budgets, e.g. 0,1/255,2/255,4/255,8/255")
@@ -82,7 +86,7 @@ def study_options(args) -> tuple[dict, dict]:
     base = load_config_file(args.config) if args.config else {}
     over = {k: getattr(args, k, None) for k in ("data", "generators", "out", "seeds", "epochs", "lr", "limit",
                                                  "force", "jpeg_align", "jpeg_align_train", "degrade", "cross",
-                                                 "leave_one_out", "threshold", "precision_check", "device",
+                                                 "leave_one_out", "threshold", "calibrate", "precision_check", "device",
                                                  "max_pixels", "cache_dir")}
     if getattr(args, "attack", None):  # benchmark only (cross has no attack options)
         over["attack"] = {"name": args.attack, **({"eps": args.attack_eps} if args.attack_eps else {}),

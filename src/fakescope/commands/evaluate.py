@@ -11,7 +11,9 @@ def add_parser(sub):
     e = sub.add_parser("evaluate", help="metrics of a run on a data root")
     e.add_argument("run")
     a.add_data(e)
-    e.add_argument("--threshold", type=a.threshold, default=0.5)
+    e.add_argument("--threshold", type=a.threshold, default=None,
+                   help="decision threshold on p_ai (default: the run's calibrated one, else 0.5)")
+    e.add_argument("--uncalibrated", action="store_true", help="raw p_ai and threshold 0.5, ignoring calibration.json")
     e.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the JSON here")
     e.add_argument("--out", default=None, help="folder for the PNGs and scores.npz "
                    "(default: RUN/eval-<data root's folder name>-<split>)")
@@ -26,10 +28,11 @@ def run(args) -> int:
     from fakescope.engine import runtime
     from fakescope.engine.evaluation import evaluate_run
     from fakescope.report.artifacts import eval_folder, write_evaluation
-    from fakescope.report.tables import markdown_table
+    from fakescope.report.tables import fmt, markdown_table
 
     result = evaluate_run(
         args.run, args.data, split=args.split, generators=args.generators, threshold=args.threshold,
+        uncalibrated=args.uncalibrated,
         native_size=args.native_size, jpeg_align=args.jpeg_align, degrade=args.degrade, device=args.device,
         precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
         use_cache=not args.no_cache, cache_dir=args.cache_dir, max_pixels=args.max_pixels, compile=args.compile,
@@ -38,6 +41,15 @@ def run(args) -> int:
     if runtime.is_main():
         rows = {"overall": result["overall"], **result["per_generator"]}
         print(markdown_table(rows, first=f"{result['model']['name']} on {args.split}"))
+        print()
+        print(markdown_table(rows, ("ece", "brier", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct", "eer"),
+                             first="calibration / operating point"))
+        cal = result["calibration"]
+        print(f"\nthreshold {result['threshold']:.6g} ({result['threshold_source']}); scores "
+              + (f"calibrated (T = {cal['temperature']:.4f}; uncalibrated ECE {fmt(cal['uncalibrated']['ece'])})"
+                 if cal else "raw p_ai"))
+        for w in result.get("warnings", []):
+            print(f"WARNING: {w}", file=sys.stderr)
         for kind, levels in result.get("degradations", {}).items():
             print()
             print(markdown_table({f"{kind} {lv['level']:g}": lv["overall"] for lv in levels},

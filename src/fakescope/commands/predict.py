@@ -8,7 +8,7 @@ import json
 
 from fakescope.commands import args as a
 
-COLUMNS = ("path", "p_ai", "verdict", "error")
+COLUMNS = ("path", "p_ai", "verdict", "generator_hint", "error")
 
 
 def add_parser(sub):
@@ -16,7 +16,13 @@ def add_parser(sub):
     p.add_argument("run")
     p.add_argument("paths", nargs="+")
     p.add_argument("--format", default="table", choices=["table", "csv", "json"])
-    p.add_argument("--threshold", type=a.threshold, default=0.5)
+    p.add_argument("--threshold", type=a.threshold, default=None,
+                   help="decision threshold on p_ai (default: the run's calibrated one, else 0.5)")
+    p.add_argument("--uncalibrated", action="store_true", help="raw p_ai and threshold 0.5, ignoring calibration.json")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                   help="onnxruntime: score with the exported model (see `fakescope export`)")
+    p.add_argument("--onnx", default=None, metavar="PATH", help="the exported model (default RUN/model.onnx)")
+    p.add_argument("--no-provenance", action="store_true", help="do not read the files' provenance metadata")
     p.add_argument("--max-file-size", type=a.positive_int, default=50 * 2**20, help="bytes (default 50 MiB)")
     p.add_argument("--native-size", default=None, help="override the run's native size: N or off")
     a.add_runtime(p)
@@ -27,7 +33,9 @@ def run(args) -> int:
     from fakescope.engine import runtime
     from fakescope.engine.evaluation import predict_paths
 
-    rows = predict_paths(args.run, args.paths, threshold=args.threshold, device=args.device,
+    rows = predict_paths(args.run, args.paths, threshold=args.threshold, uncalibrated=args.uncalibrated,
+                         backend=args.backend, onnx_path=args.onnx, provenance=not args.no_provenance,
+                         device=args.device,
                          precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
                          max_file_size=args.max_file_size, max_pixels=args.max_pixels,
                          native_size=args.native_size, compile=args.compile)
@@ -40,14 +48,21 @@ def run(args) -> int:
         w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n", extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
+            w.writerow({k: r.get(k, (r.get("provenance") or {}).get(k) or "") for k in COLUMNS})
         print(buf.getvalue(), end="")
     else:
         width = min(80, max((len(r["path"]) for r in rows), default=4))
-        print(f"{'path':{width}s}  {'p_ai':>7s}  verdict")
+        print(f"{'path':{width}s}  {'p_ai':>7s}  verdict  metadata")
         for r in rows:
             if "error" in r:
                 print(f"{r['path']:{width}s}  {'-':>7s}  error: {r['error']}")
             else:
-                print(f"{r['path']:{width}s}  {r['p_ai']:7.4f}  {r['verdict']}")
+                hint = (r.get("provenance") or {}).get("generator_hint") or "-"
+                print(f"{r['path']:{width}s}  {r['p_ai']:7.4f}  {r['verdict']:7s}  {hint}")
+        scored = [r for r in rows if "threshold" in r]
+        if scored:
+            r = scored[0]
+            print(f"\nthreshold {r['threshold']:.6g} ({r['threshold_source']}), "
+                  f"{'calibrated' if r['calibrated'] else 'raw'} p_ai; metadata is separate evidence and "
+                  f"never changes p_ai (its absence proves nothing)")
     return 0 if any("error" not in r for r in rows) else 1

@@ -51,7 +51,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--threshold", type=a.threshold, default=0.5, help="verdict threshold on P(ai)")
+    p.add_argument("--threshold", type=a.threshold, default=None,
+                   help="verdict threshold on P(ai) (default: each run's calibrated one, else 0.5)")
+    p.add_argument("--uncalibrated", action="store_true", help="raw p_ai and threshold 0.5, ignoring calibration.json")
+    p.add_argument("--no-provenance", action="store_true", help="do not report the uploads' provenance metadata")
     p.add_argument("--max-batch", type=a.positive_int, default=32, help="most images in one forward pass")
     p.add_argument("--max-wait-ms", type=_nonneg_float, default=10.0,
                    help="longest wait for more images before a forward pass starts")
@@ -80,7 +83,8 @@ def run(args) -> int:
     from fakescope.serve.app import CONFIG_ENV, ServeOptions, config_env, create_app
 
     api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
-    options = ServeOptions(threshold=args.threshold, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+    options = ServeOptions(threshold=args.threshold, uncalibrated=args.uncalibrated,
+                           provenance=not args.no_provenance, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            max_queue=args.max_queue, max_file_size=args.max_file_size, max_files=args.max_files,
                            max_pixels=args.max_pixels, api_key=api_key, device=args.device,
                            precision=args.precision)

@@ -9,5 +9,7 @@ fakescope.engine.runtime`` stays light. Among them:
   features, computed once and kept in a memory-mapped on-disk cache;
 * :mod:`~fakescope.engine.train`: the training loop (``TrainOptions``, ``train``);
 * :mod:`~fakescope.engine.checkpoint`: run directories (safetensors + JSON);
-* :mod:`~fakescope.engine.infer`: scoring files and evaluating an index.
+* :mod:`~fakescope.engine.infer`: scoring files and evaluating an index;
+* :mod:`~fakescope.engine.calibrate`: scoring a calibration set (a root's split, or the run's own
+  held-out training images) and fitting temperature scaling and a threshold (returns data).
 """

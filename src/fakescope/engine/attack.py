@@ -82,7 +82,8 @@ def _batches(index, pipeline, device, batch_size, num_workers, source_pipeline=N
 def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: str = "pgd",
                eps_list: list[float], steps: int = 10, step_size: float | None = None, direction: str = "both",
                split: str = "val", generators=None, limit: int | None = None, source: str | None = None,
-               examples: int = 0, threshold: float = 0.5, seed: int = 42, device: str = "auto",
+               examples: int = 0, threshold: float | None = None, uncalibrated: bool = False, seed: int = 42,
+               device: str = "auto",
                precision: str = "auto", batch_size: int = 64, num_workers: int | None = None,
                attack_options: dict | None = None) -> dict:
     """Robust accuracy of a run under ``attack`` at each eps: the attack JSON as a dict (``precision``:
@@ -90,10 +91,18 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
     up to that many example images per eps as arrays (``examples``). Writes nothing.
 
     ``source``: a transfer attack, crafted on that run (through its own preprocessing: native size
-    and JPEG alignment) and judged by ``run_dir``."""
-    from fakescope.attacks import robustness
+    and JPEG alignment) and judged by ``run_dir``.
 
-    threshold = checked("threshold", threshold, validate.threshold, source="attack_run")
+    Decisions use the run's calibrated threshold when it has one (unless ``uncalibrated``; an explicit
+    ``threshold`` wins, on the calibrated scale). Temperature scaling keeps the order of the scores, so
+    the attack runs on the raw model with the equivalent raw threshold; the result records both."""
+    from fakescope.attacks import robustness
+    from fakescope.calibration import resolve_decision
+
+    if threshold is not None:
+        threshold = checked("threshold", threshold, validate.threshold, source="attack_run")
+    decision = resolve_decision(run_dir, threshold, uncalibrated)
+    raw_threshold = decision.raw_threshold()
     model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision)
     craft_prec = resolve_precision("fp32" if precision == "auto" else precision, dev, inference=True)
     target = _Judged(model, prec, dev)
@@ -115,13 +124,17 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
     torch.manual_seed(seed)
     result = robustness(target, _batches(index, pipeline, dev, batch_size, num_workers, src_pipeline), attack=attack,
                         eps_list=eps_list, steps=steps, step_size=step_size, direction=direction, seed=seed,
-                        source_model=src_model, crafter=crafter, max_examples=examples, threshold=threshold,
+                        source_model=src_model, crafter=crafter, max_examples=examples, threshold=raw_threshold,
                         attack_options=attack_options)
     result["model"] = {"name": config["model"]["name"], "run": str(Path(run_dir).resolve()),
                        "source": str(Path(source).resolve()) if source else None}
     result["data"] = {"root": index.root, "split": split, "generators": index.generator_names, "n_files": len(index),
                       "limit_per_class": limit, "native_size": pipeline.native_size,
                       "source_native_size": (src_pipeline or pipeline).native_size if source else None}
+    result["threshold"] = decision.threshold
+    result["threshold_source"] = decision.source
+    result["calibrated"] = decision.calibrated
+    result["raw_threshold"] = raw_threshold
     result["precision"] = prec.name
     result["attack_precision"] = craft_prec.name
     result["seed"] = seed

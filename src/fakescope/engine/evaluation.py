@@ -52,7 +52,8 @@ def prepare(run_dir, *, device="auto", precision="auto", native_size=None, jpeg_
 
 
 def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: str = "val", generators=None,
-                 threshold: float = 0.5, native_size=None, jpeg_align: int | None = None, degrade=None,
+                 threshold: float | None = None, uncalibrated: bool = False, native_size=None,
+                 jpeg_align: int | None = None, degrade=None,
                  device: str = "auto", precision: str = "auto", batch_size: int | None = None,
                  num_workers: int | None = None, use_cache: bool = True, cache_dir=None,
                  max_pixels: int | None = None, compile: bool = False) -> dict:
@@ -61,8 +62,19 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     JSON, figures and ``scores.npz`` are :func:`fakescope.report.artifacts.write_evaluation`'s job.
 
     Images that cannot be read, and images the model scores NaN or inf, are listed in ``bad_files``
-    (path -> reason) and left out of the metrics."""
-    threshold = checked("threshold", threshold, validate.threshold, source="evaluate_run")
+    (path -> reason) and left out of the metrics.
+
+    Scores are the run's calibrated ``p_ai`` and the threshold its calibrated one when it has a
+    ``calibration.json`` (unless ``uncalibrated``); an explicit ``threshold`` wins (on the calibrated
+    scale). The result records the threshold, where it came from (``threshold_source``), the calibration
+    used (with the uncalibrated ECE and Brier score), and ``warnings`` (e.g. evaluating on the
+    calibration set itself); ``scores`` holds ``p_ai_raw`` beside ``p_ai``."""
+    from fakescope.calibration import calibration_metrics, resolve_decision
+    from fakescope.engine.calibrate import same_set
+
+    if threshold is not None:
+        threshold = checked("threshold", threshold, validate.threshold, source="evaluate_run")
+    decision = resolve_decision(run_dir, threshold, uncalibrated)
     try:
         degradations = parse_degradations(degrade)
     except ValueError as e:
@@ -72,42 +84,93 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     index = index_root(data).select(generators, split)
     if len(index) == 0:
         raise FakescopeError(f"no images in {data} for split {split!r}")
-    result = evaluate_index(model, index, pipeline, device=dev, precision=prec, threshold=threshold,
+    result = evaluate_index(model, index, pipeline, device=dev, precision=prec, threshold=decision.threshold,
                             batch_size=batch_size, num_workers=num_workers, use_cache=use_cache,
                             cache_root=cache_dir, degradations=degradations,
-                            max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+                            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                            calibrate=decision.p_ai if decision.calibrated else None)
     scores = result.pop("scores")
     result["model"] = {"name": config["model"]["name"], "run": str(Path(run_dir).resolve()),
                        "options": config["model"].get("options", {})}
     result["data"] = {"root": index.root, "split": split, "generators": index.generator_names,
                       "n_files": len(index), "native_size": pipeline.native_size, "jpeg_align": pipeline.jpeg_align}
-    result["threshold"] = threshold
+    result["threshold"] = decision.threshold
+    result["threshold_source"] = decision.source
+    result["calibrated"] = decision.calibrated
+    result["calibration"] = None
+    warnings = []
+    if decision.calibrated:
+        cal = decision.calibration
+        both = 0 < int(np.sum(scores["labels"])) < len(scores["labels"])  # as in the metrics: null otherwise
+        raw = calibration_metrics(scores["labels"], scores["p_ai_raw"]) if both else {"ece": None, "brier": None}
+        result["calibration"] = {"temperature": cal.temperature, "target_fpr": cal.target_fpr,
+                                 "calibrated_threshold": cal.threshold, "fitted_on": cal.data,
+                                 "uncalibrated": {"ece": raw["ece"], "brier": raw["brier"]}}
+        if same_set(cal.data, {"root": index.root, "split": split}):
+            warnings.append(f"evaluated on the calibration set itself ({index.root}, split {split!r}): the "
+                            f"threshold's false-positive rate and the ECE here are optimistic")
+    result["warnings"] = warnings
     result["precision"] = prec.name
     result["scores"] = scores
     return result
 
 
-def predict_paths(run_dir, paths: list[str], *, threshold: float = 0.5, device: str = "auto",
-                  precision: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
-                  max_file_size: int | None = 50 * 2**20, max_pixels: int | None = None,
-                  native_size=None, compile: bool = False) -> list[dict]:
-    """One row per image: ``{"path", "p_ai", "verdict"}`` or ``{"path", "error"}``; bad files never stop the rest.
+def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, uncalibrated: bool = False,
+                  device: str = "auto", precision: str = "auto", batch_size: int | None = None,
+                  num_workers: int | None = None, max_file_size: int | None = 50 * 2**20,
+                  max_pixels: int | None = None, native_size=None, compile: bool = False, backend: str = "torch",
+                  onnx_path=None, provenance: bool = True) -> list[dict]:
+    """One row per image: ``{"path", "p_ai", "verdict", "threshold", "threshold_source", "calibrated",
+    "provenance"}`` or ``{"path", "error"[, "provenance"]}``; bad files never stop the rest.
 
-    An image the model scores NaN or inf is an error row (``p_ai`` is always a finite number)."""
-    threshold = checked("threshold", threshold, validate.threshold, source="predict_paths")
+    An image the model scores NaN or inf is an error row (``p_ai`` is always a finite number).
+    ``p_ai`` is calibrated and the threshold the calibrated one when the run has a ``calibration.json``
+    (unless ``uncalibrated``; an explicit ``threshold`` wins). ``backend="onnxruntime"`` scores with the
+    exported model (``onnx_path``, default ``RUN/model.onnx``) instead of PyTorch. ``provenance`` is the
+    file's own metadata evidence (:func:`fakescope.provenance.inspect_provenance`); it never changes ``p_ai``."""
+    from fakescope.calibration import resolve_decision
+
+    if threshold is not None:
+        threshold = checked("threshold", threshold, validate.threshold, source="predict_paths")
+    if backend not in ("torch", "onnxruntime"):
+        raise FakescopeError(f"expected --backend torch or onnxruntime, got {backend!r}")
+    decision = resolve_decision(run_dir, threshold, uncalibrated)
     missing = [p for p in paths if not os.path.lexists(p)]
     files = list_images([p for p in paths if os.path.lexists(p)])
-    model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision,
-                                                 native_size=native_size, compile=compile)
-    p, errors = score_files(model, files, pipeline, device=dev, precision=prec, batch_size=batch_size,
-                            num_workers=num_workers, use_cache=False, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                            max_file_size=max_file_size, desc="predicting")
+    if backend == "onnxruntime":
+        from fakescope.engine.checkpoint import read_config
+        from fakescope.export import OnnxDetector, score_files_onnx
+
+        config = read_config(run_dir)
+        det = OnnxDetector(onnx_path or Path(run_dir) / "model.onnx")
+        if det.metadata.get("model") != config["model"]["name"]:
+            raise FakescopeError(f"expected an ONNX export of this run's model {config['model']['name']}, got "
+                                 f"{det.metadata.get('model')} in {det.path}")
+        pipeline = Pipeline(det.input_size, native_size_for(config, native_size),
+                            config.get("train", {}).get("jpeg_align"))
+        p, errors = score_files_onnx(det, files, pipeline, batch_size=batch_size or 64, num_workers=num_workers,
+                                     max_pixels=max_pixels, max_file_size=max_file_size, raw=True)
+    else:
+        model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision,
+                                                     native_size=native_size, compile=compile)
+        p, errors = score_files(model, files, pipeline, device=dev, precision=prec, batch_size=batch_size,
+                                num_workers=num_workers, use_cache=False, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                                max_file_size=max_file_size, desc="predicting")
+    p = decision.p_ai(p)
     rows: list[dict] = [{"path": m, "error": "file not found"} for m in missing]
     for i, f in enumerate(files):
         if i in errors:
-            rows.append({"path": f, "error": errors[i]})
+            row = {"path": f, "error": errors[i]}
+        elif not np.isfinite(p[i]):
+            row = {"path": f, "error": f"the model scored this image {p[i]} (not a finite number)"}
         else:
-            rows.append({"path": f, **verdict(p[i], threshold)})
+            row = {"path": f, **verdict(p[i], decision.threshold), "threshold": decision.threshold,
+                   "threshold_source": decision.source, "calibrated": decision.calibrated}
+        if provenance:
+            from fakescope.provenance import inspect_provenance
+
+            row["provenance"] = inspect_provenance(f)
+        rows.append(row)
     return rows
 
 

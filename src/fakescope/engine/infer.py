@@ -191,8 +191,12 @@ def _metrics(labels, p, gens, threshold) -> tuple[dict, np.ndarray]:
 
 def evaluate_index(model, index: Index, pipeline: Pipeline, *, device: torch.device, precision: Precision,
                    threshold: float = 0.5, batch_size: int | None = None, num_workers: int | None = None,
-                   use_cache: bool = True, cache_root=None, degradations=(), max_pixels: int | None = None) -> dict:
+                   use_cache: bool = True, cache_root=None, degradations=(), max_pixels: int | None = None,
+                   calibrate=None) -> dict:
     """Metrics of ``model`` on ``index``: overall, per generator, and under each degradation level.
+
+    ``calibrate`` (raw p_ai -> calibrated p_ai, e.g. ``Decision.p_ai``) is applied to every score
+    before the metrics; ``scores`` then holds both (``p_ai`` calibrated, ``p_ai_raw``).
 
     Every file is decoded once for all levels. ``seconds`` is the time of the whole scoring,
     ``images_per_second`` the readable images scored per second over all levels.
@@ -211,12 +215,15 @@ def evaluate_index(model, index: Index, pipeline: Pipeline, *, device: torch.dev
                                num_workers=num_workers, use_cache=use_cache, cache_root=cache_root,
                                max_pixels=max_pixels, desc="evaluating", descs=descs)
     seconds = time.perf_counter() - t0
+    p_raw = p[0].copy()
+    if calibrate is not None:
+        p = np.asarray(calibrate(p))
     result, ok = _metrics(labels, p[0], gens, threshold)
     result["seconds"] = seconds
     result["images_per_second"] = float(ok.sum() * len(pipelines) / seconds) if seconds > 0 else None
     result["bad_files"] = {files[i]: r for i, r in sorted(errors.items())}
     result["scores"] = {"files": np.asarray(files, dtype=object)[ok], "labels": labels[ok], "p_ai": p[0][ok],
-                        "generators": gens[ok]}
+                        "p_ai_raw": p_raw[ok], "generators": gens[ok]}
     if degradations:
         result["degradations"] = {}
         for j, (kind, level) in enumerate(levels, start=1):

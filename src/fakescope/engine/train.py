@@ -463,5 +463,8 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
     if runtime.is_main():
         write_json(out / ckpt.METRICS, summary)
         write_json(out / ckpt.BAD_FILES, bad_files)
+        from fakescope.report.model_card import inspect_training_data, write_model_card
+
+        write_model_card(out, inspect_training_data(config))
     runtime.barrier()
     return summary

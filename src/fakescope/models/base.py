@@ -65,7 +65,9 @@ class Detector(nn.Module):
         return logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
 
     def p_ai(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.ai_logit(logits.float()))
+        """P(ai), computed in float64 so that the logit stays recoverable (|z| up to ~36, where float32
+        saturates at ~17): calibration divides that logit by a temperature."""
+        return torch.sigmoid(self.ai_logit(logits.double()))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Binary cross-entropy for one logit, categorical cross-entropy for two (as in the study)."""

@@ -52,9 +52,11 @@ def _savez(path: Path, **arrays) -> None:
 def write_evaluation(result: dict, folder: str | os.PathLike, json_path: str | os.PathLike | None = None, *,
                      figures: bool = True) -> dict:
     """Write an evaluation into ``folder``: ``metrics.json`` (or ``json_path``), ``scores.npz``
-    (per-image labels, P(ai), generators, files and the data root), ``roc.png``, ``confusion.png``
-    and one ``degrade-<kind>.png`` per degradation (``figures=False``: the JSON and scores only).
-    Sets and returns ``result["outputs"]``."""
+    (per-image labels, P(ai) — calibrated when the run is, with the raw ``p_ai_raw`` beside it —,
+    generators, files and the data root), ``roc.png``, ``confusion.png``, ``reliability.png`` and one
+    ``degrade-<kind>.png`` per degradation (``figures=False``: the JSON and scores only).
+    Sets and returns ``result["outputs"]``. When the folder is inside the evaluated run and the run
+    has a ``MODEL_CARD.md``, the card is rewritten so that it lists this evaluation."""
     folder = Path(folder)
     json_path = Path(json_path) if json_path else folder / "metrics.json"
     outputs = {"json": str(json_path), "folder": str(folder)}
@@ -63,7 +65,8 @@ def write_evaluation(result: dict, folder: str | os.PathLike, json_path: str | o
         return outputs
     scores = result.get("scores")
     if scores is not None:
-        _savez(folder / "scores.npz", labels=np.asarray(scores["labels"]), p_ai=np.asarray(scores["p_ai"]),
+        extra = {"p_ai_raw": np.asarray(scores["p_ai_raw"])} if "p_ai_raw" in scores else {}
+        _savez(folder / "scores.npz", labels=np.asarray(scores["labels"]), p_ai=np.asarray(scores["p_ai"]), **extra,
                generators=np.asarray(scores["generators"]).astype(str), files=np.asarray(scores["files"]).astype(str),
                data_root=np.asarray(result.get("data", {}).get("root", "")))
         outputs["scores"] = str(folder / "scores.npz")
@@ -77,6 +80,10 @@ def write_evaluation(result: dict, folder: str | os.PathLike, json_path: str | o
             curves[g] = (labels[gens == g], p[gens == g])
         P.roc_plot(curves, folder / "roc.png", title=f"ROC — {name}")
         P.confusion_plot(result["overall"]["confusion"], folder / "confusion.png", title=name)
+        rel = {"calibrated" if result.get("calibrated") else "p_ai": (labels, p)}
+        if result.get("calibrated") and "p_ai_raw" in scores:
+            rel["raw"] = (labels, np.asarray(scores["p_ai_raw"]))
+        P.reliability_plot(rel, folder / "reliability.png", title=f"reliability — {name}")
         for kind, rows in result.get("degradations", {}).items():
             P.curve_plot([r["level"] for r in rows], {
                 "accuracy": [r["overall"]["accuracy"] for r in rows],
@@ -84,6 +91,12 @@ def write_evaluation(result: dict, folder: str | os.PathLike, json_path: str | o
                 xlabel=DEGRADE_XLABEL[kind], ylabel="score", title=f"{name} under {kind}",
                 invert_x=kind in ("jpeg", "resize"))
     write_json(json_path, without_arrays(result))
+    run = Path(result.get("model", {}).get("run", ""))
+    in_run = json_path.name == "metrics.json" and json_path.resolve().parent.parent == run.resolve()
+    if in_run and (run / "MODEL_CARD.md").is_file():
+        from fakescope.report.model_card import write_model_card
+
+        write_model_card(run)  # the card lists the run's evaluations
     return outputs
 
 
@@ -143,3 +156,17 @@ def write_attack(result: dict, folder: str | os.PathLike, json_path: str | os.Pa
         write_examples(result.get("examples") or [], examples_dir)
     write_json(json_path, without_arrays(result))
     return outputs
+
+
+def write_calibration_files(run_dir: str | os.PathLike, calibration) -> dict:
+    """Store a :class:`fakescope.calibration.Calibration` in its run: ``calibration.json`` (atomic) and a
+    rewritten ``MODEL_CARD.md``. Returns their paths (rank 0 writes; the others only get the paths)."""
+    from fakescope.calibration import calibration_path, write_calibration
+    from fakescope.engine.checkpoint import read_config
+    from fakescope.report.model_card import CARD, inspect_training_data, write_model_card
+
+    paths = {"calibration": str(calibration_path(run_dir)), "model_card": str(Path(run_dir) / CARD)}
+    if runtime.is_main():
+        write_calibration(run_dir, calibration)
+        write_model_card(run_dir, inspect_training_data(read_config(run_dir)))
+    return paths

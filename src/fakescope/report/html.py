@@ -161,6 +161,13 @@ def _cross_results(out: Path, results: dict) -> dict[str, dict]:
 
 # --- the report -----------------------------------------------------------------------------------
 
+def _threshold_text(cfg: dict) -> str:
+    if cfg.get("calibrate") is not None:
+        return (f"each run's calibrated one (temperature scaling and a threshold for a false-positive rate of "
+                f"{cfg['calibrate']:g} on the run's held-out training images)")
+    return "each run's calibrated one where it has a calibration.json, else 0.5"
+
+
 def write_report(out: str | os.PathLike, results: dict | None = None,
                  samples: list[tuple[str, list[np.ndarray]]] | None = None) -> dict:
     """Write ``out/report.md`` and ``out/report.html`` (and ``out/figures/*.png``); return their paths.
@@ -185,7 +192,8 @@ def write_report(out: str | os.PathLike, results: dict | None = None,
     seeds = ", ".join(map(str, cfg.get("seeds", [])))
     doc.para(f"Data: `{cfg.get('data')}` — generators: {', '.join(gens)}; trained on the train split of all "
              f"selected generators, evaluated on the {split} split. Seeds: {seeds}; "
-             f"epochs: {cfg.get('epochs')}; threshold {cfg.get('threshold')}.")
+             f"epochs: {cfg.get('epochs')}; threshold "
+             f"{cfg.get('threshold') if cfg.get('threshold') is not None else _threshold_text(cfg)}.")
     if multi:
         n = len(cfg.get("seeds", []))
         doc.para(f"With several seeds each figure is mean ± sample std [95 % Student t-interval of the mean over "
@@ -196,6 +204,12 @@ def write_report(out: str | os.PathLike, results: dict | None = None,
         doc.heading(2, "Results")
         doc.table(["model", *(_TITLES[c] for c in STUDY_COLUMNS)],
                   [[label, *(m["overall"].get(c) for c in STUDY_COLUMNS)] for label, m in models.items()])
+        doc.table(["model", "ECE", "Brier", "TPR at FPR 1 %", "TPR at FPR 5 %", "EER"],
+                  [[label, *(m["overall"].get(c) for c in ("ece", "brier", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct",
+                                                           "eer"))] for label, m in models.items()])
+        doc.para("Calibration (ECE over 15 equal-mass bins, Brier score) and operating points: the share of AI "
+                 "images caught when at most 1 % / 5 % of real images may be called AI, and the equal error rate.",
+                 note=True)
         doc.table(["model", "params", "trainable", "input", "epochs run", "data s", "train s", "train img/s",
                    "trained on", "eval img/s", "eval precision"],
                   [[label, m.get("params"), m.get("trainable_params"), m.get("input_size"), m.get("epochs_run"),
@@ -228,6 +242,15 @@ def write_report(out: str | os.PathLike, results: dict | None = None,
     if sample:
         doc.heading(2, "Sample images")
         doc.figures([(sample, f"samples of the {split} split per generator and class")])
+
+    galleries = [(m.get("gallery"), f"{label}: correct and wrong examples per class, Grad-CAM overlay")
+                 for label, m in models.items() if m.get("gallery")]
+    if galleries:
+        doc.heading(2, "What the model looks at")
+        doc.para("Grad-CAM on each model's last convolutional stage (first seed): red regions pushed the score "
+                 "toward AI. A few of the most confident right and wrong calls per class, at the threshold used "
+                 "for the results above.")
+        doc.figures(galleries)
 
     shortcut = {label: m["shortcut"] for label, m in models.items() if m.get("shortcut")}
     if shortcut:

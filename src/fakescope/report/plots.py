@@ -53,6 +53,31 @@ def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.Pa
     return _save(fig, path)
 
 
+def reliability_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
+                     title: str = "reliability", n_bins: int = 15) -> str | None:
+    """Reliability diagram: mean ``p_ai`` against the share of AI images in ``n_bins`` equal-mass bins,
+    one line per ``{name: (labels, p_ai)}``, with each line's ECE in the legend; the diagonal is perfect
+    calibration."""
+    from fakescope.calibration import ece, reliability_bins
+
+    fig, ax = _subplots((4.6, 4.6))
+    drawn = 0
+    for name, (y, p) in curves.items():
+        bins = reliability_bins(y, p, n_bins)
+        if not bins:
+            continue
+        ax.plot([b["p_mean"] for b in bins], [b["ai_fraction"] for b in bins], marker="o", ms=4,
+                label=f"{name} (ECE {ece(y, p, n_bins):.3f})")
+        drawn += 1
+    if not drawn:
+        return None
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="mean p_ai in bin", ylabel="share of AI images in bin",
+           title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
 def confusion_plot(confusion: Sequence[Sequence[int]], path: str | os.PathLike, title: str = "confusion") -> str:
     cm = np.asarray(confusion)
     fig, ax = _subplots((3.6, 3.2))
@@ -93,6 +118,23 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: 
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return _save(fig, path)
+
+
+def gallery_plot(rows: list[tuple[str, list[tuple[np.ndarray, str]]]], path: str | os.PathLike,
+                 title: str = "") -> str:
+    """A captioned grid: one row per ``(label, [(HxWx3 uint8 image, caption), ...])``."""
+    ncols = max((len(items) for _, items in rows), default=1)
+    fig, axes = _subplots((2.3 * ncols, 2.5 * len(rows)), len(rows), ncols, squeeze=False)
+    for r, (label, items) in enumerate(rows):
+        for c in range(ncols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(items):
+                ax.imshow(items[c][0])
+                ax.set_title(f"{label}\n{items[c][1]}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 

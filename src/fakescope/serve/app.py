@@ -35,6 +35,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from pydantic import BaseModel
 
 from fakescope import __version__
+from fakescope.calibration import calibrate_p_ai, resolve_decision
 from fakescope.data.io import sniff_format
 from fakescope.engine.evaluation import Predictor, verdict
 from fakescope.errors import FakescopeError, ImageReadError
@@ -60,7 +61,9 @@ CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe
 class ServeOptions:
     """Limits and settings of a server (the ``fakescope serve`` options)."""
 
-    threshold: float = 0.5
+    threshold: float | None = None   # None: each run's calibrated threshold (calibration.json), else 0.5
+    uncalibrated: bool = False       # raw p_ai even for a calibrated run
+    provenance: bool = True          # report each upload's provenance metadata (never changes p_ai)
     max_batch: int = 32
     max_wait_ms: float = 10.0
     max_queue: int = 256
@@ -74,7 +77,7 @@ class ServeOptions:
     warmup: bool = True
 
     def __post_init__(self) -> None:
-        if not 0 <= self.threshold <= 1:
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise FakescopeError(f"expected a threshold in [0, 1], got {self.threshold}")
         for name in ("max_batch", "max_queue", "max_file_size", "max_files"):
             if getattr(self, name) < 1:
@@ -104,11 +107,14 @@ class PredictResult(BaseModel):
     height: int | None
     format: str | None
     error: ErrorBody | None
+    provenance: dict[str, Any] | None = None
 
 
 class PredictResponse(BaseModel):
     model: str
     threshold: float
+    threshold_source: str
+    calibrated: bool
     results: list[PredictResult]
 
 
@@ -120,6 +126,8 @@ class ModelInfo(BaseModel):
     input_size: int
     native_size: int | None
     threshold: float
+    threshold_source: str
+    calibrated: bool
     precision: str
     device: str
     data: dict[str, Any]
@@ -154,6 +162,8 @@ class ServedModel:
         self.name = Path(run_dir).resolve().name
         self.predictor = Predictor(run_dir, device=options.device, precision=options.precision,
                                    max_pixels=options.max_pixels, max_file_size=options.max_file_size)
+        # calibrated p_ai and the run's threshold unless told otherwise (fakescope.calibration)
+        self.decision = resolve_decision(run_dir, options.threshold, options.uncalibrated)
         self.buckets = sorted({min(2**k, options.max_batch) for k in range(options.max_batch.bit_length() + 1)})
         self.batcher = Batcher(self.score, executor, max_batch=options.max_batch,
                                max_wait_ms=options.max_wait_ms, max_queue=options.max_queue)
@@ -170,7 +180,8 @@ class ServedModel:
         data["jpeg_align"] = self.predictor.pipeline.jpeg_align
         return {"name": self.name, "default": False, "model": cfg["model"]["name"],
                 "options": cfg["model"].get("options") or {}, "input_size": self.predictor.pipeline.input_size,
-                "native_size": self.predictor.pipeline.native_size, "threshold": options.threshold,
+                "native_size": self.predictor.pipeline.native_size, "threshold": self.decision.threshold,
+                "threshold_source": self.decision.source, "calibrated": self.decision.calibrated,
                 "precision": self.predictor.precision.name, "device": str(self.predictor.device), "data": data,
                 "validation": metrics.get("validation"), "best_epoch": metrics.get("best_epoch")}
 
@@ -182,7 +193,7 @@ class ServedModel:
         size = next(b for b in self.buckets if b >= n)
         if size > n:
             stages = stages + [torch.zeros_like(stages[0])] * (size - n)
-        return self.predictor.score(stages)[:n].tolist()
+        return calibrate_p_ai(self.predictor.score(stages)[:n], self.decision.calibration).tolist()
 
     def warm_up(self, max_batch: int) -> None:
         s = self.predictor.stage_size
@@ -237,10 +248,15 @@ class ServerState:
         self.decoders.shutdown(wait=False, cancel_futures=True)
 
 
-def _decode(model: ServedModel, data: bytes, name: str):
-    """``(row fields, stage image or None)`` for one upload: the format is sniffed from the bytes."""
+def _decode(model: ServedModel, data: bytes, name: str, provenance: bool = False):
+    """``(row fields, stage image or None)`` for one upload: the format is sniffed from the bytes; with
+    ``provenance`` the row carries the file's own metadata evidence (it never changes ``p_ai``)."""
     row: dict[str, Any] = {"filename": name, "p_ai": None, "verdict": None, "width": None, "height": None,
                            "format": None, "error": None}
+    if provenance and data:
+        from fakescope.provenance import inspect_bytes
+
+        row["provenance"] = inspect_bytes(data, name)
     if data:
         row["format"] = sniff_format(data[:16])
         if row["format"] is None:
@@ -326,20 +342,24 @@ def create_app(runs: list[str | os.PathLike], options: ServeOptions | None = Non
                            headers={"Retry-After": RETRY_AFTER_BUSY})
         state.in_flight += 1
         try:
-            return await _predict(request, served, options.threshold if threshold is None else threshold)
+            return await _predict(request, served, threshold)
         finally:
             state.in_flight -= 1
 
-    async def _predict(request: Request, served: ServedModel, threshold: float):
+    async def _predict(request: Request, served: ServedModel, threshold: float | None):
+        # a ?threshold applies to the served scores (calibrated when the run is); else the model's own
+        source = served.decision.source if threshold is None else "?threshold"
+        threshold = served.decision.threshold if threshold is None else threshold
         with served.batcher.expect() as expectation:  # a forward pass may wait for this request's images
             uploads = await read_uploads(request.headers, request.stream(), max_file_size=options.max_file_size,
                                          max_files=options.max_files)
             if sum(len(u.data) for u in uploads) <= INLINE_DECODE_BYTES:  # tiny images: a thread hop costs more
-                decoded = [_decode(served, u.data, u.filename) for u in uploads]
+                decoded = [_decode(served, u.data, u.filename, options.provenance) for u in uploads]
             else:
                 loop = asyncio.get_running_loop()
                 decoded = await asyncio.gather(*(loop.run_in_executor(state.decoders, _decode, served, u.data,
-                                                                      u.filename) for u in uploads))
+                                                                      u.filename, options.provenance)
+                                                 for u in uploads))
             rows = [row for row, _ in decoded]
             good = [i for i, (_, stage) in enumerate(decoded) if stage is not None]
             if good:
@@ -353,7 +373,8 @@ def create_app(runs: list[str | os.PathLike], options: ServeOptions | None = Non
                     else:  # a model that returns NaN/inf for this input: an error row, never NaN in JSON
                         rows[i]["error"] = {"code": "nonfinite_score",
                                             "message": f"the model returned a non-finite score ({p})"}
-        body = {"model": served.name, "threshold": threshold, "results": rows}
+        body = {"model": served.name, "threshold": threshold, "threshold_source": source,
+                "calibrated": served.decision.calibrated, "results": rows}
         if any(r["p_ai"] is not None for r in rows):
             return JSONResponse(body)
         codes = {r["error"]["code"] for r in rows}

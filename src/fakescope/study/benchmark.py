@@ -10,8 +10,10 @@ from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
 from fakescope.study.config import BenchmarkConfig, ModelSpec, make_config
 from fakescope.study.runs import (
+    calibrate_cached,
     ensure_run,
     evaluate_cached,
+    gallery_cached,
     log,
     precision_agreement,
     robustness_cached,
@@ -52,6 +54,8 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
             what = f"[{k}/{total}] {spec.label} seed {seed}"
             rd = run_dir_for(cfg, spec, seed)
             summary, _ = ensure_run(train_options(cfg, spec, seed, cfg.generators), rd, force=cfg.force, what=what)
+            if cfg.calibrate is not None:
+                calibrate_cached(cfg, rd, what)
             ev = evaluate_cached(cfg, rd, generators=cfg.generators, degrade=cfg.degrade, force=cfg.force, what=what)
             log(f"{what}: {cfg.split} accuracy {ev['overall']['accuracy']:.4f}, F1 {_f(ev['overall']['f1'])}, "
                 f"ROC-AUC {_f(ev['overall']['roc_auc'])}")
@@ -67,6 +71,8 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
                  "native_size": run_cfg.get("native_size"),
                  "eval_precision": evals[0].get("precision"),
                  **_timing(summaries, evals), "runs": runs}
+        if cfg.gallery:
+            entry["gallery"] = gallery_cached(cfg, runs[0]["dir"], what=f"{spec.label} seed {cfg.seeds[0]}")
         if cfg.jpeg_align is not None:
             entry["shortcut"] = _shortcut(cfg, spec, runs)
         if cfg.attack:

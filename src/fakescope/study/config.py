@@ -62,7 +62,9 @@ class BenchmarkConfig:
     native_size: str | int = "auto"
     augment: dict = field(default_factory=dict)
     split: str = "val"
-    threshold: float = 0.5
+    threshold: float | None = None   # None: each run's calibrated threshold, else 0.5
+    calibrate: float | None = None   # target FPR: calibrate every run on its own held-out training images
+    gallery: bool = True             # Grad-CAM overlays of a few right and wrong examples (first seed)
     degrade: list[str] = field(default_factory=list)
     jpeg_align: int | None = None
     jpeg_align_train: bool = False
@@ -125,6 +127,13 @@ def _positive_number(v) -> float:
     return x
 
 
+def _target_fpr(v) -> float:
+    x = validate.fraction(v)
+    if x >= 1.0:
+        raise ValueError(f"expected a target false-positive rate in [0, 1), got {v}")
+    return x
+
+
 def _native_size(v) -> str:
     if v in ("auto", "off"):
         return v
@@ -175,7 +184,8 @@ TOP_LEVEL: dict[str, Callable] = {
     "data": _string, "out": _string, "seeds": _seeds, "epochs": validate.positive_int,
     "batch_size": validate.positive_int, "lr": _positive_number, "lr_schedule": _choice("constant", "cosine"),
     "patience": validate.nonneg_int, "val_fraction": validate.fraction, "limit": _optional(validate.positive_int),
-    "native_size": _native_size, "split": _choice("train", "val"), "threshold": validate.threshold,
+    "native_size": _native_size, "split": _choice("train", "val"), "threshold": _optional(validate.threshold),
+    "calibrate": _optional(_target_fpr), "gallery": validate.boolean,
     "jpeg_align": _optional(validate.quality), "jpeg_align_train": validate.boolean,
     "precision_check": validate.boolean, "leave_one_out": validate.boolean, "device": _string,
     "precision": _choice(*PRECISIONS), "eval_batch_size": validate.positive_int,

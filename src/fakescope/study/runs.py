@@ -99,6 +99,7 @@ def _base_key(cfg: BenchmarkConfig, run_dir, generators, precision: str | None, 
     return {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
             "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG),
             "data": selection_digest(cfg.data, generators, cfg.split), "threshold": cfg.threshold,
+            "calibration_sha256": file_digest(Path(run_dir) / "calibration.json"),
             "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS, "device": dev.type, "precision": prec.name}
 
 
@@ -204,6 +205,59 @@ def evaluate_cached(cfg: BenchmarkConfig, run_dir: Path, *, generators: list[str
     return reuse_or_compute(folder / "reuse.json", key, compute, force=force, what=what, name="evaluation")
 
 
+def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str) -> dict:
+    """Calibrate a run on its own held-out training images (``--split holdout``) for ``cfg.calibrate``
+    (reused while the weights, the run's configuration and the target are unchanged)."""
+    from fakescope.calibration import Calibration, read_calibration
+
+    key = {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
+           "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG), "target_fpr": cfg.calibrate,
+           "precision": cfg.precision, "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS}
+
+    def compute() -> dict:
+        from fakescope.engine.calibrate import calibrate_run
+        from fakescope.report.artifacts import write_calibration_files
+
+        log(f"{what}: calibrating on the run's held-out training images (target FPR {cfg.calibrate:g})")
+        res = calibrate_run(run_dir, split="holdout", target_fpr=float(cfg.calibrate), device=cfg.device,
+                            precision=cfg.precision, batch_size=cfg.eval_batch_size, num_workers=cfg.workers,
+                            use_cache=cfg.use_cache, cache_dir=cfg.cache_dir, max_pixels=cfg.max_pixels)
+        write_calibration_files(run_dir, res["calibration"])
+        return res["calibration"].to_dict()
+
+    out = reuse_or_compute(Path(run_dir) / "calibration-reuse.json", key, compute, force=cfg.force, what=what,
+                           name="calibration")
+    on_disk = read_calibration(run_dir)
+    if on_disk is None or on_disk.to_dict() != Calibration.from_dict(out).to_dict():  # the file was removed/edited
+        from fakescope.report.artifacts import write_calibration_files
+
+        write_calibration_files(run_dir, Calibration.from_dict(out))
+    return out
+
+
+def gallery_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str) -> str | None:
+    """``RUN/gallery-<split>/gallery.png`` ("what the model looks at"), reused while the weights, the
+    calibration and the data are unchanged; None for a model without a convolutional map (a ViT)."""
+    folder = Path(run_dir) / f"gallery-{cfg.split}"
+
+    def compute() -> dict:
+        from fakescope.explain import gallery
+
+        log(f"{what}: Grad-CAM gallery")
+        try:
+            return {"png": gallery(run_dir, cfg.data, folder, split=cfg.split, generators=cfg.generators,
+                                   threshold=cfg.threshold)["png"]}
+        except FakescopeError as e:  # e.g. a ViT backbone: no convolutional map to explain
+            log(f"{what}: no gallery ({e})")
+            return {"png": None, "reason": str(e)}
+
+    key = _base_key(cfg, run_dir, cfg.generators, "fp32")
+    res = reuse_or_compute(folder / "reuse.json", key, compute, force=cfg.force, what=what, name="gallery")
+    if res.get("png") and not Path(res["png"]).is_file():
+        res = reuse_or_compute(folder / "reuse.json", key, compute, force=True, what=what, name="gallery")
+    return res.get("png")
+
+
 def attack_key(cfg: BenchmarkConfig, run_dir) -> dict:
     a = cfg.attack
     return {**_base_key(cfg, run_dir, cfg.generators, a.get("precision")), "attack": a,
@@ -273,7 +327,9 @@ def _agreement(run_dir, cfg: BenchmarkConfig, generators: list[str]) -> dict:
     ok = np.isfinite(a) & np.isfinite(b)
     if not ok.any():
         return {"agreement": None, "max_abs_diff": None, "mean_abs_diff": None, "n": 0}
-    t = cfg.threshold
+    from fakescope.calibration import resolve_decision
+
+    t = resolve_decision(run_dir, cfg.threshold).raw_threshold()  # scores are raw here: the same decisions
     return {"agreement": float(np.mean((a[ok] >= t) == (b[ok] >= t))),
             "max_abs_diff": float(np.max(np.abs(a[ok] - b[ok]))),
             "mean_abs_diff": float(np.mean(np.abs(a[ok] - b[ok]))), "n": int(ok.sum())}

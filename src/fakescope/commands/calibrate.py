@@ -1,0 +1,48 @@
+"""``fakescope calibrate``: temperature scaling and an operating threshold for a run, on held-out images."""
+
+from __future__ import annotations
+
+import sys
+
+from fakescope.commands import args as a
+
+
+def add_parser(sub):
+    p = sub.add_parser("calibrate", help="fit calibrated scores and a threshold for a target false-positive rate")
+    p.add_argument("run")
+    p.add_argument("--data", default=None, help="data root of the calibration set (not needed with --split holdout)")
+    p.add_argument("--split", default="val", choices=["train", "val", "holdout"],
+                   help="holdout: the run's own training images it did not train on (its early-stopping carve "
+                        "and what --limit left out)")
+    p.add_argument("--generators", type=a.csv, default=None, help="comma-separated generators to use")
+    p.add_argument("--method", default="temperature", choices=["temperature"])
+    p.add_argument("--target-fpr", type=a.fraction, default=0.01,
+                   help="share of real images the threshold may call AI on the calibration set (default 0.01)")
+    p.add_argument("--limit", type=a.positive_int, default=None, help="at most N images per generator and class")
+    a.add_runtime(p)
+    return p
+
+
+def run(args) -> int:
+    from fakescope.engine import runtime
+    from fakescope.engine.calibrate import calibrate_run
+    from fakescope.report.artifacts import write_calibration_files
+
+    res = calibrate_run(args.run, args.data, split=args.split, generators=args.generators,
+                        target_fpr=args.target_fpr, method=args.method, limit=args.limit, device=args.device,
+                        precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
+                        use_cache=not args.no_cache, cache_dir=args.cache_dir, max_pixels=args.max_pixels)
+    paths = write_calibration_files(args.run, res["calibration"])
+    if not runtime.is_main():
+        return 0
+    for w in res["warnings"]:
+        print(f"WARNING: {w}", file=sys.stderr)
+    c = res["calibration"].to_dict()
+    f = c["fit"]
+    print(f"calibration set: {c['data']['root']} ({c['data']['split']}), {f['n_real']} real + {f['n_ai']} AI images")
+    print(f"temperature {c['temperature']:.4f}: ECE {f['ece_before']:.4f} -> {f['ece_after']:.4f}, "
+          f"Brier {f['brier_before']:.4f} -> {f['brier_after']:.4f}")
+    print(f"threshold {c['threshold']:.6g} for a false-positive rate <= {c['target_fpr']:g}: "
+          f"FPR {f['fpr_at_threshold']:.4f}, TPR {f['tpr_at_threshold']:.4f} on the calibration set")
+    print(f"written: {paths['calibration']}, {paths['model_card']}")
+    return 0

@@ -1,0 +1,93 @@
+"""``calibrate``: fit temperature scaling and an operating threshold for a run on held-out images.
+
+The calibration set is a data root's split, or ``holdout``: the images of the run's own training split
+that it did not train on (its early-stopping carve, plus the files a ``--limit`` left out). It must not
+be the set the run is later judged on; :func:`calibrate_run` warns when it looks like it is, and
+``evaluate`` warns when it evaluates on the calibration set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fakescope.calibration import fit_calibration
+from fakescope.data.io import DEFAULT_MAX_PIXELS
+from fakescope.data.layout import Index, carve_validation, index_root, limit_per_class
+from fakescope.errors import FakescopeError
+
+HOLDOUT = "holdout"
+
+
+def holdout_index(config: dict) -> Index:
+    """The training split's images that the run never trained on: the early-stopping carve plus,
+    when it was trained with ``--limit``, the files the limit left out."""
+    data, train = config.get("data") or {}, config.get("train") or {}
+    root = data.get("root")
+    if not root or not Path(root).is_dir():
+        raise FakescopeError(f"expected the run's training root to exist for --split holdout, got {root!r}; "
+                             f"pass --data ROOT --split val (or train) instead")
+    full = index_root(root).select(data.get("generators"), "train")
+    used = limit_per_class(full, train["limit"]) if train.get("limit") else full
+    _, carve = carve_validation(used, float(train.get("val_fraction", 0.1)))
+    trained = set(used.paths) - set(carve.paths)
+    return full.subset([i for i, p in enumerate(full.paths) if p not in trained])
+
+
+def same_set(a: dict, b: dict) -> bool:
+    """Whether two ``{"root", "split"}`` descriptions name the same images' folder and split."""
+    try:
+        return (os.path.realpath(a["root"]) == os.path.realpath(b["root"]) and a.get("split") == b.get("split"))
+    except (KeyError, TypeError):
+        return False
+
+
+def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = None, *, split: str = "val",
+                  generators=None, target_fpr: float = 0.01, method: str = "temperature", limit: int | None = None,
+                  device: str = "auto", precision: str = "auto", batch_size: int | None = None,
+                  num_workers: int | None = None, use_cache: bool = True, cache_dir=None,
+                  max_pixels: int | None = None) -> dict:
+    """Score the calibration set with the run and fit: ``{"calibration": Calibration, "warnings": [...]}``.
+    Writes nothing: :func:`fakescope.report.artifacts.write_calibration_files` stores it in the run."""
+    from fakescope.engine.checkpoint import read_config
+    from fakescope.engine.evaluation import prepare
+    from fakescope.engine.infer import score_files
+
+    if not 0.0 <= float(target_fpr) < 1.0:
+        raise FakescopeError(f"expected --target-fpr in [0, 1), got {target_fpr}")
+    config = read_config(run_dir)
+    warnings: list[str] = []
+    train_root = (config.get("data") or {}).get("root")
+    if split == HOLDOUT:
+        index = holdout_index(config)
+        if generators:
+            index = index.select(generators)
+        root = index.root
+    else:
+        if data is None:
+            raise FakescopeError("expected --data ROOT with --split train/val (or --split holdout for the "
+                                 "run's own held-out training images)")
+        index = index_root(data).select(generators, split)
+        root = index.root
+        if split == "train" and train_root and os.path.realpath(root) == os.path.realpath(train_root):
+            warnings.append(f"calibrating on {root} split 'train', which this run was trained on: its scores "
+                            f"there are over-confident; use --split holdout or other data")
+        if split == "val":
+            warnings.append(f"calibrating on {root} split 'val': `evaluate` judges on 'val' by default, and figures "
+                            f"measured on the calibration set are optimistic; evaluate on other data")
+    if limit:
+        index = limit_per_class(index, limit)
+    if len(index) == 0:
+        raise FakescopeError(f"no images to calibrate on in {root} (split {split!r})")
+    model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision)
+    files = [index.abspath(i) for i in range(len(index))]
+    p, errors = score_files(model, files, pipeline, device=dev, precision=prec, batch_size=batch_size,
+                            num_workers=num_workers, use_cache=use_cache, cache_root=cache_dir,
+                            max_pixels=max_pixels or DEFAULT_MAX_PIXELS, desc="calibrating")
+    ok = ~np.isnan(p)
+    labels = np.asarray(index.labels)[ok]
+    desc = {"root": root, "split": split, "generators": index.generator_names, "n_files": len(index),
+            "unreadable": int((~ok).sum()), "limit": limit, "precision": prec.name}
+    return {"calibration": fit_calibration(labels, p[ok], target_fpr, method=method, data=desc), "warnings": warnings}
