@@ -17,6 +17,7 @@ from PIL import Image
 
 from fakescope.cli import main
 from fakescope.engine.evaluation import predict_paths
+from fakescope.errors import FakescopeError
 from fakescope.serve import ServeOptions, create_app
 from fakescope.serve.batcher import Batcher, QueueFull
 
@@ -422,3 +423,25 @@ def test_calibrated_run_and_provenance(runs, images, tmp_path):
         raw = predict_paths(run, [str(images[0])], precision="fp32", uncalibrated=True, provenance=False)
         assert not body["calibrated"] and body["threshold"] == 0.5 and "provenance" not in body["results"][0]
         assert body["results"][0]["p_ai"] == pytest.approx(raw[0]["p_ai"], abs=1e-6)
+
+
+def test_onnxruntime_backend_serves_the_export(runs, images, tmp_path):
+    """`serve --backend onnxruntime`: the run's ONNX export answers, with predict's onnxruntime p_ai
+    (and the PyTorch p_ai within export tolerance)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'fakescope[onnx]')")
+    from fakescope.export import export_onnx
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    export_onnx(run)
+    ref_onnx = predict_paths(run, [str(p) for p in images], backend="onnxruntime", provenance=False)
+    ref_torch = predict_paths(run, [str(p) for p in images], precision="fp32", provenance=False)
+    with TestClient(create_app([run], ServeOptions(max_wait_ms=0, backend="onnxruntime"))) as c:
+        _ready(c)
+        assert c.get("/v1/models").json()["models"][0]["backend"] == "onnxruntime"
+        rows = c.post("/v1/predict", files=_multipart(images)).json()["results"]
+    for row, o, t in zip(rows, ref_onnx, ref_torch):
+        assert row["p_ai"] == o["p_ai"] and abs(row["p_ai"] - t["p_ai"]) <= 1e-4
+    (run / "model.onnx").unlink()
+    with pytest.raises(FakescopeError, match="ONNX model not found"):
+        create_app([run], ServeOptions(backend="onnxruntime"))

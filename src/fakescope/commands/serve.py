@@ -70,6 +70,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 + channels_last where the processor supports it, as predict")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                   help="onnxruntime: score with each run's ONNX export, RUN/model.onnx (see `fakescope export`)")
     p.add_argument("--root-path", default="", help="URL prefix when a reverse proxy serves this under a sub-path")
     p.add_argument("--forwarded-allow-ips", default="127.0.0.1",
                    help="proxies whose X-Forwarded-* headers are trusted (comma-separated, or *)")
@@ -87,7 +89,7 @@ def run(args) -> int:
                            provenance=not args.no_provenance, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            max_queue=args.max_queue, max_file_size=args.max_file_size, max_files=args.max_files,
                            max_pixels=args.max_pixels, api_key=api_key, device=args.device,
-                           precision=args.precision)
+                           precision=args.precision, backend=args.backend)
     common = dict(host=args.host, port=args.port, root_path=args.root_path, proxy_headers=True,
                   forwarded_allow_ips=args.forwarded_allow_ips, access_log=not args.no_access_log,
                   timeout_graceful_shutdown=10, log_level="info")

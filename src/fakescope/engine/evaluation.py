@@ -138,16 +138,9 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
     missing = [p for p in paths if not os.path.lexists(p)]
     files = list_images([p for p in paths if os.path.lexists(p)])
     if backend == "onnxruntime":
-        from fakescope.engine.checkpoint import read_config
-        from fakescope.export import OnnxDetector, score_files_onnx
+        from fakescope.export import score_files_onnx
 
-        config = read_config(run_dir)
-        det = OnnxDetector(onnx_path or Path(run_dir) / "model.onnx")
-        if det.metadata.get("model") != config["model"]["name"]:
-            raise FakescopeError(f"expected an ONNX export of this run's model {config['model']['name']}, got "
-                                 f"{det.metadata.get('model')} in {det.path}")
-        pipeline = Pipeline(det.input_size, native_size_for(config, native_size),
-                            config.get("train", {}).get("jpeg_align"))
+        det, config, pipeline = prepare_onnx(run_dir, onnx_path, native_size=native_size)
         p, errors = score_files_onnx(det, files, pipeline, batch_size=batch_size or 64, num_workers=num_workers,
                                      max_pixels=max_pixels, max_file_size=max_file_size, raw=True)
     else:
@@ -174,6 +167,22 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
     return rows
 
 
+def prepare_onnx(run_dir, onnx_path=None, *, native_size=None):
+    """``(OnnxDetector, config, pipeline)`` for scoring a run with its ONNX export (``onnx_path``,
+    default ``RUN/model.onnx``): the export must be of this run's model; images are prepared exactly
+    as for the PyTorch backend (native size, JPEG alignment)."""
+    from fakescope.engine.checkpoint import read_config
+    from fakescope.export import OnnxDetector
+
+    config = read_config(run_dir)
+    det = OnnxDetector(onnx_path or Path(run_dir) / "model.onnx")
+    if det.metadata.get("model") != config["model"]["name"]:
+        raise FakescopeError(f"expected an ONNX export of this run's model {config['model']['name']}, got "
+                             f"{det.metadata.get('model')} in {det.path}")
+    pipeline = Pipeline(det.input_size, native_size_for(config, native_size), config.get("train", {}).get("jpeg_align"))
+    return det, config, pipeline
+
+
 def verdict(p_ai: float, threshold: float) -> dict:
     """``{"p_ai", "verdict"}`` as ``predict`` reports them: P(ai) rounded to 6 decimals, ``ai`` at or
     above ``threshold``."""
@@ -185,17 +194,32 @@ class Predictor:
     reader ``predict`` uses, then score batches of stage images through the same pipeline,
     precision, memory format and thread count as ``predict_paths``, so the P(ai) are the same.
 
+    ``backend="onnxruntime"`` scores with the run's ONNX export (``onnx_path``, default
+    ``RUN/model.onnx``), as ``predict_paths`` does; the P(ai) are then the raw model's (calibration is
+    applied by the caller, as for the PyTorch backend).
+
     ``decode`` may run in any thread; ``score`` runs the model and belongs to one thread at a time."""
 
     def __init__(self, run_dir, *, device: str = "auto", precision: str = "auto", native_size=None,
-                 max_pixels: int | None = None, max_file_size: int | None = None, compile: bool = False) -> None:
+                 max_pixels: int | None = None, max_file_size: int | None = None, compile: bool = False,
+                 backend: str = "torch", onnx_path=None) -> None:
         self.run_dir = Path(run_dir)
-        self.model, self.config, self.pipeline, self.device, self.precision = prepare(
-            run_dir, device=device, precision=precision, native_size=native_size, compile=compile)
-        self.model.eval()
+        self.backend = backend
+        self.onnx = None
+        if backend == "onnxruntime":
+            self.onnx, self.config, self.pipeline = prepare_onnx(run_dir, onnx_path, native_size=native_size)
+            self.model, self.device = None, torch.device("cpu")
+            self.precision = runtime.resolve_precision("fp32", self.device, inference=True)
+            self.threads = None
+        elif backend == "torch":
+            self.model, self.config, self.pipeline, self.device, self.precision = prepare(
+                run_dir, device=device, precision=precision, native_size=native_size, compile=compile)
+            self.model.eval()
+            self.threads = runtime.model_threads(self.model, self.device)
+        else:
+            raise FakescopeError(f"expected backend torch or onnxruntime, got {backend!r}")
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
         self.max_file_size = max_file_size
-        self.threads = runtime.model_threads(self.model, self.device)
 
     @property
     def stage_size(self) -> int:
@@ -214,6 +238,8 @@ class Predictor:
 
     def score(self, stages: list[torch.Tensor]) -> np.ndarray:
         """P(ai) (float64) of stage images, in one forward pass."""
+        if self.onnx is not None:
+            return self.onnx.raw_p_ai(self.pipeline.finish(torch.stack(stages)).float().div_(255))
         with cpu_threads(self.threads):
             batch = torch.stack(stages).to(self.device, non_blocking=True)
             return stage_p_ai(self.model, self.pipeline, batch, self.precision, self.device)

@@ -75,6 +75,7 @@ class ServeOptions:
     precision: str = "auto"
     decode_threads: int | None = None
     warmup: bool = True
+    backend: str = "torch"           # or "onnxruntime": each run's ONNX export, RUN/model.onnx
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0 <= self.threshold <= 1:
@@ -128,6 +129,7 @@ class ModelInfo(BaseModel):
     threshold: float
     threshold_source: str
     calibrated: bool
+    backend: str
     precision: str
     device: str
     data: dict[str, Any]
@@ -161,7 +163,8 @@ class ServedModel:
     def __init__(self, run_dir: str | os.PathLike, options: ServeOptions, executor: ThreadPoolExecutor) -> None:
         self.name = Path(run_dir).resolve().name
         self.predictor = Predictor(run_dir, device=options.device, precision=options.precision,
-                                   max_pixels=options.max_pixels, max_file_size=options.max_file_size)
+                                   max_pixels=options.max_pixels, max_file_size=options.max_file_size,
+                                   backend=options.backend)
         # calibrated p_ai and the run's threshold unless told otherwise (fakescope.calibration)
         self.decision = resolve_decision(run_dir, options.threshold, options.uncalibrated)
         self.buckets = sorted({min(2**k, options.max_batch) for k in range(options.max_batch.bit_length() + 1)})
@@ -182,7 +185,8 @@ class ServedModel:
                 "options": cfg["model"].get("options") or {}, "input_size": self.predictor.pipeline.input_size,
                 "native_size": self.predictor.pipeline.native_size, "threshold": self.decision.threshold,
                 "threshold_source": self.decision.source, "calibrated": self.decision.calibrated,
-                "precision": self.predictor.precision.name, "device": str(self.predictor.device), "data": data,
+                "backend": options.backend, "precision": self.predictor.precision.name,
+                "device": str(self.predictor.device), "data": data,
                 "validation": metrics.get("validation"), "best_epoch": metrics.get("best_epoch")}
 
     def score(self, stages: list[torch.Tensor]) -> list[float]:
