@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from fakescope.report.tables import fmt, markdown_table
 from fakescope.utils import atomic_write_text
 
 CARD = "MODEL_CARD.md"
@@ -30,20 +31,11 @@ def _load(path: Path) -> dict | None:
         return None
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
-
-
 def _table(rows: dict[str, dict], keys=_KEYS, first: str = "") -> list[str]:
-    keys = [k for k in keys if any(isinstance(r, dict) and k in r for r in rows.values())]
-    out = [f"| {first} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name, r in rows.items():
-        out.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
-    return out
+    """The package's one table writer, over the columns these rows have."""
+    rows = {name: r for name, r in rows.items() if isinstance(r, dict)}
+    keys = [k for k in keys if any(k in r for r in rows.values())]
+    return markdown_table(rows, keys, first=first).splitlines()
 
 
 def _evaluations(run: Path) -> dict[str, dict]:
@@ -127,7 +119,7 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
             "adv_eps", "precision")
     L += [f"- {k}: `{json.dumps(train.get(k))}`" for k in keep if k in train]
     L += [f"- best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, "
-          f"{_fmt(metrics.get('train_seconds'))} s" if metrics else "- (training summary missing)", ""]
+          f"{fmt(metrics.get('train_seconds'))} s" if metrics else "- (training summary missing)", ""]
 
     L += ["## Validation", ""]
     if val:
@@ -138,7 +130,7 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
         thr = ev.get("threshold")
         cal_ev = ev.get("calibration")
         scores = f"calibrated scores, T = {cal_ev['temperature']:.4f}" if cal_ev else "raw scores"
-        thr_s = f"{_fmt(thr)} ({ev.get('threshold_source', 'given')}, {scores})"
+        thr_s = f"{fmt(thr)} ({ev.get('threshold_source', 'given')}, {scores})"
         L += [f"`fakescope evaluate` on `{d.get('root')}` split `{d.get('split')}` ({name}; threshold {thr_s}):", ""]
         L += _table({"overall": ev["overall"], **(ev.get("per_generator") or {})}, first="generator") + [""]
     if not val and not evals:
@@ -150,12 +142,12 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
         src = cal.get("data") or {}
         L += [f"- method: temperature scaling, T = {cal['temperature']:.4f} (fitted on `{src.get('root')}` split "
               f"`{src.get('split')}`, {fit.get('n_real')} real + {fit.get('n_ai')} AI images)",
-              f"- ECE (15 equal-mass bins) on that set: {_fmt(fit.get('ece_before'))} before, "
-              f"{_fmt(fit.get('ece_after'))} after; Brier {_fmt(fit.get('brier_before'))} -> "
-              f"{_fmt(fit.get('brier_after'))}",
+              f"- ECE (15 equal-mass bins) on that set: {fmt(fit.get('ece_before'))} before, "
+              f"{fmt(fit.get('ece_after'))} after; Brier {fmt(fit.get('brier_before'))} -> "
+              f"{fmt(fit.get('brier_after'))}",
               f"- threshold {cal['threshold']:.6g} on calibrated `p_ai`, chosen for a false-positive rate of "
-              f"{cal['target_fpr']:.2%} on that set's real images (there: FPR {_fmt(fit.get('fpr_at_threshold'))}, "
-              f"TPR {_fmt(fit.get('tpr_at_threshold'))})", ""]
+              f"{cal['target_fpr']:.2%} on that set's real images (there: FPR {fmt(fit.get('fpr_at_threshold'))}, "
+              f"TPR {fmt(fit.get('tpr_at_threshold'))})", ""]
     else:
         L += ["Not calibrated: scores are the model's raw `p_ai` and the threshold is 0.5. "
               "Run `fakescope calibrate` on held-out data.", ""]
@@ -171,13 +163,13 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
         lim.append(f"data inspect: {w}")
     for name, ev in evals.items():
         for kind, rows in (ev.get("degradations") or {}).items():
-            pts = ", ".join(f"{r['level']:g}: {_fmt((r.get('overall') or {}).get('accuracy'))}" for r in rows)
-            lim.append(f"accuracy under {kind} ({name}): {pts} (clean {_fmt(ev['overall'].get('accuracy'))})")
+            pts = ", ".join(f"{r['level']:g}: {fmt((r.get('overall') or {}).get('accuracy'))}" for r in rows)
+            lim.append(f"accuracy under {kind} ({name}): {pts} (clean {fmt(ev['overall'].get('accuracy'))})")
         o = ev["overall"]
         if o.get("fake_accuracy") is None and o.get("real_accuracy") is not None:
             fp = o["confusion"][0][1]
             lim.append(f"real images only, {(ev.get('data') or {}).get('root')} ({name}): {fp} of {o['n']} called AI "
-                       f"(false-positive rate {1 - o['real_accuracy']:.3f} at threshold {_fmt(ev.get('threshold'))}, "
+                       f"(false-positive rate {1 - o['real_accuracy']:.3f} at threshold {fmt(ev.get('threshold'))}, "
                        f"{ev.get('threshold_source', 'given')})")
         gens = ev.get("per_generator") or {}
         accs = {g: m.get("accuracy") for g, m in gens.items() if m.get("accuracy") is not None}
@@ -187,7 +179,7 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
             lim.append(f"accuracy varies by generator ({name}): {lo} {accs[lo]:.3f} to {hi} {accs[hi]:.3f}")
     for name, at in attacks.items():
         res = at["results"]
-        pts = ", ".join(f"eps {r['eps'] * 255:g}/255: {_fmt(r.get('robust_accuracy'))}" for r in res)
+        pts = ", ".join(f"eps {r['eps'] * 255:g}/255: {fmt(r.get('robust_accuracy'))}" for r in res)
         lim.append(f"{at.get('attack')} attack ({name}): robust accuracy {pts}")
     if cfg.get("native_size") and cfg["native_size"] <= 64:
         lim.append(f"trained on {cfg['native_size']}-px images: larger inputs are downscaled to that size first, "
