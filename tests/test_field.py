@@ -255,3 +255,19 @@ def test_scale_augmentation_downscales_before_the_crop():
 
     assert torch.equal(out, center_crop(downscale(img, 0.5), 100))
     assert Augment(scale=(0.5, 1.0)).active and not Augment().active
+
+
+def test_the_server_scores_crops_as_predict_does(pattern_root, tmp_path):
+    from fakescope.engine.evaluation import Predictor, predict_paths
+    from fakescope.engine.train import TrainOptions, train
+
+    out = tmp_path / "cnn"
+    train(TrainOptions(model="cnn32", data=str(pattern_root), epochs=1, patience=0, test_geometry="crops"), out)
+    img = sorted((pattern_root / "checker" / "val" / "ai").iterdir())[0]
+    pred = Predictor(out)
+    assert pred.stage_shape == (9, 3, 32, 32)  # the run's geometry, from its config
+    _, stage = pred.decode(img.read_bytes(), img.name)
+    p = pred.score([stage, stage])
+    row = predict_paths(out, [str(img)])[0]
+    assert p[0] == pytest.approx(row["p_ai"], abs=1e-6) and p[0] == p[1]
+    assert Predictor(out, geometry="resize").stage_shape == (3, 48, 48)  # the native-size step
