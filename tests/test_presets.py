@@ -26,6 +26,7 @@ def test_presets_are_registered_with_their_geometry_and_recipe():
     uni = create_model("univfd", pretrained=False, tiny=True, input_size=28)
     assert uni.recipe.lr == 1e-4 and uni.test_geometry == "center_crop"
     assert create_model("cnn32").test_geometry == "resize" and create_model("cnn32").recipe is None
+    assert not npr.pretrained_weights and spot.pretrained_weights and uni.pretrained_weights
 
 
 def test_npr_residual_hand_computed():

@@ -41,6 +41,8 @@ class Detector(nn.Module):
     frozen: bool = False
     recipe: Recipe | None = None
     test_geometry: str = "resize"
+    pretrained_weights: bool = True
+    """False for models trained from scratch (no pretrained weights exist)."""
 
     def __init__(self, preprocess: Preprocess) -> None:
         super().__init__()

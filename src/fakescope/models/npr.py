@@ -53,6 +53,7 @@ class NPR(Detector):
 
     test_geometry = "center_crop"
     recipe = NPR_RECIPE
+    pretrained_weights = False
 
     def __init__(self, input_size: int = 224) -> None:
         super().__init__(Preprocess(input_size, IMAGENET_MEAN, IMAGENET_STD))
