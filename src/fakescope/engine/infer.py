@@ -66,7 +66,7 @@ def scores_from_logits(model, logits: torch.Tensor, crops: int = 1) -> torch.Ten
     logits = logits.float()
     s = model.p_ai(logits)[:, None]
     if logits.shape[1] > 2:
-        s = torch.cat([s, torch.softmax(logits, 1)], 1)
+        s = torch.cat([s, torch.softmax(logits.to(s.dtype), 1)], 1)
     return s.view(-1, crops, s.shape[1]).mean(1) if crops > 1 else s
 
 
