@@ -44,10 +44,11 @@ def make_dataset(root: Path, generators=("alpha", "beta"), n_train: int = 40, n_
 
 
 def make_pattern_root(root: Path, generators=("checker", "stripes"), train: int = 24, val: int = 8, size: int = 32,
-                      seed: int = 0, nature_format: str = "JPEG") -> Path:
+                      seed: int = 0, nature_format: str = "JPEG", strength: float = 10) -> Path:
     """``root/<generator>/{train,val}/{nature, ai}``: smooth random images, 'nature' saved as JPEG
     (GenImage's real images; PNG with ``nature_format="PNG"``) and 'ai' as PNG with a
-    generator-specific periodic pattern (checkerboard or stripes), like GenImage's AI images."""
+    generator-specific periodic pattern (checkerboard or stripes, of amplitude ``strength``), like
+    GenImage's AI images."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size]
     patterns = {"checker": ((yy + xx) % 2) * 2 - 1, "stripes": (xx % 4 < 2) * 2 - 1}
@@ -61,7 +62,7 @@ def make_pattern_root(root: Path, generators=("checker", "stripes"), train: int 
                     img = np.asarray(Image.fromarray(low).resize((size, size), Image.BILINEAR), dtype=np.float64)
                     img = img + rng.normal(0, 4, (size, size, 3))
                     if cls == "ai":
-                        img += 10 * patterns[g][..., None]
+                        img += strength * patterns[g][..., None]
                     im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
                     if cls == "nature" and nature_format == "JPEG":
                         im.save(d / f"{i:03d}.jpg", quality=90)

@@ -99,13 +99,13 @@ def test_evaluate_feeds_the_model_degraded_inputs(env, monkeypatch):
     import fakescope.engine.infer as infer
 
     seen: list[torch.Tensor] = []
-    real = infer.forward_p_ai
+    real = infer.forward_scores
 
     def spy(model, x, precision, device):
         seen.append(x.clone())
         return real(model, x, precision, device)
 
-    monkeypatch.setattr(infer, "forward_p_ai", spy)
+    monkeypatch.setattr(infer, "forward_scores", spy)
     model, _, pipeline, dev, prec = prepare(env["run"], precision="fp32")
     index = index_root(env["data"]).select(None, "val")
     n = len(index)

@@ -185,8 +185,12 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], out_dir: str | o
         if target is None:
             raise FakescopeError(f"expected a layer name of the model (e.g. {find_target_layer(model)[0]}), "
                                  f"got {layer!r}")
+    from fakescope.engine.evaluation import geometry_for
+
+    geometry = geometry_for(config, model, None)  # one input per image: crops are explained on the centre one
     pipeline = Pipeline(model.preprocess.input_size, native_size_for(config, native_size),
-                        config.get("train", {}).get("jpeg_align"))
+                        config.get("train", {}).get("jpeg_align"),
+                        geometry="center_crop" if geometry == "crops" else geometry)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = [{"path": p, "error": "file not found"} for p in paths if not os.path.lexists(p)]

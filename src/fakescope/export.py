@@ -169,5 +169,14 @@ def score_files_onnx(detector: OnnxDetector, files: list[str], pipeline, *, batc
         errors.update(dict(batch.errors))
         if len(batch.index):
             x = pipeline.finish(batch.image).float().div_(255)
-            p[batch.index.numpy()] = score(x)
+            p[batch.index.numpy()] = onnx_crop_mean(score, x)
     return p, errors
+
+
+def onnx_crop_mean(score, x: torch.Tensor) -> np.ndarray:
+    """``score(x)`` for a batch ``[B, 3, S, S]``; for a batch of crops ``[B, K, 3, S, S]`` (the ``crops``
+    test geometry) the mean over each image's K crops, as the PyTorch backend computes it."""
+    if x.dim() == 5:
+        k = x.shape[1]
+        return np.asarray(score(x.flatten(0, 1))).reshape(-1, k).mean(1)
+    return score(x)

@@ -129,3 +129,35 @@ class DetectionMetrics:
             "per_generator": {name: binary_metrics(y[g == name], p[g == name], self.threshold)
                               for name in sorted(set(g.tolist()))},
         }
+
+
+def attribution_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
+    """Generator attribution: ``labels`` are class indices into ``classes`` (``classes[0]`` is
+    ``nature``), ``probs`` the ``[n, len(classes)]`` softmax. The predicted class is the arg-max.
+
+    Returns ``{"classes", "confusion" (rows: true, columns: predicted), "per_class": {name:
+    {"precision", "recall", "f1", "support"}}, "macro_f1", "accuracy", "n"}``; a class never
+    predicted has precision ``None``, one absent from ``labels`` recall and F1 ``None`` (and is
+    left out of the macro F1)."""
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    prob = np.asarray(probs, dtype=np.float64).reshape(len(y), -1) if len(y) else np.zeros((0, len(classes)))
+    k = len(classes)
+    if prob.shape[1] != k:
+        raise ValueError(f"expected {k} class probabilities per image, got {prob.shape[1]}")
+    if y.size and (y.min() < 0 or y.max() >= k):
+        raise ValueError(f"expected class indices in [0, {k - 1}], got {sorted(set(y.tolist()))}")
+    pred = prob.argmax(1) if len(y) else np.zeros(0, np.int64)
+    cm = skm.confusion_matrix(y, pred, labels=list(range(k))) if len(y) else np.zeros((k, k), np.int64)
+    per_class, f1s = {}, []
+    for i, name in enumerate(classes):
+        tp, support, called = int(cm[i, i]), int(cm[i].sum()), int(cm[:, i].sum())
+        precision = tp / called if called else None
+        recall = tp / support if support else None
+        f1 = None
+        if recall is not None:
+            f1 = 2 * tp / (support + called)
+            f1s.append(f1)
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    return {"classes": list(classes), "confusion": cm.tolist(), "per_class": per_class,
+            "macro_f1": float(np.mean(f1s)) if f1s else None,
+            "accuracy": float((pred == y).mean()) if len(y) else None, "n": int(len(y))}

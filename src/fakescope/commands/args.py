@@ -63,10 +63,16 @@ def add_data(p: argparse.ArgumentParser, split_default: str | None = "val") -> N
                    help="re-encode every image of both classes as JPEG at quality Q (format-shortcut control)")
 
 
+def add_geometry(p: argparse.ArgumentParser, what: str = "override the run's test-time geometry") -> None:
+    p.add_argument("--test-geometry", default=None, choices=["resize", "center_crop", "crops"],
+                   help=f"{what}: resize (whole image to the input size), center_crop (centre square at the "
+                        f"image's pixel scale) or crops (mean score of a 3x3 grid of such squares)")
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True,
-                   help="cnn32, resnet50, convnext_small or timm:<name> (see `fakescope models`)")
+                   help="cnn32, resnet50, convnext_small, npr, cnnspot, univfd or timm:<name> (see `fakescope models`)")
     add_backbone_options(g)
     g.add_argument("--filters", type=csv, default=None, help="cnn32 filters, e.g. 32,64,128")
 

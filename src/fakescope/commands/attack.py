@@ -26,6 +26,7 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT")
     p.add_argument("--out", default=None, help="folder for the plot (default RUN/attack-<name>)")
+    a.add_geometry(p, "override the run's test-time geometry (crops is attacked on the centre crop)")
     a.add_runtime(p)
     return p
 
@@ -48,7 +49,7 @@ def run(args) -> int:
                      examples=EXAMPLES if args.save_examples else 0, threshold=args.threshold,
                      uncalibrated=args.uncalibrated, seed=args.seed,
                      device=args.device, precision=args.precision, batch_size=args.batch_size or 64,
-                     num_workers=args.workers, attack_options=options)
+                     num_workers=args.workers, attack_options=options, geometry=args.test_geometry)
     write_attack(res, args.out or attack_folder(args.run, args.attack), args.json_out, examples_dir=args.save_examples)
     if not runtime.is_main():  # under torchrun only rank 0 prints and writes
         return 0

@@ -50,6 +50,7 @@ def add_study_options(p, *, models: bool) -> None:
         a.add_backbone_options(g)
     else:
         a.add_model_options(p)
+    a.add_geometry(p, "every run's test-time geometry (default: each model's own)")
     a.add_runtime(p)
 
 
@@ -63,7 +64,8 @@ def add_parser(sub):
                    help="also evaluate under jpeg:95,75,50,30 | blur:1,2,3 | resize:0.5,0.25 (repeatable)")
     b.add_argument("--cross", action="store_true", default=None, help="also the cross-generator matrix of every model")
     b.add_argument("--leave-one-out", action="store_true", default=None,
-                   help="with --cross: leave-one-generator-out instead of one-vs-all")
+                   help="also train on all generators but one and test on the one left out, for every model (or "
+                        "those --cross names): the report's 'Unseen generators' table")
     b.add_argument("--threshold", type=a.threshold, default=None,
                    help="decision threshold (default: each run's calibrated one, else 0.5)")
     b.add_argument("--calibrate", type=a.fraction, default=None, metavar="FPR",
@@ -87,7 +89,7 @@ def study_options(args) -> tuple[dict, dict]:
     over = {k: getattr(args, k, None) for k in ("data", "generators", "out", "seeds", "epochs", "lr", "limit",
                                                  "force", "jpeg_align", "jpeg_align_train", "degrade", "cross",
                                                  "leave_one_out", "threshold", "calibrate", "precision_check", "device",
-                                                 "max_pixels", "cache_dir")}
+                                                 "max_pixels", "cache_dir", "test_geometry")}
     if getattr(args, "attack", None):  # benchmark only (cross has no attack options)
         over["attack"] = {"name": args.attack, **({"eps": args.attack_eps} if args.attack_eps else {}),
                           **({"limit": args.attack_limit} if args.attack_limit else {})}

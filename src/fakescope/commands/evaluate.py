@@ -20,6 +20,7 @@ def add_parser(sub):
     e.add_argument("--native-size", default=None, help="override the run's native size: N or off")
     e.add_argument("--degrade", action="append", default=None, metavar="KIND:LEVELS",
                    help="jpeg:95,75,50,30 | blur:1,2,3 | resize:0.5,0.25 (repeatable)")
+    a.add_geometry(e)
     a.add_runtime(e)
     return e
 
@@ -36,6 +37,7 @@ def run(args) -> int:
         native_size=args.native_size, jpeg_align=args.jpeg_align, degrade=args.degrade, device=args.device,
         precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
         use_cache=not args.no_cache, cache_dir=args.cache_dir, max_pixels=args.max_pixels, compile=args.compile,
+        geometry=args.test_geometry,
     )
     write_evaluation(result, args.out or eval_folder(args.run, args.data, args.split, args.jpeg_align), args.json_out)
     if runtime.is_main():
@@ -50,6 +52,12 @@ def run(args) -> int:
                  if cal else "raw p_ai"))
         for w in result.get("warnings", []):
             print(f"WARNING: {w}", file=sys.stderr)
+        if "attribution" in result:
+            att = result["attribution"]
+            print()
+            print(markdown_table(att["per_class"], ("precision", "recall", "f1", "support"), first="attribution"))
+            print(f"\nattribution: accuracy {att['accuracy']:.4f}, macro F1 {att['macro_f1']:.4f} over {att['n']} "
+                  f"images ({att['unknown_generator']} of generators the run was not trained on left out)")
         for kind, levels in result.get("degradations", {}).items():
             print()
             print(markdown_table({f"{kind} {lv['level']:g}": lv["overall"] for lv in levels},

@@ -17,8 +17,9 @@ def run(args) -> int:
     if args.check:
         opts = {"pretrained_file": args.pretrained_file} if args.pretrained_file else {}
         m = create_model(args.check, **opts)
-        print(f"{args.check}: pretrained weights available; input {m.preprocess.input_size}px, "
-              f"mean {m.preprocess.mean}, std {m.preprocess.std}, "
+        weights = "pretrained weights available" if m.pretrained_weights else "trained from scratch (no weights needed)"
+        print(f"{args.check}: {weights}; input {m.preprocess.input_size}px, "
+              f"mean {m.preprocess.mean}, std {m.preprocess.std}, test geometry {m.test_geometry}, "
               f"{sum(p.numel() for p in m.parameters()):,} parameters")
         return 0
     models = list_models()

@@ -25,6 +25,7 @@ def add_parser(sub):
     p.add_argument("--no-provenance", action="store_true", help="do not read the files' provenance metadata")
     p.add_argument("--max-file-size", type=a.positive_int, default=50 * 2**20, help="bytes (default 50 MiB)")
     p.add_argument("--native-size", default=None, help="override the run's native size: N or off")
+    a.add_geometry(p)
     a.add_runtime(p)
     return p
 
@@ -38,27 +39,30 @@ def run(args) -> int:
                          device=args.device,
                          precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
                          max_file_size=args.max_file_size, max_pixels=args.max_pixels,
-                         native_size=args.native_size, compile=args.compile)
+                         native_size=args.native_size, compile=args.compile, geometry=args.test_geometry)
+    attribution = any("generator" in r for r in rows)
+    columns = (*COLUMNS[:3], "generator", "generator_p", *COLUMNS[3:]) if attribution else COLUMNS
     if not runtime.is_main():
         return 0
     if args.format == "json":
         print(json.dumps(rows, indent=2, allow_nan=False))
     elif args.format == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n", extrasaction="ignore")
+        w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, (r.get("provenance") or {}).get(k) or "") for k in COLUMNS})
+            w.writerow({k: r.get(k, (r.get("provenance") or {}).get(k) or "") for k in columns})
         print(buf.getvalue(), end="")
     else:
         width = min(80, max((len(r["path"]) for r in rows), default=4))
-        print(f"{'path':{width}s}  {'p_ai':>7s}  verdict  metadata")
+        print(f"{'path':{width}s}  {'p_ai':>7s}  verdict  " + ("generator (p)  " if attribution else "") + "metadata")
         for r in rows:
             if "error" in r:
                 print(f"{r['path']:{width}s}  {'-':>7s}  error: {r['error']}")
             else:
                 hint = (r.get("provenance") or {}).get("generator_hint") or "-"
-                print(f"{r['path']:{width}s}  {r['p_ai']:7.4f}  {r['verdict']:7s}  {hint}")
+                gen = f"{r['generator']} ({r['generator_p']:.3f})  " if attribution else ""
+                print(f"{r['path']:{width}s}  {r['p_ai']:7.4f}  {r['verdict']:7s}  {gen}{hint}")
         scored = [r for r in rows if "threshold" in r]
         if scored:
             r = scored[0]

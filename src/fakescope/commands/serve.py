@@ -76,6 +76,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--forwarded-allow-ips", default="127.0.0.1",
                    help="proxies whose X-Forwarded-* headers are trusted (comma-separated, or *)")
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    a.add_geometry(p, "override every run's test-time geometry")
     return p
 
 
@@ -89,7 +90,7 @@ def run(args) -> int:
                            provenance=not args.no_provenance, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                            max_queue=args.max_queue, max_file_size=args.max_file_size, max_files=args.max_files,
                            max_pixels=args.max_pixels, api_key=api_key, device=args.device,
-                           precision=args.precision, backend=args.backend)
+                           precision=args.precision, backend=args.backend, test_geometry=args.test_geometry)
     common = dict(host=args.host, port=args.port, root_path=args.root_path, proxy_headers=True,
                   forwarded_allow_ips=args.forwarded_allow_ips, access_log=not args.no_access_log,
                   timeout_graceful_shutdown=10, log_level="info")

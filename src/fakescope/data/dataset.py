@@ -58,7 +58,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         try:
             img = read_image(self.files[i], max_pixels=self.max_pixels, max_file_size=self.max_file_size,
-                             reduce_to=self.pipeline.stage_size())
+                             reduce_to=self.pipeline.reduce_size())
         except ImageReadError as e:
             return {"index": i, "error": e.reason}
         rng = None

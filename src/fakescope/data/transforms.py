@@ -15,6 +15,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import decode_jpeg, encode_jpeg
 
+from fakescope.data.geometry import GRID_CROPS, center_crop, grid_crops, random_crop
+
 
 def fit(img: torch.Tensor, size: int) -> torch.Tensor:
     """Resize the shorter side to ``size`` (bilinear, antialiased) and centre-crop a square."""
@@ -123,7 +125,10 @@ class Augment:
 
     ``jpeg_prob``/``jpeg_quality``: random JPEG re-encoding; ``blur_prob``/``blur_sigma``:
     random Gaussian blur; ``crop``: random crop covering this fraction of the shorter side
-    (1 = off); ``flip``: random horizontal flip.
+    (1 = off); ``flip``: random horizontal flip; ``native_crop``: for models with a crop test
+    geometry, a randomly placed input-size square at the image's own pixel scale (instead of the
+    centre one); ``scale``: the image first down-scaled by a random factor in this range (``(1, 1)``
+    = off), so that the pixel scale of the training images is not a feature.
     """
 
     jpeg_prob: float = 0.0
@@ -132,10 +137,16 @@ class Augment:
     blur_sigma: tuple[float, float] = (0.0, 3.0)
     crop: float = 1.0
     flip: bool = False
+    native_crop: bool = False
+    scale: tuple[float, float] = (1.0, 1.0)
 
     @property
     def active(self) -> bool:
-        return self.jpeg_prob > 0 or self.blur_prob > 0 or self.crop < 1 or self.flip
+        return (self.jpeg_prob > 0 or self.blur_prob > 0 or self.crop < 1 or self.flip or self.native_crop
+                or tuple(self.scale) != (1.0, 1.0))
+
+
+GEOMETRIES = ("resize", "center_crop", "crops")
 
 
 @dataclass(frozen=True)
@@ -144,10 +155,14 @@ class Pipeline:
 
     1. ``jpeg_align`` (shortcut control) and ``degrade`` (evaluation under degradation),
     2. training augmentation (JPEG/blur on the original, then crop and flip),
-    3. the native-size step (``fit`` to the training data's typical size),
-    4. the model's own resize (``fit`` to its input size).
+    3. the geometry: with ``resize`` (the seed's models) the native-size step (``fit`` to the
+       training data's typical size), then the model's own resize (``fit`` to its input size);
+       with ``center_crop`` the centre input-size square at the image's own pixel scale (a random
+       one in training with ``augment.native_crop``); with ``crops`` the
+       :data:`~fakescope.data.geometry.GRID_CROPS` squares of an even grid over the image
+       (:func:`~fakescope.data.geometry.grid_crops`), whose scores the caller averages.
 
-    The result is ``uint8 [3, S, S]``; the caller divides by 255.
+    The result is ``uint8 [3, S, S]`` (``[K, 3, S, S]`` for ``crops``); the caller divides by 255.
     """
 
     input_size: int
@@ -155,6 +170,21 @@ class Pipeline:
     jpeg_align: int | None = None
     degrade: tuple[str, float] | None = None
     augment: Augment = field(default_factory=Augment)
+    geometry: str = "resize"
+
+    def __post_init__(self) -> None:
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"expected a geometry among {', '.join(GEOMETRIES)}, got {self.geometry!r}")
+
+    @property
+    def crops(self) -> int:
+        """Images per file at the stage: :data:`GRID_CROPS` for ``crops``, else 1."""
+        return GRID_CROPS if self.geometry == "crops" else 1
+
+    def reduce_size(self) -> int | None:
+        """The size the decoder may box-reduce a large image towards; None (keep every pixel) for
+        the crop geometries, which read the image at its own pixel scale."""
+        return self.stage_size() if self.geometry == "resize" else None
 
     def pre_native(self, img: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
         if self.jpeg_align is not None:
@@ -170,6 +200,9 @@ class Pipeline:
             if a.jpeg_prob > 0 and torch.rand((), generator=rng) < a.jpeg_prob:
                 lo, hi = a.jpeg_quality
                 img = jpeg(img, int(torch.randint(lo, hi + 1, (), generator=rng)))
+            if tuple(a.scale) != (1.0, 1.0):
+                lo, hi = a.scale
+                img = downscale(img, min(1.0, lo + (hi - lo) * torch.rand((), generator=rng).item()))
             if a.crop < 1:
                 h, w = img.shape[-2:]
                 c = max(1, round(min(h, w) * a.crop))
@@ -181,11 +214,19 @@ class Pipeline:
         return img
 
     def stage_size(self) -> int:
-        """Size of the intermediate (cacheable) image: the native size when set, else the input size."""
-        return self.native_size or self.input_size
+        """Size of the intermediate (cacheable) image: the native size when set (``resize`` only),
+        else the input size."""
+        return (self.native_size or self.input_size) if self.geometry == "resize" else self.input_size
 
     def to_stage(self, img: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
-        return fit(self.pre_native(img, rng), self.stage_size())
+        img = self.pre_native(img, rng)
+        if self.geometry == "resize":
+            return fit(img, self.stage_size())
+        if rng is not None and self.augment.native_crop:
+            return random_crop(img, self.input_size, rng)
+        if self.geometry == "crops":
+            return torch.stack(grid_crops(img, self.input_size))
+        return center_crop(img, self.input_size)
 
     def finish(self, img: torch.Tensor) -> torch.Tensor:
         """Stage image(s) -> model input size; works on one image or a batch."""

@@ -10,9 +10,11 @@ a precision is asked for explicitly, which then applies to both."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fakescope import validate
@@ -45,6 +47,8 @@ class _Judged(nn.Module):
         return self.model.p_ai(logits)
 
     def loss(self, logits, labels):
+        if logits.shape[1] > 2:  # an attribution model is attacked on its real-vs-AI decision
+            return F.binary_cross_entropy_with_logits(self.model.ai_logit(logits), labels.float())
         return self.model.loss(logits, labels)
 
 
@@ -85,7 +89,7 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
                examples: int = 0, threshold: float | None = None, uncalibrated: bool = False, seed: int = 42,
                device: str = "auto",
                precision: str = "auto", batch_size: int = 64, num_workers: int | None = None,
-               attack_options: dict | None = None) -> dict:
+               attack_options: dict | None = None, geometry: str | None = None) -> dict:
     """Robust accuracy of a run under ``attack`` at each eps: the attack JSON as a dict (``precision``:
     how images were judged, ``attack_precision``: how examples were crafted) plus, with ``examples``,
     up to that many example images per eps as arrays (``examples``). Writes nothing.
@@ -95,7 +99,11 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
 
     Decisions use the run's calibrated threshold when it has one (unless ``uncalibrated``; an explicit
     ``threshold`` wins, on the calibrated scale). Temperature scaling keeps the order of the scores, so
-    the attack runs on the raw model with the equivalent raw threshold; the result records both."""
+    the attack runs on the raw model with the equivalent raw threshold; the result records both.
+
+    The images reach the model through the run's test-time geometry (``geometry`` overrides it),
+    except that ``crops`` is attacked on the centre crop: a perturbation lives in the model's input,
+    one square (the result's ``data.test_geometry`` says which was used)."""
     from fakescope.attacks import robustness
     from fakescope.calibration import resolve_decision
 
@@ -103,13 +111,17 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
         threshold = checked("threshold", threshold, validate.threshold, source="attack_run")
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     raw_threshold = decision.raw_threshold()
-    model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision)
+    model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision, geometry=geometry)
+    if pipeline.geometry == "crops":
+        pipeline = replace(pipeline, geometry="center_crop")
     craft_prec = resolve_precision("fp32" if precision == "auto" else precision, dev, inference=True)
     target = _Judged(model, prec, dev)
     crafter = _Judged(model, craft_prec, dev) if craft_prec != prec else None
     src_model, src_pipeline = None, None
     if source is not None:
-        src, _, src_pipeline, _, _ = prepare(source, device=device, precision=craft_prec.name)
+        src, _, src_pipeline, _, _ = prepare(source, device=device, precision=craft_prec.name, geometry=geometry)
+        if src_pipeline.geometry == "crops":
+            src_pipeline = replace(src_pipeline, geometry="center_crop")
         if src.preprocess.input_size != model.preprocess.input_size:
             raise FakescopeError(f"expected --source to take the same input size as the target run, got "
                                  f"{src.preprocess.input_size} and {model.preprocess.input_size}")
@@ -130,7 +142,8 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
                        "source": str(Path(source).resolve()) if source else None}
     result["data"] = {"root": index.root, "split": split, "generators": index.generator_names, "n_files": len(index),
                       "limit_per_class": limit, "native_size": pipeline.native_size,
-                      "source_native_size": (src_pipeline or pipeline).native_size if source else None}
+                      "source_native_size": (src_pipeline or pipeline).native_size if source else None,
+                      "test_geometry": pipeline.geometry}
     result["threshold"] = decision.threshold
     result["threshold_source"] = decision.source
     result["calibrated"] = decision.calibrated

@@ -152,7 +152,8 @@ def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], so
 
 
 def build_model(config: dict):
-    """Rebuild the model described by a run config, without downloading pretrained weights."""
+    """Rebuild the model described by a run config (an attribution run's head with one output per
+    class), without downloading pretrained weights."""
     from fakescope.errors import FakescopeError
     from fakescope.models import create_model, model_options
 
@@ -164,7 +165,12 @@ def build_model(config: dict):
             options["pretrained"] = False  # the weights come from the run
         else:
             options.pop("pretrained", None)  # fakescope 0.1.0's train command recorded it for every model
-        return create_model(m["name"], **options)
+        model = create_model(m["name"], **options)
+        if config.get("classes"):  # an attribution run: one output per class
+            from fakescope.models import set_num_outputs
+
+            set_num_outputs(model, len(config["classes"]))
+        return model
     except FakescopeError as e:
         raise CheckpointError(f"the run's {CONFIG} describes a model this fakescope cannot build: {e}") from None
     except Exception as e:  # e.g. an edited config with options the model does not take

@@ -17,7 +17,7 @@ from fakescope.data.layout import index_root
 from fakescope.data.transforms import Pipeline, parse_degradations
 from fakescope.engine import runtime
 from fakescope.engine.checkpoint import load_run
-from fakescope.engine.infer import evaluate_index, score_files, stage_p_ai
+from fakescope.engine.infer import evaluate_index, score_variants, stage_p_ai
 from fakescope.errors import FakescopeError
 from fakescope.validate import checked
 
@@ -37,8 +37,17 @@ def native_size_for(config: dict, override: str | int | None) -> int | None:
     return n
 
 
-def prepare(run_dir, *, device="auto", precision="auto", native_size=None, jpeg_align=None, compile=False):
-    """``(model, config, pipeline, device, precision)`` for inference with a run."""
+def geometry_for(config: dict, model, override: str | None) -> str:
+    """The test-time geometry: ``override`` (``--test-geometry``), else the run's recorded one, else the model's."""
+    from fakescope.models.recipe import check_geometry
+
+    return check_geometry(override or config.get("test_geometry") or model.test_geometry)
+
+
+def prepare(run_dir, *, device="auto", precision="auto", native_size=None, jpeg_align=None, compile=False,
+            geometry: str | None = None):
+    """``(model, config, pipeline, device, precision)`` for inference with a run; the pipeline applies
+    the run's test-time geometry unless ``geometry`` overrides it."""
     runtime.init_distributed(device)
     model, config = load_run(run_dir)
     dev = runtime.resolve_device(device)
@@ -47,7 +56,8 @@ def prepare(run_dir, *, device="auto", precision="auto", native_size=None, jpeg_
     runtime.prepare_model(model, prec, compile=compile)
     if jpeg_align is None:
         jpeg_align = config.get("train", {}).get("jpeg_align")
-    pipeline = Pipeline(model.preprocess.input_size, native_size_for(config, native_size), jpeg_align)
+    pipeline = Pipeline(model.preprocess.input_size, native_size_for(config, native_size), jpeg_align,
+                        geometry=geometry_for(config, model, geometry))
     return model, config, pipeline, dev, prec
 
 
@@ -56,13 +66,15 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
                  jpeg_align: int | None = None, degrade=None,
                  device: str = "auto", precision: str = "auto", batch_size: int | None = None,
                  num_workers: int | None = None, use_cache: bool = True, cache_dir=None,
-                 max_pixels: int | None = None, compile: bool = False) -> dict:
+                 max_pixels: int | None = None, compile: bool = False, geometry: str | None = None) -> dict:
     """Evaluate a run on ``data``'s ``split``: the evaluate JSON as a dict, plus ``scores`` (the
     per-image ``files``, ``labels``, ``p_ai`` and ``generators`` as arrays). Writes nothing: the
     JSON, figures and ``scores.npz`` are :func:`fakescope.report.artifacts.write_evaluation`'s job.
 
     Images that cannot be read, and images the model scores NaN or inf, are listed in ``bad_files``
-    (path -> reason) and left out of the metrics.
+    (path -> reason) and left out of the metrics. An attribution run adds the ``attribution`` key
+    (confusion matrix over its classes, per-class precision/recall/F1, macro F1, accuracy); its
+    binary metrics use ``p_ai = 1 - P(nature)``. ``geometry`` overrides the run's test-time geometry.
 
     Scores are the run's calibrated ``p_ai`` and the threshold its calibrated one when it has a
     ``calibration.json`` (unless ``uncalibrated``); an explicit ``threshold`` wins (on the calibrated
@@ -80,7 +92,8 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     except ValueError as e:
         raise FakescopeError(str(e)) from None
     model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision,
-                                                 native_size=native_size, jpeg_align=jpeg_align, compile=compile)
+                                                 native_size=native_size, jpeg_align=jpeg_align, compile=compile,
+                                                 geometry=geometry)
     index = index_root(data).select(generators, split)
     if len(index) == 0:
         raise FakescopeError(f"no images in {data} for split {split!r}")
@@ -88,12 +101,14 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
                             batch_size=batch_size, num_workers=num_workers, use_cache=use_cache,
                             cache_root=cache_dir, degradations=degradations,
                             max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                            calibrate=decision.p_ai if decision.calibrated else None)
+                            calibrate=decision.p_ai if decision.calibrated else None, classes=config.get("classes"))
     scores = result.pop("scores")
     result["model"] = {"name": config["model"]["name"], "run": str(Path(run_dir).resolve()),
                        "options": config["model"].get("options", {})}
     result["data"] = {"root": index.root, "split": split, "generators": index.generator_names,
-                      "n_files": len(index), "native_size": pipeline.native_size, "jpeg_align": pipeline.jpeg_align}
+                      "n_files": len(index), "native_size": pipeline.native_size, "jpeg_align": pipeline.jpeg_align,
+                      "test_geometry": pipeline.geometry}
+    result["task"] = config.get("task", "binary")
     result["threshold"] = decision.threshold
     result["threshold_source"] = decision.source
     result["calibrated"] = decision.calibrated
@@ -119,9 +134,11 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
                   device: str = "auto", precision: str = "auto", batch_size: int | None = None,
                   num_workers: int | None = None, max_file_size: int | None = 50 * 2**20,
                   max_pixels: int | None = None, native_size=None, compile: bool = False, backend: str = "torch",
-                  onnx_path=None, provenance: bool = True) -> list[dict]:
+                  onnx_path=None, provenance: bool = True, geometry: str | None = None) -> list[dict]:
     """One row per image: ``{"path", "p_ai", "verdict", "threshold", "threshold_source", "calibrated",
     "provenance"}`` or ``{"path", "error"[, "provenance"]}``; bad files never stop the rest.
+    An attribution run adds ``generator`` (the most probable class, ``nature`` included),
+    ``generator_p`` (its probability) and ``top3`` (``[[class, probability], ...]``).
 
     An image the model scores NaN or inf is an error row (``p_ai`` is always a finite number).
     ``p_ai`` is calibrated and the threshold the calibrated one when the run has a ``calibration.json``
@@ -137,18 +154,22 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     missing = [p for p in paths if not os.path.lexists(p)]
     files = list_images([p for p in paths if os.path.lexists(p)])
+    probs = None
     if backend == "onnxruntime":
         from fakescope.export import score_files_onnx
 
-        det, config, pipeline = prepare_onnx(run_dir, onnx_path, native_size=native_size)
+        det, config, pipeline = prepare_onnx(run_dir, onnx_path, native_size=native_size, geometry=geometry)
         p, errors = score_files_onnx(det, files, pipeline, batch_size=batch_size or 64, num_workers=num_workers,
                                      max_pixels=max_pixels, max_file_size=max_file_size, raw=True)
     else:
         model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision,
-                                                     native_size=native_size, compile=compile)
-        p, errors = score_files(model, files, pipeline, device=dev, precision=prec, batch_size=batch_size,
-                                num_workers=num_workers, use_cache=False, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                                max_file_size=max_file_size, desc="predicting")
+                                                     native_size=native_size, compile=compile, geometry=geometry)
+        p, errors, probs = score_variants(model, files, [pipeline], device=dev, precision=prec,
+                                          batch_size=batch_size, num_workers=num_workers, use_cache=False,
+                                          max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_file_size=max_file_size,
+                                          desc="predicting", with_probs=True)
+        p = p[0]
+    classes = config.get("classes") if probs is not None else None
     p = decision.p_ai(p)
     rows: list[dict] = [{"path": m, "error": "file not found"} for m in missing]
     for i, f in enumerate(files):
@@ -159,6 +180,11 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
         else:
             row = {"path": f, **verdict(p[i], decision.threshold), "threshold": decision.threshold,
                    "threshold_source": decision.source, "calibrated": decision.calibrated}
+            if classes:
+                top = np.argsort(-probs[i], kind="stable")[:3]
+                row["generator"] = classes[top[0]]
+                row["generator_p"] = round(float(probs[i, top[0]]), 6)
+                row["top3"] = [[classes[k], round(float(probs[i, k]), 6)] for k in top]
         if provenance:
             from fakescope.provenance import inspect_provenance
 
@@ -167,7 +193,7 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
     return rows
 
 
-def prepare_onnx(run_dir, onnx_path=None, *, native_size=None):
+def prepare_onnx(run_dir, onnx_path=None, *, native_size=None, geometry: str | None = None):
     """``(OnnxDetector, config, pipeline)`` for scoring a run with its ONNX export (``onnx_path``,
     default ``RUN/model.onnx``): the export must be of this run's model; images are prepared exactly
     as for the PyTorch backend (native size, JPEG alignment)."""
@@ -179,7 +205,10 @@ def prepare_onnx(run_dir, onnx_path=None, *, native_size=None):
     if det.metadata.get("model") != config["model"]["name"]:
         raise FakescopeError(f"expected an ONNX export of this run's model {config['model']['name']}, got "
                              f"{det.metadata.get('model')} in {det.path}")
-    pipeline = Pipeline(det.input_size, native_size_for(config, native_size), config.get("train", {}).get("jpeg_align"))
+    from fakescope.models.recipe import check_geometry
+
+    pipeline = Pipeline(det.input_size, native_size_for(config, native_size), config.get("train", {}).get("jpeg_align"),
+                        geometry=check_geometry(geometry or config.get("test_geometry") or "resize"))
     return det, config, pipeline
 
 
@@ -202,18 +231,20 @@ class Predictor:
 
     def __init__(self, run_dir, *, device: str = "auto", precision: str = "auto", native_size=None,
                  max_pixels: int | None = None, max_file_size: int | None = None, compile: bool = False,
-                 backend: str = "torch", onnx_path=None) -> None:
+                 backend: str = "torch", onnx_path=None, geometry: str | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.backend = backend
         self.onnx = None
         if backend == "onnxruntime":
-            self.onnx, self.config, self.pipeline = prepare_onnx(run_dir, onnx_path, native_size=native_size)
+            self.onnx, self.config, self.pipeline = prepare_onnx(run_dir, onnx_path, native_size=native_size,
+                                                                geometry=geometry)
             self.model, self.device = None, torch.device("cpu")
             self.precision = runtime.resolve_precision("fp32", self.device, inference=True)
             self.threads = None
         elif backend == "torch":
             self.model, self.config, self.pipeline, self.device, self.precision = prepare(
-                run_dir, device=device, precision=precision, native_size=native_size, compile=compile)
+                run_dir, device=device, precision=precision, native_size=native_size, compile=compile,
+                geometry=geometry)
             self.model.eval()
             self.threads = runtime.model_threads(self.model, self.device)
         else:
@@ -225,12 +256,18 @@ class Predictor:
     def stage_size(self) -> int:
         return self.pipeline.stage_size()
 
+    @property
+    def stage_shape(self) -> tuple[int, ...]:
+        """The shape of one stage image: ``(3, S, S)``, or ``(K, 3, S, S)`` under the ``crops`` geometry."""
+        s = self.stage_size
+        return (self.pipeline.crops, 3, s, s) if self.pipeline.geometry == "crops" else (3, s, s)
+
     def decode(self, data: bytes, name: str = "upload") -> tuple[Decoded, torch.Tensor]:
-        """``(decoded image, stage image uint8 [3, S, S])``; raises ``ImageReadError`` for a bad image."""
+        """``(decoded image, stage image uint8 of shape stage_shape)``; raises ``ImageReadError`` for a bad image."""
         from fakescope.errors import ImageReadError
 
         d = read_image_bytes(data, name, max_pixels=self.max_pixels, max_file_size=self.max_file_size,
-                             reduce_to=self.stage_size)
+                             reduce_to=self.pipeline.reduce_size())
         try:
             return d, self.pipeline.to_stage(d.image)
         except (RuntimeError, ValueError) as e:  # as ImageDataset: e.g. a 1-pixel-wide image the encoder rejects
@@ -239,7 +276,9 @@ class Predictor:
     def score(self, stages: list[torch.Tensor]) -> np.ndarray:
         """P(ai) (float64) of stage images, in one forward pass."""
         if self.onnx is not None:
-            return self.onnx.raw_p_ai(self.pipeline.finish(torch.stack(stages)).float().div_(255))
+            from fakescope.export import onnx_crop_mean
+
+            return onnx_crop_mean(self.onnx.raw_p_ai, self.pipeline.finish(torch.stack(stages)).float().div_(255))
         with cpu_threads(self.threads):
             batch = torch.stack(stages).to(self.device, non_blocking=True)
             return stage_p_ai(self.model, self.pipeline, batch, self.precision, self.device)

@@ -45,8 +45,14 @@ SHARD_ROWS = 65536
 
 
 def _forward_features(model, x: torch.Tensor, precision: Precision, device: torch.device) -> torch.Tensor:
+    """Features ``[B, D]``; for a batch of crops ``[B, K, 3, S, S]`` the K crops' features side by
+    side, ``[B, K * D]`` (one cache row per file)."""
+    k = x.shape[1] if x.dim() == 5 else 0
+    if k:
+        x = x.flatten(0, 1)
     with torch.no_grad(), precision.autocast(device):
-        return model.features(precision.prepare(x)).float()
+        f = model.features(precision.prepare(x)).float()
+    return f.reshape(-1, k * f.shape[1]) if k else f
 
 
 def iter_features(model, files: list[str], pipeline: Pipeline, *, device: torch.device, precision: Precision,

@@ -54,6 +54,30 @@ def forward_p_ai(model, x: torch.Tensor, precision: Precision, device: torch.dev
         return model.p_ai(forward_logits(model, x, precision, device))
 
 
+def score_width(model) -> int:
+    """Columns of :func:`scores_from_logits`: ``p_ai``, then the class probabilities of an attribution model."""
+    return 1 + (model.num_outputs if model.num_outputs > 2 else 0)
+
+
+def scores_from_logits(model, logits: torch.Tensor, crops: int = 1) -> torch.Tensor:
+    """``[B, W]``: P(ai) and, for an attribution model (more than two outputs), the softmax over its
+    classes. With ``crops`` > 1 the rows are ``B x crops`` crops of B images and each image gets the
+    mean over its crops (the ``crops`` test geometry)."""
+    logits = logits.float()
+    s = model.p_ai(logits)[:, None]
+    if logits.shape[1] > 2:
+        s = torch.cat([s, torch.softmax(logits.to(s.dtype), 1)], 1)
+    return s.view(-1, crops, s.shape[1]).mean(1) if crops > 1 else s
+
+
+def forward_scores(model, x: torch.Tensor, precision: Precision, device: torch.device) -> torch.Tensor:
+    """:func:`scores_from_logits` for a batch ``[B, 3, S, S]`` or a batch of crops ``[B, K, 3, S, S]``."""
+    k = x.shape[1] if x.dim() == 5 else 1
+    with torch.no_grad():
+        return scores_from_logits(model, forward_logits(model, x.flatten(0, 1) if x.dim() == 5 else x, precision,
+                                                        device), k)
+
+
 def nonfinite_errors(p: np.ndarray, errors: dict[int, str], names: list[str] | None = None) -> np.ndarray:
     """Turn scores that are not finite numbers (a model that returns NaN or inf for some input)
     into errors: each such file gets a reason in ``errors`` (naming the variants where it
@@ -69,22 +93,32 @@ def nonfinite_errors(p: np.ndarray, errors: dict[int, str], names: list[str] | N
     return p
 
 
+def stage_scores(model, pipeline: Pipeline, stage: torch.Tensor, precision: Precision,
+                 device: torch.device) -> np.ndarray:
+    """:func:`scores_from_logits` (float64 ``[B, W]``: P(ai), then an attribution model's class
+    probabilities) of a ``uint8`` batch of stage images (``pipeline.to_stage`` output, on ``device``):
+    ``[B, 3, S, S]``, or ``[B, K, 3, S, S]`` under the ``crops`` geometry (each image scored as the
+    mean over its crops). The model's resize, [0, 1] floats, then :func:`forward_scores`."""
+    x = pipeline.finish(stage).float().div_(255)
+    return forward_scores(model, x, precision, device).cpu().double().numpy()
+
+
 def stage_p_ai(model, pipeline: Pipeline, stage: torch.Tensor, precision: Precision,
                device: torch.device) -> np.ndarray:
-    """P(ai) (float64) of a ``uint8`` batch ``[B, 3, S, S]`` of stage images (``pipeline.to_stage``
-    output, on ``device``): the model's resize, [0, 1] floats, then :func:`forward_p_ai`. ``predict``,
-    a streaming ``evaluate`` and the server all score through it, so they give the same numbers."""
-    x = pipeline.finish(stage).float().div_(255)
-    return forward_p_ai(model, x, precision, device).cpu().double().numpy()
+    """P(ai) (float64) of a batch of stage images (see :func:`stage_scores`). ``predict``, a streaming
+    ``evaluate`` and the server all score through it, so they give the same numbers."""
+    return stage_scores(model, pipeline, stage, precision, device)[:, 0]
 
 
-def _head_scores(model, feats, ok: np.ndarray, device: torch.device, chunk: int = 4096) -> np.ndarray:
-    p = np.full(len(feats), np.nan)
+def _head_scores(model, feats, ok: np.ndarray, device: torch.device, crops: int = 1, chunk: int = 4096) -> np.ndarray:
+    p = np.full((len(feats), score_width(model)), np.nan)
     with torch.no_grad():
         for s in range(0, len(ok), chunk):
             idx = ok[s:s + chunk]
             f = feats[idx].to(device).float()
-            p[idx] = model.p_ai(model.head(f)).cpu().double().numpy()
+            if crops > 1:  # one row holds the K crops' features side by side
+                f = f.reshape(len(idx) * crops, -1)
+            p[idx] = scores_from_logits(model, model.head(f), crops).cpu().double().numpy()
             if hasattr(feats, "release"):
                 feats.release()
     return p
@@ -94,14 +128,22 @@ def score_variants(model, files: list[str], pipelines: list[Pipeline], *, device
                    precision: Precision, batch_size: int | None = None, num_workers: int | None = None,
                    use_cache: bool = True, cache_root=None, max_pixels: int | None = None,
                    max_file_size: int | None = None, desc: str = "scoring",
-                   descs: list[str] | None = None) -> tuple[np.ndarray, dict[int, str]]:
+                   descs: list[str] | None = None, with_probs: bool = False):
     """``(p_ai [V, N], errors)``: P(ai) of every file under each of ``pipelines`` (NaN where
     unreadable, or where the model's score was not a finite number) and ``{position: reason}``.
-    Every rank returns the full result."""
-    p, errors = _score_variants(model, files, pipelines, device=device, precision=precision, batch_size=batch_size,
+    Every rank returns the full result. With ``with_probs``: ``(p_ai, errors, probs)``, ``probs``
+    the ``[N, C]`` class probabilities under the first pipeline for an attribution model (None for
+    a binary one). Under the ``crops`` geometry every score is the mean over the image's crops."""
+    s, errors = _score_variants(model, files, pipelines, device=device, precision=precision, batch_size=batch_size,
                                 num_workers=num_workers, use_cache=use_cache, cache_root=cache_root,
                                 max_pixels=max_pixels, max_file_size=max_file_size, desc=desc, descs=descs)
-    return nonfinite_errors(p, errors, ["clean", *descs[1:]] if descs else None), errors
+    p = nonfinite_errors(np.ascontiguousarray(s[..., 0]), errors, ["clean", *descs[1:]] if descs else None)
+    if not with_probs:
+        return p, errors
+    probs = s[0, :, 1:] if s.shape[-1] > 1 else None
+    if probs is not None:
+        probs[np.isnan(p[0])] = np.nan
+    return p, errors, probs
 
 
 def _score_variants(model, files, pipelines, *, device, precision, batch_size, num_workers, use_cache, cache_root,
@@ -110,23 +152,24 @@ def _score_variants(model, files, pipelines, *, device, precision, batch_size, n
     n, v = len(files), len(pipelines)
     bs = batch_size or default_batch_size(model.preprocess.input_size)
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    w = score_width(model)
     if model.frozen and use_cache and max_file_size is None:
-        out = np.full((v, n), np.nan)
+        out = np.full((v, n, w), np.nan)
         errors: dict[int, str] = {}
         for j, pl in enumerate(pipelines):
             feats, errs = extract_features(model, files, pl, device=device, precision=precision, batch_size=bs,
                                            num_workers=num_workers, cache_root=cache_root,
                                            desc=(descs or [desc] * v)[j], max_pixels=max_pixels)
             ok = np.array(sorted(set(range(n)) - set(errs)), dtype=np.int64)
-            out[j] = _head_scores(model, feats, ok, device)
+            out[j] = _head_scores(model, feats, ok, device, pl.crops)
             errors.update(errs)
             del feats
         return out, errors
     # stream: decode each file once, score it under every variant; whole batches per rank
     stage = pipelines[0].stage_size()
-    per_variant = bs * 3 * stage * stage
+    per_variant = bs * 3 * stage * stage * pipelines[0].crops
     group = max(1, min(v, VARIANT_BATCH_BYTES // max(1, per_variant)))
-    out = np.full((v, n), np.nan)
+    out = np.full((v, n, w), np.nan)
     errors = {}
     for g0 in range(0, v, group):
         part, err = _stream(model, files, pipelines[g0:g0 + group], device=device, precision=precision,
@@ -156,13 +199,13 @@ def _stream(model, files, pipelines, *, device, precision, batch_size, num_worke
             if not len(batch.index):
                 continue
             img = batch.image.to(device, non_blocking=True)
-            ps = [stage_p_ai(model, pl, img[:, j] if v > 1 else img, precision, device)
+            ps = [stage_scores(model, pl, img[:, j] if v > 1 else img, precision, device)
                   for j, pl in enumerate(pipelines)]
             p_out.append(np.stack(ps))
             idx_out.append(batch.index.numpy())
-    p = np.full((v, n), np.nan)
+    p = np.full((v, n, score_width(model)), np.nan)
     mine = (np.concatenate(idx_out) if idx_out else np.zeros(0, np.int64),
-            np.concatenate(p_out, axis=1) if p_out else np.zeros((v, 0)), errors)
+            np.concatenate(p_out, axis=1) if p_out else np.zeros((v, 0, score_width(model))), errors)
     for part_idx, part_p, part_err in runtime.all_gather_objects(mine):
         p[:, part_idx] = part_p
         errors.update(part_err)
@@ -182,6 +225,24 @@ def score_files(model, files: list[str], pipeline: Pipeline, *, device: torch.de
     return p[0], errors
 
 
+def attribution_labels(labels, generators, classes: list[str]) -> np.ndarray:
+    """Class index per image: 0 (``classes[0]``, nature) for real images, else the index of its
+    generator in ``classes`` (-1 when the generator is not one of them)."""
+    where = {c: i for i, c in enumerate(classes)}
+    return np.array([0 if int(y) == 0 else where.get(str(g), -1) for y, g in zip(labels, generators, strict=True)],
+                    dtype=np.int64)
+
+
+def _attribution(labels, gens, probs, ok, classes) -> dict:
+    from fakescope.metrics import attribution_metrics
+
+    y = attribution_labels(labels, gens, classes)
+    known = ok & (y >= 0)
+    out = attribution_metrics(y[known], probs[known], classes)
+    out["unknown_generator"] = int((ok & (y < 0)).sum())
+    return out
+
+
 def _metrics(labels, p, gens, threshold) -> tuple[dict, np.ndarray]:
     ok = np.isfinite(p)
     m = DetectionMetrics(threshold)
@@ -192,8 +253,11 @@ def _metrics(labels, p, gens, threshold) -> tuple[dict, np.ndarray]:
 def evaluate_index(model, index: Index, pipeline: Pipeline, *, device: torch.device, precision: Precision,
                    threshold: float = 0.5, batch_size: int | None = None, num_workers: int | None = None,
                    use_cache: bool = True, cache_root=None, degradations=(), max_pixels: int | None = None,
-                   calibrate=None) -> dict:
-    """Metrics of ``model`` on ``index``: overall, per generator, and under each degradation level.
+                   calibrate=None, classes: list[str] | None = None) -> dict:
+    """Metrics of ``model`` on ``index``: overall, per generator, and under each degradation level;
+    for an attribution model (``classes``: its class list, ``nature`` first) also the ``attribution``
+    metrics (:func:`fakescope.metrics.attribution_metrics`) over the images whose generator is one of
+    its classes (``unknown_generator`` counts the others).
 
     ``calibrate`` (raw p_ai -> calibrated p_ai, e.g. ``Decision.p_ai``) is applied to every score
     before the metrics; ``scores`` then holds both (``p_ai`` calibrated, ``p_ai_raw``).
@@ -211,14 +275,17 @@ def evaluate_index(model, index: Index, pipeline: Pipeline, *, device: torch.dev
     pipelines = [pipeline] + [replace(pipeline, degrade=lv) for lv in levels]
     descs = ["evaluating"] + [f"{kind} {level:g}" for kind, level in levels]
     t0 = time.perf_counter()
-    p, errors = score_variants(model, files, pipelines, device=device, precision=precision, batch_size=batch_size,
-                               num_workers=num_workers, use_cache=use_cache, cache_root=cache_root,
-                               max_pixels=max_pixels, desc="evaluating", descs=descs)
+    p, errors, probs = score_variants(model, files, pipelines, device=device, precision=precision,
+                                      batch_size=batch_size, num_workers=num_workers, use_cache=use_cache,
+                                      cache_root=cache_root, max_pixels=max_pixels, desc="evaluating", descs=descs,
+                                      with_probs=True)
     seconds = time.perf_counter() - t0
     p_raw = p[0].copy()
     if calibrate is not None:
         p = np.asarray(calibrate(p))
     result, ok = _metrics(labels, p[0], gens, threshold)
+    if probs is not None and classes:
+        result["attribution"] = _attribution(labels, gens, probs, ok, classes)
     result["seconds"] = seconds
     result["images_per_second"] = float(ok.sum() * len(pipelines) / seconds) if seconds > 0 else None
     result["bad_files"] = {files[i]: r for i, r in sorted(errors.items())}

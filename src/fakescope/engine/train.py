@@ -29,11 +29,14 @@ from fakescope.data.layout import carve_validation, index_root, limit_per_class
 from fakescope.data.transforms import Augment, Pipeline
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
+from fakescope.engine.infer import attribution_labels
+from fakescope.engine.recipe import Schedule, apply_recipe
 from fakescope.engine.runtime import Precision
 from fakescope.engine.sources import Source, make_source, on_features, shard_order
 from fakescope.errors import CheckpointError, DataError, FakescopeError
 from fakescope.metrics import binary_metrics
-from fakescope.models import check_model_name, create_model
+from fakescope.models import check_model_name, create_model, set_num_outputs
+from fakescope.models.recipe import check_geometry
 from fakescope.progress import progress
 from fakescope.utils import atomic_write_text, seed_everything, torch_seed, write_json
 
@@ -46,16 +49,16 @@ class TrainOptions:
     data: str
     generators: list[str] | None = None
     epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    lr_schedule: str = "constant"
+    batch_size: int | None = None
+    lr: float | None = None
+    lr_schedule: str | None = None
     patience: int = 3
     seed: int = 42
     val_fraction: float = 0.1
     limit: int | None = None
     native_size: str = "auto"
     jpeg_align: int | None = None
-    augment: Augment = field(default_factory=Augment)
+    augment: Augment | None = None
     model_options: dict = field(default_factory=dict)
     device: str = "auto"
     precision: str = "auto"
@@ -70,6 +73,16 @@ class TrainOptions:
     max_pixels: int | None = None
     compile: bool = False
     preload: str = "auto"
+    task: str = "binary"
+    test_geometry: str | None = None
+    schedule: dict | None = None
+    betas: tuple[float, float] | None = None
+    recipe: dict = field(default_factory=dict)
+    """``batch_size``, ``lr``, ``lr_schedule`` (with ``schedule``, its parameters), ``betas`` and
+    ``augment`` left as None take the model's recipe (:func:`fakescope.engine.recipe.apply_recipe`);
+    ``recipe`` then records where they came from. ``task``: ``binary`` (ai vs nature) or
+    ``attribution`` (one class per generator plus nature). ``test_geometry``: the run's test-time
+    geometry (default: the model's); crop geometries also train on crops at native pixel scale."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,9 +90,12 @@ class TrainOptions:
     @classmethod
     def from_dict(cls, d: dict) -> TrainOptions:
         d = dict(d)
-        aug = d.pop("augment", {}) or {}
-        aug = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
-        return cls(augment=Augment(**aug), **d)
+        aug = d.pop("augment", None)
+        if aug is not None:
+            aug = {k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()}
+        if d.get("betas") is not None:
+            d["betas"] = tuple(d["betas"])
+        return cls(augment=Augment(**aug) if aug is not None else None, **d)
 
 
 def _versions() -> dict:
@@ -108,9 +124,12 @@ def _inf_if_none(x: float | None) -> float:
     return math.inf if x is None else x  # JSON stores an infinite best loss (no finite loss yet) as null
 
 
+TASKS = ("binary", "attribution")
+
+
 def _check_classes(labels: list[int], what: str) -> None:
     for cls, name in ((0, "nature"), (1, "ai")):
-        if cls not in labels:
+        if (cls not in labels) if cls == 0 else not any(y >= 1 for y in labels):
             raise DataError(f"the {what} has no '{name}' images: a detector needs both 'ai' and 'nature' "
                             f"folders with images")
 
@@ -135,13 +154,22 @@ def _resolve_options(opts: TrainOptions, out: Path, resume: bool) -> tuple[Train
                                   f"it cannot be resumed") from None
     elif (out / ckpt.CONFIG).exists() and (out / ckpt.LAST_STATE).exists():
         raise FakescopeError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if opts.epochs < 1 or opts.batch_size < 1 or opts.lr <= 0 or opts.patience < 0:
-        raise FakescopeError(f"expected --epochs >= 1, --batch-size >= 1, --lr > 0 and --patience >= 0, got "
-                             f"{opts.epochs}, {opts.batch_size}, {opts.lr}, {opts.patience}")
-    if opts.lr_schedule not in ("constant", "cosine"):
-        raise FakescopeError(f"expected --lr-schedule constant or cosine, got {opts.lr_schedule!r}")
+    _check_numbers(opts)
+    if opts.task not in TASKS:
+        raise FakescopeError(f"expected --task binary or attribution, got {opts.task!r}")
+    if opts.test_geometry is not None:
+        check_geometry(opts.test_geometry)
     check_model_name(opts.model)
     return opts, stored
+
+
+def _check_numbers(opts: TrainOptions) -> None:
+    """The numeric options, once set (the recipe fills the ones left as None)."""
+    bad = (opts.epochs < 1 or (opts.batch_size is not None and opts.batch_size < 1)
+           or (opts.lr is not None and opts.lr <= 0) or opts.patience < 0)
+    if bad:
+        raise FakescopeError(f"expected --epochs >= 1, --batch-size >= 1, --lr > 0 and --patience >= 0, got "
+                             f"{opts.epochs}, {opts.batch_size}, {opts.lr}, {opts.patience}")
 
 
 # --- step 2: data ---------------------------------------------------------------------------------
@@ -155,17 +183,28 @@ class _Splits:
     val_files: list[str]
     val_labels: list[int]
     generators: list[str]
+    classes: list[str] | None = None
 
 
 def _load_splits(opts: TrainOptions) -> _Splits:
+    """Labels are 0 (nature) / 1 (ai); for attribution, 0 (nature) / 1 + the generator's position in
+    ``classes = ["nature", *generators]``."""
     index = index_root(opts.data).select(opts.generators, "train")
     if opts.limit:
         index = limit_per_class(index, opts.limit)
     _check_classes(index.labels, "training split")
     tr, va = carve_validation(index, opts.val_fraction)
     _check_classes(va.labels, "validation carve (use more data or a larger --val-fraction)")
-    return _Splits([tr.abspath(i) for i in range(len(tr))], list(tr.labels),
-                   [va.abspath(i) for i in range(len(va))], list(va.labels), index.generator_names)
+    classes = None
+    tr_labels, va_labels = list(tr.labels), list(va.labels)
+    if opts.task == "attribution":
+        classes = ["nature", *index.generator_names]
+        if "nature" in index.generator_names:
+            raise DataError("expected no generator named 'nature' for --task attribution (it is the real class)")
+        tr_labels = attribution_labels(tr.labels, tr.generators, classes).tolist()
+        va_labels = attribution_labels(va.labels, va.generators, classes).tolist()
+    return _Splits([tr.abspath(i) for i in range(len(tr))], tr_labels,
+                   [va.abspath(i) for i in range(len(va))], va_labels, index.generator_names, classes)
 
 
 # --- step 3: model, pipeline and the run's config ---------------------------------------------------
@@ -189,6 +228,10 @@ def _run_config(opts: TrainOptions, model, native: int | None, splits: _Splits, 
         "data": {"root": str(Path(opts.data).resolve()), "generators": splits.generators,
                  "train_images": len(splits.train_files), "val_images": len(splits.val_files)},
         "seed": opts.seed,
+        "task": opts.task,
+        "classes": splits.classes,
+        "test_geometry": opts.test_geometry or model.test_geometry,
+        "recipe": opts.recipe,
         "precision": {"train": train_precision.name, "inference": infer_precision.name,
                       "channels_last": infer_precision.channels_last,
                       "train_channels_last": train_precision.channels_last},
@@ -215,7 +258,7 @@ def _check_readable(sources: list[tuple[Source, list[str], str]], out: Path) -> 
     """Unreadable files are skipped, but a class left with no readable image is an error (bad files listed)."""
     bad = {files[i]: r for src, files, _ in sources for i, r in sorted(src.errors.items())}
     for src, files, what in sources:
-        have = set(src.labels[src.usable].tolist())
+        have = {min(y, 1) for y in src.labels[src.usable].tolist()}
         for cls, name in ((0, "nature"), (1, "ai")):
             if cls not in have:
                 if runtime.is_main():
@@ -243,7 +286,7 @@ class _Trainer:
     forward_plain: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scheduler: Schedule
     adversary: object | None
     on_features: bool
     device: torch.device
@@ -258,10 +301,9 @@ def _make_trainer(model, opts: TrainOptions, features: bool, device: torch.devic
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         forward = DDP(trainable, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=opts.lr)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=opts.lr, betas=tuple(opts.betas))
     scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=opts.epochs)
-                 if opts.lr_schedule == "cosine" else None)
+    scheduler = Schedule(optimizer, opts.lr_schedule, opts.schedule or {}, opts.epochs)
     adversary = None
     if opts.adv_train:
         from fakescope.attacks import create_attack
@@ -328,8 +370,6 @@ def _train_epoch(t: _Trainer, src: Source, opts: TrainOptions, epoch: int) -> tu
         t.scaler.update()
         loss_sum += float(loss.detach()) * len(y)
         n_seen += len(y)
-    if t.scheduler is not None:
-        t.scheduler.step()
     return loss_sum, n_seen
 
 
@@ -353,6 +393,7 @@ def _evaluate_source(model, forward, src: Source, batch_size: int, device, preci
     p = np.concatenate([p[1] for p in parts])
     y = np.concatenate([p[2] for p in parts])
     n = max(len(y), 1)
+    y = np.minimum(y, 1)  # attribution classes -> nature (0) / ai (1): accuracy and metrics are real-vs-AI
     return {"loss": loss / n, "accuracy": float(((p >= 0.5) == y).mean()) if len(y) else None, "p": p, "y": y}
 
 
@@ -390,7 +431,8 @@ def _run_epochs(out: Path, t: _Trainer, train_src: Source, val_src: Source, opts
                 ckpt.save_tensors(out / ckpt.WEIGHTS, t.model.state_dict(), {"epoch": epoch})
         else:
             state.bad_epochs += 1
-        stopped = opts.patience > 0 and state.bad_epochs >= opts.patience
+        t.scheduler.step(val["accuracy"])  # "lr" below: the rate of the next epoch
+        stopped = (opts.patience > 0 and state.bad_epochs >= opts.patience) or t.scheduler.done
         state.history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1), "val_loss": val["loss"],
                               "val_accuracy": val["accuracy"], "lr": t.optimizer.param_groups[0]["lr"],
                               "seconds": round(time.perf_counter() - t0, 3), "best": improved})
@@ -414,13 +456,22 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
     splits = _load_splits(opts)
 
     seed_everything(opts.seed)
-    model = create_model(opts.model, **opts.model_options).to(device)
+    model = create_model(opts.model, **opts.model_options)
+    if splits.classes is not None:
+        set_num_outputs(model, len(splits.classes))
+    model.to(device)
+    requested = opts.to_dict()  # what the caller asked for, before the recipe filled the rest
+    opts = apply_recipe(opts, model.recipe)
+    _check_numbers(opts)
     runtime.prepare_model(model, train_precision, compile=opts.compile)  # memory format; torch.compile
     # a resumed run keeps the native size its first epochs were trained with (the data may have changed since)
     native = stored["native_size"] if resume and "native_size" in stored else _native_size(opts.native_size,
                                                                                           splits.train_files)
-    pipeline = Pipeline(model.preprocess.input_size, native, opts.jpeg_align, None, opts.augment)
+    # crop geometries train on one input-size square at the image's pixel scale (random with augment.native_crop)
+    geometry = "resize" if (opts.test_geometry or model.test_geometry) == "resize" else "center_crop"
+    pipeline = Pipeline(model.preprocess.input_size, native, opts.jpeg_align, None, opts.augment, geometry=geometry)
     config = _run_config(opts, model, native, splits, device, train_precision, infer_precision)
+    config["train_requested"] = requested
     if runtime.is_main():
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -452,6 +503,7 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
     bad_files = _bad_files(train_src, val_src, splits)
     summary = {
         "validation": binary_metrics(val["y"], val["p"]),
+        "task": opts.task,
         "best_epoch": (state.best_epoch + 1) if state.best_epoch is not None else None,
         "epochs_run": len(state.history),
         "train_seconds": train_seconds,

@@ -1,8 +1,9 @@
 """Detectors: a registry of factories (``create_model``), each model carrying its preprocessing."""
 
-from fakescope.models import cnn32, timm_models  # noqa: F401  (registers the models)
-from fakescope.models.base import Detector, Preprocess
+from fakescope.models import cnn32, npr, presets, timm_models  # noqa: F401  (registers the models)
+from fakescope.models.base import Detector, Preprocess, set_num_outputs
+from fakescope.models.recipe import GEOMETRIES, Recipe
 from fakescope.models.registry import check_model_name, create_model, list_models, model_options, register_model
 
-__all__ = ["Detector", "Preprocess", "check_model_name", "create_model", "list_models", "model_options",
-           "register_model"]
+__all__ = ["GEOMETRIES", "Detector", "Preprocess", "Recipe", "check_model_name", "create_model", "list_models",
+           "model_options", "register_model", "set_num_outputs"]

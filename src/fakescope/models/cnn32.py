@@ -16,6 +16,7 @@ class CNN32(Detector):
     (the study rescales by 1/255 and applies no other normalisation)."""
 
     num_outputs = 2
+    pretrained_weights = False
 
     def __init__(self, filters: tuple[int, ...] = (32, 64, 128), hidden: int = 128, dropout: float = 0.5,
                  input_size: int = 32) -> None:

@@ -48,16 +48,18 @@ def _in_hub_cache(name: str) -> bool:
 
 
 def _weights_help(name: str) -> str:
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = (getattr(cfg, "hf_hub_id", None) if cfg is not None else None) or f"timm/{name}"
     return (f"pass --pretrained-file PATH (the {name} weights as .safetensors or .pth, e.g. downloaded "
-            f"with `huggingface-cli download timm/{name}` on a machine with internet), "
+            f"with `huggingface-cli download {hub_id}` on a machine with internet), "
             f"or --no-pretrained to train from random weights on purpose")
 
 
-def build_backbone(name: str, pretrained: bool, pretrained_file: str | None) -> nn.Module:
-    """``timm.create_model(name, num_classes=0)`` with weights from ``pretrained_file`` or the hub."""
+def build_backbone(name: str, pretrained: bool, pretrained_file: str | None, **create_kwargs) -> nn.Module:
+    """``timm.create_model(name, num_classes=0, **create_kwargs)`` with weights from ``pretrained_file`` or the hub."""
     if not timm.is_model(name.split(".")[0]):
         raise FakescopeError(f"unknown timm model {name!r}: expected a name from timm.list_models(), e.g. resnet18")
-    kwargs: dict = {"num_classes": 0}
+    kwargs: dict = {"num_classes": 0, **create_kwargs}
     if pretrained and pretrained_file:
         if not os.path.isfile(pretrained_file):
             raise FakescopeError(f"pretrained weights file not found: {pretrained_file}")

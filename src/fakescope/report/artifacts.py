@@ -53,8 +53,9 @@ def write_evaluation(result: dict, folder: str | os.PathLike, json_path: str | o
                      figures: bool = True) -> dict:
     """Write an evaluation into ``folder``: ``metrics.json`` (or ``json_path``), ``scores.npz``
     (per-image labels, P(ai) — calibrated when the run is, with the raw ``p_ai_raw`` beside it —,
-    generators, files and the data root), ``roc.png``, ``confusion.png``, ``reliability.png`` and one
-    ``degrade-<kind>.png`` per degradation (``figures=False``: the JSON and scores only).
+    generators, files and the data root), ``roc.png``, ``confusion.png``, ``reliability.png``,
+    ``attribution-confusion.png`` for an attribution run, and one ``degrade-<kind>.png`` per
+    degradation (``figures=False``: the JSON and scores only).
     Sets and returns ``result["outputs"]``. When the folder is inside the evaluated run and the run
     has a ``MODEL_CARD.md``, the card is rewritten so that it lists this evaluation."""
     folder = Path(folder)
@@ -84,6 +85,11 @@ def write_evaluation(result: dict, folder: str | os.PathLike, json_path: str | o
         if result.get("calibrated") and "p_ai_raw" in scores:
             rel["raw"] = (labels, np.asarray(scores["p_ai_raw"]))
         P.reliability_plot(rel, folder / "reliability.png", title=f"reliability — {name}")
+        if result.get("attribution"):
+            att = result["attribution"]
+            outputs["attribution_confusion"] = P.confusion_plot(
+                att["confusion"], folder / "attribution-confusion.png", classes=att["classes"],
+                title=f"{name}: attribution (macro F1 {att['macro_f1']:.3f})" if att["macro_f1"] is not None else name)
         for kind, rows in result.get("degradations", {}).items():
             P.curve_plot([r["level"] for r in rows], {
                 "accuracy": [r["overall"]["accuracy"] for r in rows],

@@ -153,10 +153,26 @@ def _cross_results(out: Path, results: dict) -> dict[str, dict]:
             continue
         if isinstance(r, dict) and "matrix" in r and "protocol" in r:
             found[f.stem] = r
-    for label, r in (results.get("cross") or {}).items():
+    for label, r in [*(results.get("cross") or {}).items(), *(results.get("leave_one_out") or {}).items()]:
         key = slug(label, default="model") + ("-loo" if r.get("protocol") == "leave-one-out" else "")
         found.setdefault(key, r)
     return found
+
+
+def unseen_generators_table(cross: dict[str, dict]) -> tuple[list[str], list[list]] | None:
+    """The "Unseen generators" table from the leave-one-out results: one row per model, its accuracy
+    (and ROC-AUC) on each generator when trained on all the others, and the mean over the N runs."""
+    loo = [r for r in cross.values() if r.get("protocol") == "leave-one-out"]
+    if not loo:
+        return None
+    gens = list(loo[0]["test"])
+    rows = []
+    for r in loo:
+        acc = r.get("held_out", {})
+        auc = r.get("held_out_roc_auc", {})
+        rows.append([r["model"], *(f"{fmt(acc.get(g))} / {fmt(auc.get(g))}" for g in gens),
+                     f"{fmt(r.get('mean_held_out'))} / {fmt(r.get('mean_held_out_roc_auc'))}"])
+    return ["model (accuracy / ROC-AUC)", *gens, "mean"], rows
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -317,6 +333,14 @@ def write_report(out: str | os.PathLike, results: dict | None = None,
                          f"cross-generator (off-diagonal): {fmt(r.get('mean_cross'))}")
             doc.figures([(r.get("outputs", {}).get("png") or str(out / "cross" / f"{key}.png"),
                           f"cross-generator accuracy: {r['model']}")])
+
+    unseen = unseen_generators_table(cross) if cross else None
+    if unseen:
+        doc.heading(2, "Unseen generators")
+        doc.para("Leave one generator out: each model is trained on every generator but one and tested on the one "
+                 "left out (accuracy / ROC-AUC on that generator's images; mean over the N runs). This is what to "
+                 "expect against a generator the detector has never seen.")
+        doc.table(*unseen)
 
     robust = {label: m["robustness"] for label, m in models.items() if m.get("robustness")}
     if robust:

@@ -78,16 +78,20 @@ def reliability_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str
     return _save(fig, path)
 
 
-def confusion_plot(confusion: Sequence[Sequence[int]], path: str | os.PathLike, title: str = "confusion") -> str:
+def confusion_plot(confusion: Sequence[Sequence[int]], path: str | os.PathLike, title: str = "confusion",
+                   classes: Sequence[str] = ("nature", "ai")) -> str:
+    """A confusion matrix (rows: true class, columns: predicted), 2x2 or (N+1)x(N+1) for attribution."""
     cm = np.asarray(confusion)
-    fig, ax = _subplots((3.6, 3.2))
+    k = cm.shape[0]
+    side = 3.6 if k <= 2 else 1.6 + 0.55 * k
+    fig, ax = _subplots((side, side * 0.9))
     ax.imshow(cm, cmap="Blues")
-    for i in range(2):
-        for j in range(2):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=10 if k <= 4 else 8,
                     color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xticks([0, 1], ["nature", "ai"])
-    ax.set_yticks([0, 1], ["nature", "ai"])
+    ax.set_xticks(range(k), list(classes), rotation=45 if k > 2 else 0, ha="right" if k > 2 else "center")
+    ax.set_yticks(range(k), list(classes))
     ax.set(xlabel="predicted", ylabel="true", title=title)
     return _save(fig, path)
 

@@ -76,6 +76,8 @@ class ServeOptions:
     decode_threads: int | None = None
     warmup: bool = True
     backend: str = "torch"           # or "onnxruntime": each run's ONNX export, RUN/model.onnx
+    test_geometry: str | None = None
+    """Overrides every run's test-time geometry (None: each run's own)."""
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0 <= self.threshold <= 1:
@@ -163,6 +165,7 @@ class ServedModel:
     def __init__(self, run_dir: str | os.PathLike, options: ServeOptions, executor: ThreadPoolExecutor) -> None:
         self.name = Path(run_dir).resolve().name
         self.predictor = Predictor(run_dir, device=options.device, precision=options.precision,
+                                   geometry=options.test_geometry,
                                    max_pixels=options.max_pixels, max_file_size=options.max_file_size,
                                    backend=options.backend)
         # calibrated p_ai and the run's threshold unless told otherwise (fakescope.calibration)
@@ -185,6 +188,7 @@ class ServedModel:
                 "options": cfg["model"].get("options") or {}, "input_size": self.predictor.pipeline.input_size,
                 "native_size": self.predictor.pipeline.native_size, "threshold": self.decision.threshold,
                 "threshold_source": self.decision.source, "calibrated": self.decision.calibrated,
+                "test_geometry": self.predictor.pipeline.geometry,
                 "backend": options.backend, "precision": self.predictor.precision.name,
                 "device": str(self.predictor.device), "data": data,
                 "validation": metrics.get("validation"), "best_epoch": metrics.get("best_epoch")}
@@ -200,8 +204,7 @@ class ServedModel:
         return calibrate_p_ai(self.predictor.score(stages)[:n], self.decision.calibration).tolist()
 
     def warm_up(self, max_batch: int) -> None:
-        s = self.predictor.stage_size
-        stage = torch.zeros(3, s, s, dtype=torch.uint8)
+        stage = torch.zeros(self.predictor.stage_shape, dtype=torch.uint8)
         for n in self.buckets:
             self.score([stage] * n)
 

@@ -90,13 +90,18 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
         results["models"][spec.label] = entry
         if runtime.is_main():
             write_json(out / RESULTS, results)  # partial results survive an interruption
-    crossed = cfg.cross if isinstance(cfg.cross, list) else ([m.label for m in cfg.models] if cfg.cross else [])
-    if crossed:
+    everyone = [m.label for m in cfg.models]
+    crossed = cfg.cross if isinstance(cfg.cross, list) else (everyone if cfg.cross else [])
+    if crossed or cfg.leave_one_out:
         from fakescope.study.cross import run_cross
 
-        results["cross"] = {}
-        for label in crossed:
-            results["cross"][label] = run_cross(cfg, label, leave_one_out=cfg.leave_one_out, report=False)
+        # --cross: the one-vs-all matrix; --leave-one-out: the leave-one-generator-out runs ("Unseen
+        # generators"); both together: both, for the models --cross names (every model by default)
+        results["cross"], results["leave_one_out"] = {}, {}
+        for label in crossed if cfg.cross else []:
+            results["cross"][label] = run_cross(cfg, label, report=False)
+        for label in (crossed or everyone) if cfg.leave_one_out else []:
+            results["leave_one_out"][label] = run_cross(cfg, label, leave_one_out=True, report=False)
     results["seconds"] = time.perf_counter() - t_start
     if runtime.is_main():
         write_json(out / RESULTS, results)

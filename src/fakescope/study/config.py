@@ -21,9 +21,9 @@ from fakescope.errors import FakescopeError
 from fakescope.utils import slug
 
 DEFAULT_MODELS = ("cnn32", "resnet50", "convnext_small")
-MODEL_KEYS = ("pretrained", "pretrained_file", "freeze", "filters", "hidden", "dropout", "input_size")
+MODEL_KEYS = ("pretrained", "pretrained_file", "freeze", "filters", "hidden", "dropout", "input_size", "tiny")
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "patience", "val_fraction", "limit", "native_size",
-              "augment", "precision", "adv_train", "adv_eps", "adv_steps", "adv_mix")
+              "augment", "precision", "adv_train", "adv_eps", "adv_steps", "adv_mix", "task", "test_geometry")
 ATTACK_KEYS = ("name", "eps", "steps", "limit", "direction", "precision")
 ATTACKS = ("fgsm", "pgd", "pgd-l2", "square")
 SOURCE = "benchmark config"
@@ -53,14 +53,16 @@ class BenchmarkConfig:
     generators: list[str] | None = None
     seeds: list[int] = field(default_factory=lambda: [42])
     epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    lr_schedule: str = "constant"
+    batch_size: int | None = None
+    lr: float | None = None
+    lr_schedule: str | None = None
     patience: int = 3
     val_fraction: float = 0.1
     limit: int | None = None
     native_size: str | int = "auto"
-    augment: dict = field(default_factory=dict)
+    augment: dict | None = None
+    task: str = "binary"
+    test_geometry: str | None = None
     split: str = "val"
     threshold: float | None = None   # None: each run's calibrated threshold, else 0.5
     calibrate: float | None = None   # target FPR: calibrate every run on its own held-out training images
@@ -178,11 +180,20 @@ def _names(v) -> list[str]:
 
 _AUGMENT = {"jpeg_prob": validate.fraction, "jpeg_quality": lambda v: validate.value_range(v, validate.quality),
             "blur_prob": validate.fraction, "blur_sigma": lambda v: validate.value_range(v, validate.number),
-            "crop": validate.fraction, "flip": validate.boolean}
+            "crop": validate.fraction, "flip": validate.boolean, "native_crop": validate.boolean,
+            "scale": lambda v: _scale_range(validate.value_range(v, validate.number))}
+
+
+def _scale_range(r: tuple) -> tuple:
+    if not 0 < r[0] <= r[1] <= 1:
+        raise ValueError(f"expected down-scaling factors in (0, 1] like [0.5, 1], got {list(r)}")
+    return r
 
 TOP_LEVEL: dict[str, Callable] = {
     "data": _string, "out": _string, "seeds": _seeds, "epochs": validate.positive_int,
-    "batch_size": validate.positive_int, "lr": _positive_number, "lr_schedule": _choice("constant", "cosine"),
+    "batch_size": _optional(validate.positive_int), "lr": _optional(_positive_number),
+    "lr_schedule": _optional(_choice("constant", "cosine", "plateau", "step")),
+    "task": _choice("binary", "attribution"), "test_geometry": _optional(_choice("resize", "center_crop", "crops")),
     "patience": validate.nonneg_int, "val_fraction": validate.fraction, "limit": _optional(validate.positive_int),
     "native_size": _native_size, "split": _choice("train", "val"), "threshold": _optional(validate.threshold),
     "calibrate": _optional(_target_fpr), "gallery": validate.boolean,
@@ -195,14 +206,14 @@ TOP_LEVEL: dict[str, Callable] = {
 }
 TRAINING: dict[str, Callable] = {
     **{k: TOP_LEVEL[k] for k in ("epochs", "batch_size", "lr", "lr_schedule", "patience", "val_fraction", "limit",
-                                 "native_size", "precision")},
+                                 "native_size", "precision", "task", "test_geometry")},
     "adv_train": _optional(_choice("pgd", "fgsm")), "adv_eps": _eps, "adv_steps": validate.positive_int,
     "adv_mix": validate.fraction,
 }
 MODEL_OPTIONS: dict[str, Callable] = {
     "pretrained": validate.boolean, "pretrained_file": _optional(_string), "freeze": _optional(validate.boolean),
     "filters": _positive_ints, "hidden": validate.positive_int, "dropout": validate.fraction,
-    "input_size": validate.positive_int,
+    "input_size": validate.positive_int, "tiny": validate.boolean,
 }
 
 
@@ -210,9 +221,10 @@ def _check(key: str, value, check: Callable):
     return validate.checked(key, value, check, source=SOURCE)
 
 
-def check_augment(aug, key: str = "augment") -> dict:
+def check_augment(aug, key: str = "augment") -> dict | None:
+    """None: the model's recipe decides."""
     if aug is None:
-        return {}
+        return None
     if not isinstance(aug, dict):
         raise FakescopeError(f"{SOURCE}: {key}: expected a mapping of augmentation options, got {aug!r}")
     bad = sorted(set(aug) - set(_AUGMENT))
@@ -405,5 +417,8 @@ def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> B
     return cfg
 
 
-def train_augment(aug: dict) -> Augment:
-    return Augment(**{k: tuple(v) if isinstance(v, list) else v for k, v in (aug or {}).items()})
+def train_augment(aug: dict | None) -> Augment | None:
+    """The augmentation of a run: None (the model's recipe) when the configuration sets none."""
+    if aug is None:
+        return None
+    return Augment(**{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})

@@ -69,6 +69,10 @@ def run_cross(config: dict | BenchmarkConfig, model: str | None = None, *, leave
     if leave_one_out:
         result["held_out"] = {g: matrix[i, i] for i, g in enumerate(gens)}
         result["mean_held_out"] = float(np.nanmean(np.diag(matrix)))
+        auc = [mean_of(per_gen[g][g]["roc_auc"]) for g in gens]  # ROC-AUC on the generator left out
+        result["held_out_roc_auc"] = dict(zip(gens, auc, strict=True))
+        known = [v for v in auc if v is not None]
+        result["mean_held_out_roc_auc"] = float(np.mean(known)) if known else None
     else:
         off = matrix[~np.eye(len(gens), dtype=bool)]
         result["mean_in_distribution"] = float(np.nanmean(np.diag(matrix)))

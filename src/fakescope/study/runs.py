@@ -142,7 +142,8 @@ def ensure_run(opts, run_dir: Path, *, force: bool = False, what: str = "") -> t
     if (run_dir / ckpt.CONFIG).is_file():
         try:
             stored = ckpt.read_config(run_dir)
-            same = _comparable(stored.get("train", {})) == _comparable(opts.to_dict())
+            asked = stored.get("train_requested", stored.get("train", {}))  # before the model's recipe
+            same = _comparable(asked) == _comparable(opts.to_dict())
         except FakescopeError:
             same = False
         finished = (run_dir / ckpt.METRICS).is_file() and (run_dir / ckpt.WEIGHTS).is_file()
