@@ -50,6 +50,17 @@ class Detector(nn.Module):
         self.register_buffer("_mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(preprocess.std).view(1, 3, 1, 1), persistent=False)
 
+    def set_backbone(self, net: nn.Module, name: str, freeze: bool) -> None:
+        """Attach the backbone ``net`` (named ``name`` in configs and cache keys); ``freeze`` stops its
+        gradients and keeps it in eval mode (BatchNorm statistics fixed, no dropout)."""
+        self.backbone_name = name
+        self.backbone = net
+        self.frozen = bool(freeze)
+        if self.frozen:
+            for p in self.backbone.parameters():
+                p.requires_grad_(False)
+            self.backbone.eval()
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self._mean.to(x.dtype)) / self._std.to(x.dtype)
 

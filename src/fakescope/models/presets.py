@@ -77,13 +77,7 @@ class CNNSpot(Detector):
                  input_size: int = 224) -> None:
         net = build_backbone(CNNSPOT_BACKBONE, pretrained, pretrained_file)
         super().__init__(Preprocess(int(input_size), IMAGENET_MEAN, IMAGENET_STD))
-        self.backbone_name = CNNSPOT_BACKBONE
-        self.backbone = net
-        self.frozen = bool(freeze)
-        if self.frozen:
-            for p in self.backbone.parameters():
-                p.requires_grad_(False)
-            self.backbone.eval()
+        self.set_backbone(net, CNNSPOT_BACKBONE, freeze)
         self.head_net = _head_init(nn.Linear(net.num_features, 1))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,13 +119,7 @@ class UnivFD(Detector):
             net = build_backbone(CLIP_BACKBONE, pretrained, pretrained_file, num_classes=CLIP_EMBED_DIM,
                                  img_size=int(input_size))
         super().__init__(Preprocess(int(input_size), CLIP_MEAN, CLIP_STD))
-        self.backbone_name = CLIP_BACKBONE + (":tiny" if tiny else "")
-        self.backbone = net
-        self.frozen = bool(freeze)
-        if self.frozen:
-            for p in self.backbone.parameters():
-                p.requires_grad_(False)
-            self.backbone.eval()
+        self.set_backbone(net, CLIP_BACKBONE + (":tiny" if tiny else ""), freeze)
         self.head_net = _head_init(nn.Linear(net.num_classes, 1))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -88,13 +88,7 @@ class TimmDetector(Detector):
         size = int(input_size or cfg.get("input_size", (3, 224, 224))[-1])
         super().__init__(Preprocess(size, tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
                                     tuple(cfg.get("std", (0.229, 0.224, 0.225)))))
-        self.backbone_name = backbone
-        self.backbone = net
-        self.frozen = freeze
-        if freeze:
-            for p in self.backbone.parameters():
-                p.requires_grad_(False)
-            self.backbone.eval()
+        self.set_backbone(net, backbone, freeze)
         self.head_net = nn.Sequential(
             nn.Linear(getattr(net, "head_hidden_size", None) or net.num_features, hidden), nn.ReLU(inplace=True),
             nn.Dropout(dropout), nn.Linear(hidden, 1),
