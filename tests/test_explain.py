@@ -10,6 +10,7 @@ from fakescope.engine.checkpoint import load_run
 from fakescope.errors import FakescopeError
 from fakescope.explain import explain_files, find_target_layer, gradcam, to_image_size
 from fakescope.models import create_model
+from fakescope.report.artifacts import write_explanation, write_gallery
 
 from synth import make_run
 
@@ -67,7 +68,9 @@ def test_explain_files_writes_overlays_and_json(tmp_path):
     bad.write_bytes(b"not an image")
     model, _ = load_run(run)
     before = _state(model)
-    res = explain_files(run, [str(a), str(bad), str(tmp_path / "missing.jpg")], tmp_path / "out")
+    data = explain_files(run, [str(a), str(bad), str(tmp_path / "missing.jpg")])
+    assert not (tmp_path / "out").exists()  # the library returns data; writing is report.artifacts'
+    res = write_explanation(data, tmp_path / "out")
     assert res["layer"] == "backbone.7" and res["threshold"]["source"] == "default"
     good = [r for r in res["images"] if "error" not in r]
     assert len(good) == 1 and len(res["images"]) == 3
@@ -81,9 +84,9 @@ def test_explain_files_writes_overlays_and_json(tmp_path):
     model2, _ = load_run(run)
     assert all(torch.equal(before[k], v) for k, v in model2.state_dict().items())
     with pytest.raises(FakescopeError, match="layer name"):
-        explain_files(run, [str(a)], tmp_path / "o2", layer="nope")
+        explain_files(run, [str(a)], layer="nope")
     with pytest.raises(FakescopeError, match="--method gradcam"):
-        explain_files(run, [str(a)], tmp_path / "o3", method="shap")
+        explain_files(run, [str(a)], method="shap")
 
 
 def test_vit_has_no_feature_map():
@@ -99,7 +102,7 @@ def test_gallery_picks_right_and_wrong_examples(tmp_path):
 
     data = make_dataset(tmp_path / "d", generators=("g",), n_train=0, n_val=12)
     run = make_run(tmp_path / "run", "cnn32", seed=3)
-    res = gallery(run, data, tmp_path / "gal", per_kind=2, pool=12)
+    res = write_gallery(gallery(run, data, per_kind=2, pool=12), tmp_path / "gal")
     assert Image.open(res["png"]).size[0] > 200 and res["layer"] == "backbone.7"
     assert 1 <= len(res["items"]) <= 8
     thr = res["threshold"]["value"]

@@ -20,7 +20,6 @@ heat map is returned at the original image's size, zero outside that square (``s
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -154,16 +153,16 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5,
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
-def explain_files(run_dir: str | os.PathLike, paths: list[str], out_dir: str | os.PathLike, *,
+def explain_files(run_dir: str | os.PathLike, paths: list[str], *,
                   method: str = "gradcam", layer: str | None = None, threshold: float | None = None,
                   uncalibrated: bool = False, device: str = "cpu", native_size=None,
                   max_pixels: int | None = None) -> dict:
-    """Grad-CAM overlays (``OUT/<name>.gradcam.png``) and ``OUT/explain.json`` for image files.
+    """Grad-CAM overlays of image files, as data (nothing is written: see
+    :func:`fakescope.report.artifacts.write_explanation`).
 
-    Returns ``{"method", "layer", "threshold", "images": [{"path", "p_ai", "verdict", "overlay",
-    "seen_box", "cam_max", "peak_xy"} | {"path", "error"}]}``."""
-    from PIL import Image
-
+    Returns ``{"method", "layer", "model", "run", "threshold", "images": [{"path", "name", "p_ai",
+    "verdict", "overlay_image" (HxWx3 uint8 at the image's size), "seen_box", "cam_max", "peak_xy"}
+    | {"path", "error"}]}``."""
     from fakescope.calibration import resolve_decision
     from fakescope.data.io import DEFAULT_MAX_PIXELS, list_images, read_image
     from fakescope.data.transforms import Pipeline
@@ -171,7 +170,6 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], out_dir: str | o
     from fakescope.engine.checkpoint import load_run
     from fakescope.engine.evaluation import native_size_for
     from fakescope.errors import ImageReadError
-    from fakescope.utils import atomic_write_bytes, write_json
 
     if method != "gradcam":
         raise FakescopeError(f"expected --method gradcam, got {method!r}")
@@ -191,8 +189,6 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], out_dir: str | o
     pipeline = Pipeline(model.preprocess.input_size, native_size_for(config, native_size),
                         config.get("train", {}).get("jpeg_align"),
                         geometry="center_crop" if geometry == "crops" else geometry)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = [{"path": p, "error": "file not found"} for p in paths if not os.path.lexists(p)]
     used: set[str] = set()
     for f in list_images([p for p in paths if os.path.lexists(p)]):
@@ -215,36 +211,33 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], out_dir: str | o
             k += 1
             base = f"{stem}-{k}"
         used.add(base)
-        png = out_dir / f"{base}.gradcam.png"
-        buf = io.BytesIO()
-        Image.fromarray(overlay(img.permute(1, 2, 0).numpy(), heat, box=seen_box(h, w))).save(buf, "PNG")
-        atomic_write_bytes(png, buf.getvalue())
         py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
-        rows.append({"path": f, "p_ai": round(p, 6), "verdict": "ai" if p >= decision.threshold else "nature",
-                     "overlay": str(png), "seen_box": list(seen_box(h, w)), "cam_max": float(peak[0]),
+        rows.append({"path": f, "name": base, "p_ai": round(p, 6),
+                     "verdict": "ai" if p >= decision.threshold else "nature",
+                     "overlay_image": overlay(img.permute(1, 2, 0).numpy(), heat, box=seen_box(h, w)),
+                     "seen_box": list(seen_box(h, w)), "cam_max": float(peak[0]),
                      "peak_xy": [int(px), int(py)] if peak[0] > 0 else None})
-    result = {"method": method, "layer": name, "model": config["model"]["name"], "run": str(Path(run_dir).resolve()),
-              "threshold": decision.to_dict(), "images": rows}
-    write_json(out_dir / "explain.json", result)
-    return result
+    return {"method": method, "layer": name, "model": config["model"]["name"], "run": str(Path(run_dir).resolve()),
+            "threshold": decision.to_dict(), "images": rows}
 
 
 GALLERY_KINDS = (("ai", True), ("ai", False), ("nature", True), ("nature", False))
 
 
-def gallery(run_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike, *, split: str = "val",
+def gallery(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: str = "val",
             generators=None, per_kind: int = 2, pool: int = 24, device: str = "cpu",
             threshold: float | None = None, uncalibrated: bool = False) -> dict:
     """"What the model looks at": Grad-CAM overlays of a few correct and wrong examples per class.
 
     Scores ``pool`` images per generator and class of ``data``'s ``split`` (chosen by path hash), then
     explains the ``per_kind`` most confident ones of each kind (AI caught, AI missed, real passed, real
-    flagged). Writes ``OUT/gallery.png`` (a captioned grid), the overlays and ``OUT/gallery.json``."""
+    flagged). Returns data (``items`` with their ``overlay_image``, ``grid``, a captioned grid for
+    :func:`fakescope.report.plots.gallery_plot`, and ``title``); nothing is written: see
+    :func:`fakescope.report.artifacts.write_gallery`."""
     from fakescope.calibration import resolve_decision
     from fakescope.data.layout import index_root, limit_per_class
     from fakescope.engine.evaluation import prepare
     from fakescope.engine.infer import score_files
-    from fakescope.utils import write_json
 
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     index = limit_per_class(index_root(data).select(generators, split), pool)
@@ -261,29 +254,19 @@ def gallery(run_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str | 
         idx = np.flatnonzero(ok)
         conf = p[idx] if (y == 1) == correct else -p[idx]  # most confident in the (right or wrong) verdict
         chosen += [(cls, correct, int(i)) for i in idx[np.argsort(-conf, kind="stable")][:per_kind]]
-    out_dir = Path(out_dir)
-    res = explain_files(run_dir, [files[i] for _, _, i in chosen], out_dir / "overlays", device=device,
+    res = explain_files(run_dir, [files[i] for _, _, i in chosen], device=device,
                         threshold=threshold, uncalibrated=uncalibrated) if chosen else {"images": [], "layer": None}
     items = []
     for (cls, correct, i), row in zip(chosen, res["images"]):
         items.append({**row, "label": cls, "correct": correct, "generator": index.generators[i]})
-    path = None
-    if items:
-        from PIL import Image
-
-        from fakescope.report.plots import gallery_plot
-
-        names = {("ai", True): "AI, caught", ("ai", False): "AI, missed", ("nature", True): "real, passed",
-                 ("nature", False): "real, flagged"}
-        grid = []
-        for kind in GALLERY_KINDS:
-            row = [it for it in items if (it["label"], it["correct"]) == kind and "overlay" in it]
-            if row:
-                grid.append((names[kind], [(np.asarray(Image.open(it["overlay"]).convert("RGB")),
-                                            f"p_ai {it['p_ai']:.3f} ({it['generator']})") for it in row]))
-        path = gallery_plot(grid, out_dir / "gallery.png", title=f"Grad-CAM ({res['layer']}): red = pushed toward "
-                            f"AI; threshold {decision.threshold:.3g}")
-    result = {"png": path, "layer": res["layer"], "threshold": decision.to_dict(), "items": items,
-              "data": {"root": index.root, "split": split, "pool_per_class": pool}}
-    write_json(out_dir / "gallery.json", result)
-    return result
+    names = {("ai", True): "AI, caught", ("ai", False): "AI, missed", ("nature", True): "real, passed",
+             ("nature", False): "real, flagged"}
+    grid = []
+    for kind in GALLERY_KINDS:
+        row = [it for it in items if (it["label"], it["correct"]) == kind and "overlay_image" in it]
+        if row:
+            grid.append((names[kind], [(it["overlay_image"], f"p_ai {it['p_ai']:.3f} ({it['generator']})")
+                                       for it in row]))
+    return {"layer": res["layer"], "threshold": decision.to_dict(), "items": items, "grid": grid,
+            "title": f"Grad-CAM ({res['layer']}): red = pushed toward AI; threshold {decision.threshold:.3g}",
+            "data": {"root": index.root, "split": split, "pool_per_class": pool}}

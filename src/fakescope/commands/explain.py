@@ -23,10 +23,12 @@ def add_parser(sub):
 
 def run(args) -> int:
     from fakescope.explain import explain_files
+    from fakescope.report.artifacts import write_explanation
 
-    res = explain_files(args.run, args.paths, args.out, method=args.method, layer=args.layer,
-                        threshold=args.threshold, uncalibrated=args.uncalibrated, device=args.device,
-                        native_size=args.native_size, max_pixels=args.max_pixels)
+    res = write_explanation(explain_files(args.run, args.paths, method=args.method, layer=args.layer,
+                                          threshold=args.threshold, uncalibrated=args.uncalibrated,
+                                          device=args.device, native_size=args.native_size,
+                                          max_pixels=args.max_pixels), args.out)
     print(f"{res['method']} on {res['model']} layer {res['layer']}; threshold {res['threshold']['value']:.4g} "
           f"({res['threshold']['source']})")
     for r in res["images"]:

@@ -176,3 +176,39 @@ def write_calibration_files(run_dir: str | os.PathLike, calibration) -> dict:
         write_calibration(run_dir, calibration)
         write_model_card(run_dir, inspect_training_data(read_config(run_dir)))
     return paths
+
+
+def write_explanation(result: dict, folder: str | os.PathLike) -> dict:
+    """``<name>.gradcam.png`` overlays and ``explain.json`` for :func:`fakescope.explain.explain_files`'s
+    result; returns the JSON written (each image's ``overlay`` is its PNG's path)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for row in result["images"]:
+        row = dict(row)
+        pixels = row.pop("overlay_image", None)
+        if pixels is not None:
+            png = folder / f"{row.pop('name')}.gradcam.png"
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, "PNG")
+            atomic_write_bytes(png, buf.getvalue())
+            row["overlay"] = str(png)
+        images.append(row)
+    out = {**result, "images": images}
+    write_json(folder / "explain.json", out)
+    return out
+
+
+def write_gallery(result: dict, folder: str | os.PathLike) -> dict:
+    """``gallery.png`` (the captioned grid), the overlays (``overlays/``) and ``gallery.json`` for
+    :func:`fakescope.explain.gallery`'s result; returns the JSON written (``png``: the grid's path or None)."""
+    from fakescope.report.plots import gallery_plot
+
+    folder = Path(folder)
+    written = write_explanation({"images": result["items"]}, folder / "overlays")["images"]
+    png = gallery_plot(result["grid"], folder / "gallery.png", title=result["title"]) if result["grid"] else None
+    out = {"png": png, **{k: v for k, v in result.items() if k not in ("items", "grid", "title")}, "items": written}
+    write_json(folder / "gallery.json", out)
+    return out

@@ -243,11 +243,12 @@ def gallery_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str) 
 
     def compute() -> dict:
         from fakescope.explain import gallery
+        from fakescope.report.artifacts import write_gallery
 
         log(f"{what}: Grad-CAM gallery")
         try:
-            return {"png": gallery(run_dir, cfg.data, folder, split=cfg.split, generators=cfg.generators,
-                                   threshold=cfg.threshold)["png"]}
+            return {"png": write_gallery(gallery(run_dir, cfg.data, split=cfg.split, generators=cfg.generators,
+                                                 threshold=cfg.threshold), folder)["png"]}
         except FakescopeError as e:  # e.g. a ViT backbone: no convolutional map to explain
             log(f"{what}: no gallery ({e})")
             return {"png": None, "reason": str(e)}
