@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,24 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAKE_TAR = SHARED / "data" / "cifake_sdv14.tar"
 PHOTOS_TAR = SHARED / "data" / "real_photos_misc.tar"
 LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0_imagenet.safetensors"
+
+
+@contextmanager
+def quiet_single_thread(tmp: Path):
+    """For module fixtures that train: one torch thread (the arithmetic of the subprocess tests), a
+    cache folder of their own under ``tmp`` and no progress bars; everything restored afterwards."""
+    import pytest
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FAKESCOPE_CACHE_DIR", str(tmp / "cache"))
+            mp.setenv("FAKESCOPE_PROGRESS", "0")
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def synthetic_image(label: int, rng: np.random.Generator, size: int = 32, strength: float = 0.12) -> np.ndarray:

@@ -20,7 +20,7 @@ from fakescope.engine.evaluation import evaluate_run, prepare
 from fakescope.engine.infer import evaluate_index
 from fakescope.engine.train import TrainOptions, train
 
-from synth import make_pattern_root
+from synth import make_pattern_root, quiet_single_thread
 
 make_root = make_pattern_root
 
@@ -28,19 +28,12 @@ make_root = make_pattern_root
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("degrade")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("FAKESCOPE_CACHE_DIR", str(tmp / "cache"))
-            mp.setenv("FAKESCOPE_PROGRESS", "0")
-            data = make_root(tmp / "data")
-            run = tmp / "run"
-            train(TrainOptions(model="cnn32", data=str(data), epochs=1, num_workers=0,
-                               model_options={"filters": [8, 16, 16], "hidden": 16}), run)
-            yield {"tmp": tmp, "data": data, "run": run}
-    finally:
-        torch.set_num_threads(threads)
+    with quiet_single_thread(tmp):
+        data = make_root(tmp / "data")
+        run = tmp / "run"
+        train(TrainOptions(model="cnn32", data=str(data), epochs=1, num_workers=0,
+                           model_options={"filters": [8, 16, 16], "hidden": 16}), run)
+        yield {"tmp": tmp, "data": data, "run": run}
 
 
 def _photo(size=48, seed=0) -> torch.Tensor:

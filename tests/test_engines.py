@@ -25,7 +25,7 @@ from fakescope.engine.evaluation import evaluate_run, predict_paths, prepare
 from fakescope.engine.train import TrainOptions, train
 from fakescope.report.artifacts import write_evaluation
 
-from synth import make_dataset
+from synth import make_dataset, quiet_single_thread
 
 TINY = {"filters": [4, 8, 8], "hidden": 8}
 
@@ -39,17 +39,11 @@ def _no_nan(text: str):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("engines")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("FAKESCOPE_CACHE_DIR", str(tmp / "cache"))
-            data = make_dataset(tmp / "data", generators=("g",), n_train=16, n_val=8)
-            run = tmp / "run"
-            train(TrainOptions(model="cnn32", data=str(data), epochs=1, num_workers=0, model_options=TINY), run)
-            yield {"tmp": tmp, "data": data, "run": run}
-    finally:
-        torch.set_num_threads(threads)
+    with quiet_single_thread(tmp):
+        data = make_dataset(tmp / "data", generators=("g",), n_train=16, n_val=8)
+        run = tmp / "run"
+        train(TrainOptions(model="cnn32", data=str(data), epochs=1, num_workers=0, model_options=TINY), run)
+        yield {"tmp": tmp, "data": data, "run": run}
 
 
 def test_evaluating_and_writing_figures_leave_matplotlibs_backend_alone(env, tmp_path):

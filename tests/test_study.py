@@ -16,7 +16,7 @@ from fakescope.errors import FakescopeError
 from fakescope.study import load_config_file, make_config, model_options
 from fakescope.study.runs import ensure_run, evaluate_cached, robustness_cached, train_options
 
-from synth import make_dataset
+from synth import make_dataset, quiet_single_thread
 
 TINY = {"filters": [4, 8, 8], "hidden": 8}
 
@@ -24,15 +24,9 @@ TINY = {"filters": [4, 8, 8], "hidden": 8}
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("FAKESCOPE_CACHE_DIR", str(tmp / "cache"))
-            data = make_dataset(tmp / "a" / "data", generators=("g", "h"), n_train=12, n_val=6)
-            yield {"tmp": tmp, "data": data}
-    finally:
-        torch.set_num_threads(threads)
+    with quiet_single_thread(tmp):
+        data = make_dataset(tmp / "a" / "data", generators=("g", "h"), n_train=12, n_val=6)
+        yield {"tmp": tmp, "data": data}
 
 
 # --- configuration values -------------------------------------------------------------------------

@@ -38,20 +38,12 @@ def _table(rows: dict[str, dict], keys=_KEYS, first: str = "") -> list[str]:
     return markdown_table(rows, keys, first=first).splitlines()
 
 
-def _evaluations(run: Path) -> dict[str, dict]:
+def _results(run: Path, pattern: str, key: str, kind: type) -> dict[str, dict]:
+    """``folder name -> JSON`` of the run's result files matching ``pattern`` whose ``key`` is a ``kind``."""
     out = {}
-    for p in sorted(run.glob("eval-*/metrics.json")):
+    for p in sorted(run.glob(pattern)):
         d = _load(p)
-        if d and isinstance(d.get("overall"), dict):
-            out[p.parent.name] = d
-    return out
-
-
-def _attacks(run: Path) -> dict[str, dict]:
-    out = {}
-    for p in sorted(run.glob("attack-*/attack.json")):
-        d = _load(p)
-        if d and isinstance(d.get("results"), list):
+        if d and isinstance(d.get(key), kind):
             out[p.parent.name] = d
     return out
 
@@ -62,8 +54,8 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
     cfg = _load(run / "config.json") or {}
     metrics = _load(run / "metrics.json") or {}
     cal = _load(run / "calibration.json")
-    evals = _evaluations(run)
-    attacks = _attacks(run)
+    evals = _results(run, "eval-*/metrics.json", "overall", dict)
+    attacks = _results(run, "attack-*/attack.json", "results", list)
     model = cfg.get("model", {})
     data = cfg.get("data", {})
     train = cfg.get("train", {})
