@@ -1,6 +1,8 @@
 """Native-scale geometry, recipes applied to training options, attribution metrics."""
 
 import json
+import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -194,6 +196,22 @@ def test_attribution_run_evaluates_and_predicts_generators(pattern_root, tmp_pat
     assert row["p_ai"] == pytest.approx(1 - probs["nature"], abs=2e-6)
     assert row["generator_p"] == max(probs.values())
 
+    # the server reports the same generator fields as predict (and the classes in /v1/models)
+    from fastapi.testclient import TestClient
+
+    from fakescope.serve import ServeOptions, create_app
+
+    with TestClient(create_app([out], ServeOptions(max_wait_ms=2))) as client:
+        for _ in range(400):
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.025)
+        assert client.get("/v1/models").json()["models"][0]["classes"] == cfg["classes"]
+        served = client.post("/v1/predict", files=[("file", (img.name, img.read_bytes(), "image/png"))]).json()
+    got = served["results"][0]
+    assert (got["p_ai"], got["generator"], got["generator_p"]) == (row["p_ai"], row["generator"], row["generator_p"])
+    assert [[c, pytest.approx(p, abs=1e-6)] for c, p in row["top3"]] == got["top3"]
+
 
 def test_test_geometry_override_reaches_evaluation(pattern_root, tmp_path):
     from fakescope.engine.evaluation import evaluate_run
@@ -211,13 +229,28 @@ def test_test_geometry_override_reaches_evaluation(pattern_root, tmp_path):
 
 
 def test_benchmark_takes_presets_and_attribution_runs_and_reports_unseen_generators(pattern_root, tmp_path):
+    import shutil
+
+    from fakescope.engine.evaluation import predict_paths
     from fakescope.study import run_benchmark
 
+    photos = tmp_path / "photos"  # a flat folder of real images, one of them unreadable
+    photos.mkdir()
+    for i, f in enumerate(sorted((pattern_root / "checker" / "val" / "nature").iterdir())[:5]):
+        shutil.copy(f, photos / f"p{i}{f.suffix}")
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     res = run_benchmark({"data": str(pattern_root), "out": str(tmp_path / "bench"), "epochs": 1,
-                         "precision_check": False, "leave_one_out": True,
+                         "precision_check": False, "leave_one_out": True, "real_photos": str(photos),
                          "models": {"npr": {"input_size": 32},
                                     "cnn32-attr": {"model": "cnn32", "task": "attribution"}}})
     assert set(res["models"]) == {"npr", "cnn32-attr"}
+    for label, m in res["models"].items():  # false alarms on the real photos, as predict scores them
+        rp = m["real_photos"]
+        ref = predict_paths(m["runs"][0]["dir"], sorted(str(f) for f in photos.iterdir()), provenance=False)
+        assert rp["n"] == 5 and list(rp["errors"]) == ["broken.png"]
+        assert rp["called_ai"] == sum(r.get("verdict") == "ai" for r in ref) and rp["fpr"] == rp["called_ai"] / 5
+        assert rp["p_ai"] == {os.path.basename(r["path"]): r["p_ai"] for r in ref if "p_ai" in r}
+        assert rp["test_geometry"] == ("center_crop" if label == "npr" else "resize") == m["test_geometry"]
     npr_cfg = json.loads((tmp_path / "bench" / "runs" / "npr-seed42" / "config.json").read_text())
     assert npr_cfg["train"]["lr"] == 2e-4 and npr_cfg["test_geometry"] == "center_crop"  # the recipe applied
     attr = json.loads((tmp_path / "bench" / "runs" / "cnn32-attr-seed42" / "config.json").read_text())
@@ -229,6 +262,8 @@ def test_benchmark_takes_presets_and_attribution_runs_and_reports_unseen_generat
     unseen = report.split("## Unseen generators")[1]
     line = next(r for r in unseen.splitlines() if r.startswith("| cnn32-attr"))
     assert line.count(" / ") == 3  # accuracy / ROC-AUC for each generator left out and the mean
+    photos_table = report.split("### False alarms on real photos")[1]
+    assert f"| npr | center_crop | 0.5000 | {res['models']['npr']['real_photos']['called_ai']} | 5 |" in photos_table
 
 
 def test_crops_score_the_same_from_the_feature_cache_and_streamed(pattern_root, tmp_path):

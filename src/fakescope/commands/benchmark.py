@@ -71,6 +71,9 @@ def add_parser(sub):
     b.add_argument("--calibrate", type=a.fraction, default=None, metavar="FPR",
                    help="calibrate every run on its own held-out training images for this target false-positive "
                         "rate before evaluating it")
+    b.add_argument("--real-photos", default=None, metavar="DIR",
+                   help="a folder of real photos only (any sizes): report how many each model calls AI at its own "
+                        "threshold (the check against size and content shortcuts)")
     b.add_argument("--attack", default=None, choices=["fgsm", "pgd", "pgd-l2", "square"],
                    help="also the robust accuracy of every model's first-seed run under this attack")
     b.add_argument("--attack-eps", default=None, help="budgets, e.g. 0,1/255,2/255,4/255,8/255")
@@ -89,7 +92,7 @@ def study_options(args) -> tuple[dict, dict]:
     over = {k: getattr(args, k, None) for k in ("data", "generators", "out", "seeds", "epochs", "lr", "limit",
                                                  "force", "jpeg_align", "jpeg_align_train", "degrade", "cross",
                                                  "leave_one_out", "threshold", "calibrate", "precision_check", "device",
-                                                 "max_pixels", "cache_dir", "test_geometry")}
+                                                 "max_pixels", "cache_dir", "test_geometry", "real_photos")}
     if getattr(args, "attack", None):  # benchmark only (cross has no attack options)
         over["attack"] = {"name": args.attack, **({"eps": args.attack_eps} if args.attack_eps else {}),
                           **({"limit": args.attack_limit} if args.attack_limit else {})}

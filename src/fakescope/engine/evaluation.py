@@ -17,7 +17,7 @@ from fakescope.data.layout import index_root
 from fakescope.data.transforms import Pipeline, parse_degradations
 from fakescope.engine import runtime
 from fakescope.engine.checkpoint import load_run
-from fakescope.engine.infer import evaluate_index, score_variants, stage_p_ai
+from fakescope.engine.infer import evaluate_index, score_variants, stage_scores
 from fakescope.errors import FakescopeError
 from fakescope.validate import checked
 
@@ -181,16 +181,22 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
             row = {"path": f, **verdict(p[i], decision.threshold), "threshold": decision.threshold,
                    "threshold_source": decision.source, "calibrated": decision.calibrated}
             if classes:
-                top = np.argsort(-probs[i], kind="stable")[:3]
-                row["generator"] = classes[top[0]]
-                row["generator_p"] = round(float(probs[i, top[0]]), 6)
-                row["top3"] = [[classes[k], round(float(probs[i, k]), 6)] for k in top]
+                row.update(attribution_fields(probs[i], classes))
         if provenance:
             from fakescope.provenance import inspect_provenance
 
             row["provenance"] = inspect_provenance(f)
         rows.append(row)
     return rows
+
+
+def attribution_fields(probs: np.ndarray, classes: list[str]) -> dict:
+    """``{"generator", "generator_p", "top3"}`` of one image from an attribution run's class
+    probabilities: the most probable class (``nature`` included), its probability and the three most
+    probable ``[class, probability]`` pairs (``predict`` and the server report the same fields)."""
+    top = np.argsort(-np.asarray(probs), kind="stable")[:3]
+    return {"generator": classes[top[0]], "generator_p": round(float(probs[top[0]]), 6),
+            "top3": [[classes[k], round(float(probs[k]), 6)] for k in top]}
 
 
 def prepare_onnx(run_dir, onnx_path=None, *, native_size=None, geometry: str | None = None):
@@ -273,12 +279,25 @@ class Predictor:
         except (RuntimeError, ValueError) as e:  # as ImageDataset: e.g. a 1-pixel-wide image the encoder rejects
             raise ImageReadError(name, f"cannot transform image ({e})") from None
 
+    @property
+    def classes(self) -> list[str] | None:
+        """An attribution run's classes (``nature`` first) when its class probabilities can be scored
+        (the PyTorch backend), else None."""
+        classes = self.config.get("classes")
+        return list(classes) if classes and self.onnx is None else None
+
     def score(self, stages: list[torch.Tensor]) -> np.ndarray:
         """P(ai) (float64) of stage images, in one forward pass."""
+        return self.scores(stages)[:, 0]
+
+    def scores(self, stages: list[torch.Tensor]) -> np.ndarray:
+        """``[B, W]`` (float64): P(ai), then an attribution run's class probabilities (see
+        :func:`~fakescope.engine.infer.stage_scores`; P(ai) only with the ONNX backend), in one forward pass."""
         if self.onnx is not None:
             from fakescope.export import onnx_crop_mean
 
-            return onnx_crop_mean(self.onnx.raw_p_ai, self.pipeline.finish(torch.stack(stages)).float().div_(255))
+            p = onnx_crop_mean(self.onnx.raw_p_ai, self.pipeline.finish(torch.stack(stages)).float().div_(255))
+            return np.asarray(p, dtype=np.float64)[:, None]
         with cpu_threads(self.threads):
             batch = torch.stack(stages).to(self.device, non_blocking=True)
-            return stage_p_ai(self.model, self.pipeline, batch, self.precision, self.device)
+            return stage_scores(self.model, self.pipeline, batch, self.precision, self.device)

@@ -226,6 +226,17 @@ def write_report(out: str | os.PathLike, results: dict | None = None,
         doc.para("Calibration (ECE over 15 equal-mass bins, Brier score) and operating points: the share of AI "
                  "images caught when at most 1 % / 5 % of real images may be called AI, and the equal error rate.",
                  note=True)
+        photos = {label: m["real_photos"] for label, m in models.items() if m.get("real_photos")}
+        if photos:
+            folder = next(iter(photos.values()))["folder"]
+            doc.heading(3, "False alarms on real photos")
+            doc.para(f"Every image of `{folder}` (real photos only, any size) scored as `predict` scores it: the "
+                     f"run's test geometry and its own threshold (first seed). A detector that learned a shortcut "
+                     f"of its training data (image size, subject) calls many of them AI however well it scores "
+                     f"above.")
+            doc.table(["model", "test geometry", "threshold", "called AI", "n", "false-positive rate", "unreadable"],
+                      [[label, r["test_geometry"], r["threshold"], r["called_ai"], r["n"], r["fpr"],
+                        len(r["errors"])] for label, r in photos.items()])
         doc.table(["model", "params", "trainable", "input", "epochs run", "data s", "train s", "train img/s",
                    "trained on", "eval img/s", "eval precision"],
                   [[label, m.get("params"), m.get("trainable_params"), m.get("input_size"), m.get("epochs_run"),

@@ -27,17 +27,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from fakescope import __version__
 from fakescope.calibration import calibrate_p_ai, resolve_decision
 from fakescope.data.io import sniff_format
-from fakescope.engine.evaluation import Predictor, verdict
+from fakescope.engine.evaluation import Predictor, attribution_fields, verdict
 from fakescope.errors import FakescopeError, ImageReadError
 from fakescope.serve.batcher import Batcher, QueueFull
 from fakescope.serve.errors import ApiError, error_response, install_handlers
@@ -111,6 +112,10 @@ class PredictResult(BaseModel):
     format: str | None
     error: ErrorBody | None
     provenance: dict[str, Any] | None = None
+    generator: str | None = Field(None, description="attribution runs: the most probable class (nature included)")
+    generator_p: float | None = Field(None, description="attribution runs: its probability")
+    top3: list[tuple[str, float]] | None = Field(None, description="attribution runs: the three most probable "
+                                                 "[class, probability]")
 
 
 class PredictResponse(BaseModel):
@@ -137,6 +142,8 @@ class ModelInfo(BaseModel):
     data: dict[str, Any]
     validation: dict[str, Any] | None
     best_epoch: int | None
+    test_geometry: str
+    classes: list[str] | None = Field(None, description="attribution runs: the classes, nature first")
 
 
 class ModelsResponse(BaseModel):
@@ -188,20 +195,28 @@ class ServedModel:
                 "options": cfg["model"].get("options") or {}, "input_size": self.predictor.pipeline.input_size,
                 "native_size": self.predictor.pipeline.native_size, "threshold": self.decision.threshold,
                 "threshold_source": self.decision.source, "calibrated": self.decision.calibrated,
-                "test_geometry": self.predictor.pipeline.geometry,
+                "test_geometry": self.predictor.pipeline.geometry, "classes": self.predictor.classes,
                 "backend": options.backend, "precision": self.predictor.precision.name,
                 "device": str(self.predictor.device), "data": data,
                 "validation": metrics.get("validation"), "best_epoch": metrics.get("best_epoch")}
 
-    def score(self, stages: list[torch.Tensor]) -> list[float]:
-        """P(ai) of a batch, padded with blank images to the next of a few sizes (powers of two up to
-        ``max_batch``): the backends keep kernels and buffers per input shape, so a handful of shapes,
-        all made at warm-up, keep the memory flat however the requests arrive."""
+    def score(self, stages: list[torch.Tensor]) -> list[tuple[float, dict]]:
+        """``(P(ai), attribution fields)`` per image of a batch (the fields are empty unless the run is an
+        attribution run: see :func:`~fakescope.engine.evaluation.attribution_fields`). The batch is
+        padded with blank images to the next of a few sizes (powers of two up to ``max_batch``): the
+        backends keep kernels and buffers per input shape, so a handful of shapes, all made at
+        warm-up, keep the memory flat however the requests arrive."""
         n = len(stages)
         size = next(b for b in self.buckets if b >= n)
         if size > n:
             stages = stages + [torch.zeros_like(stages[0])] * (size - n)
-        return calibrate_p_ai(self.predictor.score(stages)[:n], self.decision.calibration).tolist()
+        scores = self.predictor.scores(stages)[:n]
+        p = calibrate_p_ai(scores[:, 0], self.decision.calibration).tolist()
+        classes = self.predictor.classes
+        if not classes:
+            return [(v, {}) for v in p]
+        return [(v, attribution_fields(row[1:], classes) if np.isfinite(row).all() else {})
+                for v, row in zip(p, scores)]
 
     def warm_up(self, max_batch: int) -> None:
         stage = torch.zeros(self.predictor.stage_shape, dtype=torch.uint8)
@@ -374,9 +389,9 @@ def create_app(runs: list[str | os.PathLike], options: ServeOptions | None = Non
                     scores = await served.batcher.submit([decoded[i][1] for i in good], expectation)
                 except QueueFull as e:
                     raise ApiError(429, "queue_full", str(e), headers={"Retry-After": RETRY_AFTER_BUSY}) from None
-                for i, p in zip(good, scores):
+                for i, (p, attribution) in zip(good, scores):
                     if math.isfinite(p):
-                        rows[i].update(verdict(p, threshold))
+                        rows[i].update(verdict(p, threshold), **attribution)
                     else:  # a model that returns NaN/inf for this input: an error row, never NaN in JSON
                         rows[i]["error"] = {"code": "nonfinite_score",
                                             "message": f"the model returned a non-finite score ({p})"}

@@ -16,6 +16,7 @@ from fakescope.study.runs import (
     gallery_cached,
     log,
     precision_agreement,
+    real_photos_cached,
     robustness_cached,
     run_dir_for,
     train_options,
@@ -68,7 +69,7 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
                  "options": {k: v for k, v in spec.options.items() if k != "pretrained_file"},
                  "params": run_cfg.get("params"), "trainable_params": run_cfg.get("trainable_params"),
                  "input_size": run_cfg.get("preprocess", {}).get("input_size"),
-                 "native_size": run_cfg.get("native_size"),
+                 "native_size": run_cfg.get("native_size"), "test_geometry": run_cfg.get("test_geometry") or "resize",
                  "eval_precision": evals[0].get("precision"),
                  **_timing(summaries, evals), "runs": runs}
         if cfg.gallery:
@@ -84,6 +85,8 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
                 "per_direction": {d: [r.get("per_direction", {}).get(d, {}).get("robust_accuracy")
                                       for r in atk["results"]] for d in ("ai-to-real", "real-to-ai")},
                 "json": atk["outputs"]["json"]}
+        if cfg.real_photos is not None:
+            entry["real_photos"] = real_photos_cached(cfg, runs[0]["dir"], what=f"{spec.label} seed {cfg.seeds[0]}")
         if cfg.precision_check:
             entry["precision_check"] = precision_agreement(runs[0]["dir"], cfg, cfg.generators,
                                                            what=f"{spec.label} seed {cfg.seeds[0]}")

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from fakescope import validate
+from fakescope.data.io import list_images
 from fakescope.data.layout import index_root
 from fakescope.data.transforms import Augment, parse_degradations
 from fakescope.engine.runtime import PRECISIONS
@@ -85,6 +86,7 @@ class BenchmarkConfig:
     force: bool = False
     report: bool = True
     attack: dict = field(default_factory=dict)
+    real_photos: str | None = None   # a folder of real photos only: each model's false alarms on them
 
     def resolved(self) -> dict:
         d = asdict(self)
@@ -202,7 +204,7 @@ TOP_LEVEL: dict[str, Callable] = {
     "precision": _choice(*PRECISIONS), "eval_batch_size": validate.positive_int,
     "workers": _optional(validate.nonneg_int), "cache_dir": _optional(_string), "use_cache": validate.boolean,
     "max_pixels": _optional(validate.positive_int), "sample_per_class": validate.nonneg_int,
-    "force": validate.boolean, "report": validate.boolean,
+    "force": validate.boolean, "report": validate.boolean, "real_photos": _optional(_string),
 }
 TRAINING: dict[str, Callable] = {
     **{k: TOP_LEVEL[k] for k in ("epochs", "batch_size", "lr", "lr_schedule", "patience", "val_fraction", "limit",
@@ -386,6 +388,11 @@ def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> B
             d[k] = _check(k, d[k], check)
     d["data"] = str(Path(d["data"]).expanduser().resolve())
     d["out"] = str(d.get("out") or "runs/benchmark")
+    if d.get("real_photos") is not None:
+        d["real_photos"] = str(Path(d["real_photos"]).expanduser().resolve())
+        if not list_images([d["real_photos"]]):
+            raise FakescopeError(f"{SOURCE}: real_photos: expected a folder (or file) holding real photos, "
+                                 f"got {d['real_photos']} with no image in it")
     gopts = d.pop("model_options", None) or {}
     if not isinstance(gopts, dict):
         raise FakescopeError(f"{SOURCE}: model_options: expected a mapping, got {gopts!r}")

@@ -335,3 +335,50 @@ def _agreement(run_dir, cfg: BenchmarkConfig, generators: list[str]) -> dict:
     return {"agreement": float(np.mean((a[ok] >= t) == (b[ok] >= t))),
             "max_abs_diff": float(np.max(np.abs(a[ok] - b[ok]))),
             "mean_abs_diff": float(np.mean(np.abs(a[ok] - b[ok]))), "n": int(ok.sum())}
+
+
+# --- false alarms on a folder of real photos ---------------------------------------------------------
+
+def real_photos_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str) -> dict:
+    """How often the run calls the real photos of ``cfg.real_photos`` AI: every image scored as
+    ``predict`` scores it (the run's test geometry, calibration and threshold, or ``cfg.threshold``).
+    The honest check against shortcuts such as image size: a detector that learned "large and sharp
+    means AI" fails it however well it scores on its own validation split::
+
+        {"folder", "n", "called_ai", "fpr", "threshold", "threshold_source", "test_geometry",
+         "errors": {path: reason}, "p_ai": {path: P(ai)}}   (paths relative to the folder)
+    """
+    from fakescope.data.io import list_images
+
+    folder = Path(cfg.real_photos)
+    files = sorted(list_images([str(folder)]))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{os.path.relpath(f, folder)}\0{file_digest(f)}\n".encode())
+    dev = runtime.resolve_device(cfg.device)
+    key = {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
+           "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG),
+           "calibration_sha256": file_digest(Path(run_dir) / "calibration.json"), "folder": str(folder),
+           "files_sha256": h.hexdigest(), "n_files": len(files), "threshold": cfg.threshold,
+           "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS, "device": dev.type, "precision": cfg.precision}
+
+    def compute() -> dict:
+        from fakescope.engine.evaluation import predict_paths
+
+        log(f"{what}: scoring the {len(files)} real photos of {folder}")
+        rows = predict_paths(run_dir, files, threshold=cfg.threshold, device=cfg.device, precision=cfg.precision,
+                             num_workers=cfg.workers, max_pixels=cfg.max_pixels, max_file_size=None,
+                             provenance=False)
+        cfg_run = ckpt.read_config(run_dir)
+        scored = [r for r in rows if "p_ai" in r]
+        called = sum(r["verdict"] == "ai" for r in scored)
+        first = scored[0] if scored else {}
+        return {"folder": str(folder), "n": len(scored), "called_ai": called,
+                "fpr": called / len(scored) if scored else None,
+                "threshold": first.get("threshold"), "threshold_source": first.get("threshold_source"),
+                "test_geometry": cfg_run.get("test_geometry") or "resize",
+                "errors": {os.path.relpath(r["path"], folder): r["error"] for r in rows if "error" in r},
+                "p_ai": {os.path.relpath(r["path"], folder): r["p_ai"] for r in scored}}
+
+    return reuse_or_compute(Path(run_dir) / "real-photos-reuse.json", key, compute, force=cfg.force, what=what,
+                            name="real-photo scores")
