@@ -367,15 +367,15 @@ def test_a_non_finite_score_is_an_error_row_never_nan_in_json(runs, images):
     body is strict JSON (a 500 before: JSONResponse refuses NaN)."""
     with TestClient(create_app([runs[0]], ServeOptions(max_wait_ms=0))) as c:
         _ready(c)
-        served = c.app.state.fakescope.models["cnn32"]
-        score = served.batcher.fn
+        predictor = c.app.state.fakescope.models["cnn32"].predictor
+        scores = predictor.scores
 
         def nan_for_first(stages):
-            p = np.asarray(score(stages), dtype=np.float64)
-            p[0] = np.nan
-            return p
+            s = scores(stages).copy()
+            s[0] = np.nan
+            return s
 
-        served.batcher.fn = nan_for_first
+        predictor.scores = nan_for_first
         r = c.post("/v1/predict", files=_multipart(images[:2]))
         assert r.status_code == 200, r.text
         json.loads(r.text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON body"))
