@@ -1,4 +1,4 @@
-"""``data inspect`` warnings about shortcuts in the data: the classes' image sizes."""
+"""``data inspect`` warnings about shortcuts in the data: the classes' image sizes and local detail."""
 
 import numpy as np
 import pytest
@@ -58,3 +58,50 @@ def test_generators_are_checked_separately_and_named_together(tmp_path):
     _root(tmp_path, {"ai": VARIED[:5], "nature": VARIED[:5]}, gen="three")
     warn, _ = _size_warnings(tmp_path)
     assert len(warn) == 1 and "one, two: 100% of 'ai' images are 48x48" in warn[0] and "three" not in warn[0]
+
+
+def _detail_root(tmp_path, ai_noise: float, nature_noise: float, n: int = 12):
+    """Both classes 64x64 gradients with added noise of the given strength (grey levels)."""
+    rng = np.random.default_rng(1)
+    ramp = np.linspace(40, 200, 64)[None, :, None] + np.zeros((64, 1, 3))
+    for cls, noise in (("ai", ai_noise), ("nature", nature_noise)):
+        d = tmp_path / "gen" / "train" / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = ramp + rng.normal(0, noise, ramp.shape) + rng.uniform(-20, 20)
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"{i:03d}.png")
+    return tmp_path
+
+
+def _detail_warnings(root):
+    info = inspect_index(index_root(root, use_cache=False), num_workers=0)
+    return [w for w in info["warnings"] if w.startswith("detail shortcut")], info
+
+
+def test_smooth_ai_against_cluttered_nature_is_a_detail_shortcut(tmp_path):
+    """Like multigen: clean renders against cluttered snapshots (smooth real photos then look AI)."""
+    warn, info = _detail_warnings(_detail_root(tmp_path, ai_noise=2, nature_noise=12))
+    d = info["local_detail"]
+    assert d["roc_auc"] == 0.0 and d["ai"]["n"] == d["nature"]["n"] == 12  # every 'ai' image smoother
+    assert d["ai"]["median"] < d["nature"]["median"]
+    assert len(warn) == 1 and "ROC-AUC 1.00" in warn[0] and "'ai' images are smoother" in warn[0], warn
+    assert "call smooth real photos AI" in warn[0]
+
+
+def test_the_same_detail_in_both_classes_is_not_flagged(tmp_path):
+    warn, info = _detail_warnings(_detail_root(tmp_path, ai_noise=8, nature_noise=8))
+    assert warn == [] and 0.25 < info["local_detail"]["roc_auc"] < 0.75
+
+
+def test_local_detail_is_the_mean_absolute_laplacian_of_the_centre_square():
+    import torch
+
+    from fakescope.data.inspect import local_detail
+
+    flat = torch.full((3, 300, 400), 90, dtype=torch.uint8)
+    assert local_detail(flat) == 0.0
+    dots = flat.clone()
+    dots[:, ::2, ::2] = 100  # by hand: |Laplacian| 40 on a dot, 20 beside one, 0 diagonal to one: mean 20
+    assert local_detail(dots) == pytest.approx(20.0)
+    dots[:, :10] = 0  # outside the centre 256-px square: no effect
+    assert local_detail(dots) == pytest.approx(20.0)

@@ -74,6 +74,10 @@ def _inspect(args) -> int:
                                                                 for s, c in splits.items()]))
         print(f"\nformats: nature {info['formats']['nature']}, ai {info['formats']['ai']}")
         print(f"sizes: {info['sizes']['most_common']}  shorter side: {info['sizes']['shorter_side']}")
+        d = info["local_detail"]
+        if "roc_auc" in d:
+            print(f"local detail (mean |Laplacian| of the centre square): ai median {d['ai']['median']:.1f}, "
+                  f"nature median {d['nature']['median']:.1f}; ROC-AUC of detail alone {d['roc_auc']:.2f}")
         if info["unreadable"]:
             print(f"\nunreadable ({len(info['unreadable'])}):")
             for f, r in list(info["unreadable"].items())[:20]:

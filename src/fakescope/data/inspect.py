@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 
+import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fakescope.data.dataset import default_workers
@@ -24,10 +26,53 @@ class _Probe(Dataset):
     def __getitem__(self, i: int):
         try:
             fmt, w, h = probe_image(self.files[i], self.max_pixels)
-            read_image(self.files[i], max_pixels=self.max_pixels)  # full decode: finds truncation
-            return i, fmt, w, h, None
+            img = read_image(self.files[i], max_pixels=self.max_pixels)  # full decode: finds truncation
+            return i, fmt, w, h, local_detail(img), None
         except ImageReadError as e:
-            return i, None, 0, 0, e.reason
+            return i, None, 0, 0, None, e.reason
+
+
+DETAIL_SIZE = 256
+"""Side of the centre square (at the image's own pixel scale) whose local detail is measured."""
+
+
+def local_detail(img: torch.Tensor) -> float:
+    """Mean absolute Laplacian (grey levels) of the centre ``DETAIL_SIZE`` square of ``uint8 [3, H, W]``,
+    taken at the image's own pixel scale: low for smooth, clean pictures (studio shots, renders, skies),
+    high for cluttered, noisy or sharp ones."""
+    h, w = img.shape[-2:]
+    top, left = max(0, (h - DETAIL_SIZE) // 2), max(0, (w - DETAIL_SIZE) // 2)
+    x = img[:, top:top + DETAIL_SIZE, left:left + DETAIL_SIZE].float().mean(0)
+    if min(x.shape) < 3:
+        return 0.0
+    lap = 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
+    return float(lap.abs().mean())
+
+
+DETAIL_AUC = 0.75
+"""Local detail alone separating the classes with a ROC-AUC at least this far from 0.5 (either way) is a shortcut."""
+
+
+def detail_shortcut(ai: list[float], nature: list[float]) -> tuple[dict, str | None]:
+    """``(summary, warning or None)``: how well local detail alone tells 'ai' from 'nature' images
+    (ROC-AUC of the statistic, 'ai' as positive), with each class's quartiles."""
+    from sklearn.metrics import roc_auc_score
+
+    summary = {c: {"q25": float(np.percentile(v, 25)), "median": float(np.median(v)),
+                   "q75": float(np.percentile(v, 75)), "n": len(v)} for c, v in (("ai", ai), ("nature", nature)) if v}
+    if not ai or not nature:
+        return summary, None
+    auc = float(roc_auc_score([1] * len(ai) + [0] * len(nature), list(ai) + list(nature)))
+    summary["roc_auc"] = auc
+    if max(auc, 1 - auc) < DETAIL_AUC:
+        return summary, None
+    smoother = "ai" if auc < 0.5 else "nature"
+    return summary, (
+        f"detail shortcut: local detail alone (mean absolute Laplacian of the centre {DETAIL_SIZE}-px square) "
+        f"separates the classes with ROC-AUC {max(auc, 1 - auc):.2f} ('ai' median {summary['ai']['median']:.1f}, "
+        f"'nature' median {summary['nature']['median']:.1f}: '{smoother}' images are smoother); a detector can learn "
+        f"clean vs. cluttered pictures instead of the generator and call smooth real photos "
+        f"{'AI' if smoother == 'ai' else 'real'} (check it on such photos, e.g. benchmark --real-photos DIR)")
 
 
 def inspect_index(index: Index, *, sample: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -45,14 +90,16 @@ def inspect_index(index: Index, *, sample: int | None = None, max_pixels: int = 
     class_sizes: dict[str, Counter] = {"nature": Counter(), "ai": Counter()}
     per_generator: dict[tuple[str, str], list[tuple[int, int]]] = {}
     shorts: list[int] = []
+    detail: dict[str, list[float]] = {"nature": [], "ai": []}
     bad: dict[str, str] = {}
     names = ("nature", "ai")
     for batch in progress(loader, desc="inspecting", total=len(loader)):
-        for i, fmt, w, h, err in batch:
+        for i, fmt, w, h, d, err in batch:
             if err is not None:
                 bad[files[i]] = err
                 continue
             cls = names[probed.labels[i]]
+            detail[cls].append(d)
             formats[cls][fmt] += 1
             sizes[f"{w}x{h}"] += 1
             class_sizes[cls][f"{w}x{h}"] += 1
@@ -69,6 +116,9 @@ def inspect_index(index: Index, *, sample: int | None = None, max_pixels: int = 
                 f"{fn} ({share_n:.0%}); a detector can learn the compression instead of the generator "
                 f"(use --jpeg-align Q to re-encode both classes)")
     warnings.extend(size_shortcuts(per_generator))
+    detail_summary, detail_warning = detail_shortcut(detail["ai"], detail["nature"])
+    if detail_warning:
+        warnings.append(detail_warning)
     if bad:
         warnings.append(f"{len(bad)} unreadable files (listed under 'unreadable')")
     for g, splits in index.counts().items():
@@ -89,6 +139,7 @@ def inspect_index(index: Index, *, sample: int | None = None, max_pixels: int = 
             "shorter_side": ({"min": min(shorts), "median": statistics.median(shorts), "max": max(shorts)}
                              if shorts else None),
         },
+        "local_detail": detail_summary,
         "unreadable": bad,
         "warnings": warnings,
     }
