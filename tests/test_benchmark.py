@@ -150,9 +150,12 @@ def test_report_md_and_self_contained_html(bench):
     cfg, res = bench
     out = Path(cfg["out"])
     md = (out / "report.md").read_text()
-    assert "| model | accuracy | precision | recall | F1 | ROC-AUC |" in md
+    assert "| model | accuracy | precision | recall | F1 | ROC-AUC | TPR at FPR 5 % |" in md
     for label in MODELS:
         assert re.search(rf"^\| {re.escape(label)} \| \d\.\d{{4}} ± ", md, re.M)
+        results_row = next(r for r in md.split("## Results")[1].splitlines() if r.startswith(f"| {label} |"))
+        tpr = res["models"][label]["overall"]["tpr_at_fpr_5pct"]["mean"]  # the operating point, last column
+        assert results_row.rstrip(" |").split(" | ")[-1].startswith(f"{tpr:.4f} ± ")
     for section in ("Per generator", "ROC curves", "Sample images", "Shortcut control", "Degradations",
                     "fp32 vs bf16", "What the model looks at", "| model | ECE | Brier | TPR at FPR 1 % |"):
         assert section in md

@@ -22,8 +22,9 @@ from fakescope.report.artifacts import read_scores
 from fakescope.report.tables import fmt, markdown
 from fakescope.utils import atomic_write_text, slug
 
-STUDY_COLUMNS = ("accuracy", "precision", "recall", "f1", "roc_auc")
+STUDY_COLUMNS = ("accuracy", "precision", "recall", "f1", "roc_auc", "tpr_at_fpr_5pct")
 _TITLES = {"accuracy": "accuracy", "precision": "precision", "recall": "recall", "f1": "F1", "roc_auc": "ROC-AUC",
+           "tpr_at_fpr_5pct": "TPR at FPR 5 %",
            "average_precision": "AP", "real_accuracy": "real acc.", "fake_accuracy": "fake acc.", "n": "n"}
 _KIND_LABEL = {"jpeg": "JPEG quality", "blur": "blur sigma", "resize": "scale factor"}
 
