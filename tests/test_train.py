@@ -205,3 +205,50 @@ def test_large_seeds_train_reproducibly_with_augmentation(tmp_path, seed):
     s2 = train(TrainOptions(**opts), tmp_path / "b")
     assert s1["input_path"] == "stream" and s1["validation"] == s2["validation"]
     assert (tmp_path / "a" / ckpt.WEIGHTS).read_bytes() == (tmp_path / "b" / ckpt.WEIGHTS).read_bytes()
+
+
+# --- train --resume from the command line -------------------------------------------------------------
+
+def _cli(argv, capsys):
+    from fakescope.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_resume_needs_only_the_run_folder_and_honours_epochs_and_patience(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=12, n_val=2)
+    run = tmp_path / "run"
+    code, err = _cli(["train", "--model", "cnn32", "--data", str(data), "--out", str(run), "--epochs", "1",
+                      "--patience", "0", "--batch-size", "8", "--no-cache"], capsys)
+    assert code == 0, err
+    code, err = _cli(["train", "--resume", "--out", str(run), "--epochs", "3", "--patience", "4"], capsys)
+    assert code == 0, err
+    assert [json.loads(x)["epoch"] for x in (run / ckpt.LOG).read_text().splitlines()] == [1, 2, 3]
+    stored = json.loads((run / ckpt.CONFIG).read_text())["train"]
+    assert (stored["epochs"], stored["patience"]) == (3, 4)  # what a later resume compares with
+    # the same model, data and batch size given again agree with the run: accepted
+    code, err = _cli(["train", "--model", "cnn32", "--data", str(data), "--batch-size", "8", "--resume",
+                      "--out", str(run), "--epochs", "3"], capsys)
+    assert code == 0, err
+
+
+def test_resume_refuses_options_that_differ_from_the_run(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=12, n_val=2)
+    run, cos = tmp_path / "run", tmp_path / "cos"
+    for out, extra in ((run, []), (cos, ["--lr-schedule", "cosine"])):
+        code, err = _cli(["train", "--model", "cnn32", "--data", str(data), "--out", str(out), "--epochs", "2",
+                          "--patience", "0", "--no-cache", *extra], capsys)
+        assert code == 0, err
+    before = (run / ckpt.WEIGHTS).read_bytes()
+    for argv, flag in ((["--lr", "0.5"], "--lr:"), (["--seed", "1"], "--seed:"), (["--model", "resnet50"], "--model:"),
+                       (["--data", str(tmp_path)], "--data:"), (["--epochs", "1"], "--epochs:")):
+        code, err = _cli(["train", "--resume", "--out", str(run), *argv], capsys)
+        assert code == 2 and err.startswith(f"fakescope: error: {flag}") and err.count("\n") == 1, err
+    assert (run / ckpt.WEIGHTS).read_bytes() == before  # nothing trained
+    code, err = _cli(["train", "--resume", "--out", str(cos), "--epochs", "4"], capsys)
+    assert code == 2 and "cosine" in err, err
+    code, err = _cli(["train", "--out", str(tmp_path / "new")], capsys)
+    assert code == 2 and "expected --model and --data" in err, err
+    code, err = _cli(["train", "--resume", "--out", str(tmp_path / "none")], capsys)
+    assert code == 2 and "expected a run to resume" in err, err

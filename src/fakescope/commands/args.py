@@ -54,8 +54,8 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
 
 
-def add_data(p: argparse.ArgumentParser, split_default: str | None = "val") -> None:
-    p.add_argument("--data", required=True, help="data root (GenImage layout or ROOT/{train,val}/{ai,nature})")
+def add_data(p: argparse.ArgumentParser, split_default: str | None = "val", required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="data root (GenImage layout or ROOT/{train,val}/{ai,nature})")
     p.add_argument("--generators", type=csv, default=None, help="comma-separated generators to use")
     if split_default is not None:
         p.add_argument("--split", default=split_default, choices=["train", "val"])
@@ -69,9 +69,9 @@ def add_geometry(p: argparse.ArgumentParser, what: str = "override the run's tes
                         f"image's pixel scale) or crops (mean score of a 3x3 grid of such squares)")
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True,
+    g.add_argument("--model", required=required,
                    help="cnn32, resnet50, convnext_small, npr, cnnspot, univfd or timm:<name> (see `fakescope models`)")
     add_backbone_options(g)
     g.add_argument("--filters", type=csv, default=None, help="cnn32 filters, e.g. 32,64,128")
