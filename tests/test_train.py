@@ -252,3 +252,23 @@ def test_resume_refuses_options_that_differ_from_the_run(tmp_path, capsys):
     assert code == 2 and "expected --model and --data" in err, err
     code, err = _cli(["train", "--resume", "--out", str(tmp_path / "none")], capsys)
     assert code == 2 and "expected a run to resume" in err, err
+
+
+def test_final_validation_runs_at_the_inference_precision(tmp_path, monkeypatch):
+    """metrics.json's validation is scored as ``evaluate`` scores: at the inference precision (bf16
+    where the processor has it; forced here), not the training one (fp32)."""
+    from fakescope.engine import runtime
+    from fakescope.engine import train as train_module
+
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: True)  # CPU autocast runs bf16 anywhere
+    dtypes = []
+    real = train_module.forward_logits
+    monkeypatch.setattr(train_module, "forward_logits",
+                        lambda model, x, precision, device: dtypes.append(precision.name) or real(model, x, precision,
+                                                                                                   device))
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=12, n_val=2)
+    train(TrainOptions(model="cnn32", data=str(data), epochs=1, patience=0, batch_size=8, use_cache=False),
+          tmp_path / "run")
+    cfg = json.loads((tmp_path / "run" / ckpt.CONFIG).read_text())
+    assert cfg["precision"]["train"] == "fp32" and cfg["precision"]["inference"] == "bf16"
+    assert dtypes and set(dtypes) == {"bf16"}

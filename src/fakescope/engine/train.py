@@ -29,7 +29,7 @@ from fakescope.data.layout import carve_validation, index_root, limit_per_class
 from fakescope.data.transforms import Augment, Pipeline
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
-from fakescope.engine.infer import attribution_labels
+from fakescope.engine.infer import attribution_labels, forward_logits
 from fakescope.engine.recipe import Schedule, apply_recipe
 from fakescope.engine.runtime import Precision
 from fakescope.engine.sources import Source, make_source, on_features, shard_order
@@ -466,6 +466,21 @@ def _evaluate_source(model, forward, src: Source, batch_size: int, device, preci
     return {"loss": loss / n, "accuracy": float(((p >= 0.5) == y).mean()) if len(y) else None, "p": p, "y": y}
 
 
+def _final_validation(model, features: bool, val_src: Source, device: torch.device, precision: Precision) -> dict:
+    """The validation carve scored with the best weights the way ``evaluate`` scores images: the
+    inference precision and memory format (:func:`~fakescope.engine.infer.forward_logits`), the head in
+    fp32 on cached features."""
+    runtime.prepare_model(model, precision)
+    if features:
+        def forward(f):
+            return model.head(f.float()).float()
+    else:
+        def forward(x):
+            return forward_logits(model, x, precision, device)
+    plain = runtime.resolve_precision("fp32", device, inference=True)  # forward applies its own autocast
+    return _evaluate_source(model, forward, val_src, 256, device, plain)
+
+
 def _save_epoch(out: Path, t: _Trainer, train_src: Source, state: _Progress, epoch: int, stopped: bool) -> None:
     """The state of a complete epoch (for --resume) and the log; rank 0 writes, every rank waits."""
     if runtime.is_main():
@@ -575,7 +590,7 @@ def train(opts: TrainOptions | None, out: str | Path, *, resume: bool = False, c
 
     # final validation metrics with the best weights
     ckpt.load_state_into(model, ckpt.load_tensors(out / ckpt.WEIGHTS), str(out / ckpt.WEIGHTS))
-    val = _evaluate_source(model, t.forward_plain, val_src, 256, device, train_precision)
+    val = _final_validation(model, t.on_features, val_src, device, infer_precision)
     bad_files = _bad_files(train_src, val_src, splits)
     summary = {
         "validation": binary_metrics(val["y"], val["p"]),
