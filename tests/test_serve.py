@@ -232,6 +232,16 @@ def test_api_key(runs, monkeypatch):
         assert c.get("/").status_code == 200
 
 
+def test_max_queue_counts_requests_not_images(runs):
+    """--max-queue N: N requests in progress, whatever their number of images (one meaning)."""
+    opts = ServeOptions(max_batch=32, max_queue=1, max_files=4, max_wait_ms=0)  # fewer requests than a batch: fine
+    with TestClient(create_app([runs[0]], opts)) as c:
+        _ready(c)
+        files = [("file", (f"{i}.png", _png_bytes(), "image/png")) for i in range(3)]
+        r = c.post("/v1/predict", files=files)  # 3 images > max_queue: one request, accepted
+        assert r.status_code == 200 and len(r.json()["results"]) == 3
+
+
 def test_full_queue_is_429_with_retry_after(runs):
     with TestClient(create_app([runs[0]], ServeOptions(max_batch=1, max_queue=1, max_wait_ms=0))) as c:
         _ready(c)

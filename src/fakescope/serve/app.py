@@ -67,7 +67,7 @@ class ServeOptions:
     provenance: bool = True          # report each upload's provenance metadata (never changes p_ai)
     max_batch: int = 32
     max_wait_ms: float = 10.0
-    max_queue: int = 256
+    max_queue: int = 256            # most requests in progress (read, decoded, waiting or scored); then 429
     max_file_size: int = 20 * 10**6
     max_files: int = 64
     max_pixels: int | None = None
@@ -88,8 +88,6 @@ class ServeOptions:
                 raise FakescopeError(f"expected {name} >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise FakescopeError(f"expected max_wait_ms >= 0, got {self.max_wait_ms}")
-        if self.max_queue < self.max_batch:
-            raise FakescopeError(f"expected --max-queue ({self.max_queue}) >= --max-batch ({self.max_batch})")
 
 
 # --- response schemas (for /openapi.json and /docs) -----------------------------------------------
@@ -179,7 +177,8 @@ class ServedModel:
         self.decision = resolve_decision(run_dir, options.threshold, options.uncalibrated)
         self.buckets = sorted({min(2**k, options.max_batch) for k in range(options.max_batch.bit_length() + 1)})
         self.batcher = Batcher(self.score, executor, max_batch=options.max_batch,
-                               max_wait_ms=options.max_wait_ms, max_queue=options.max_queue)
+                               max_wait_ms=options.max_wait_ms,
+                               max_queue=options.max_queue * options.max_files)  # what max_queue requests can hold
         self.info = self._describe(Path(run_dir), options)
 
     def _describe(self, run_dir: Path, options: ServeOptions) -> dict:
