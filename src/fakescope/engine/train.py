@@ -98,14 +98,6 @@ class TrainOptions:
         return cls(augment=Augment(**aug) if aug is not None else None, **d)
 
 
-def _versions() -> dict:
-    import timm
-    import torchvision
-
-    return {"fakescope": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "python": platform.python_version()}
-
-
 def _native_size(option: str | int | None, files: list[str]) -> int | None:
     if option in (None, "off"):
         return None
