@@ -20,7 +20,7 @@ from fakescope.engine.evaluation import evaluate_run, prepare
 from fakescope.engine.infer import evaluate_index
 from fakescope.engine.train import TrainOptions, train
 
-from synth import make_pattern_root, quiet_single_thread
+from synth import assert_close, make_pattern_root, quiet_single_thread
 
 make_root = make_pattern_root
 
@@ -112,7 +112,7 @@ def test_evaluate_feeds_the_model_degraded_inputs(env, monkeypatch):
     rows = res["degradations"]
     assert [r["level"] for r in rows["jpeg"]] == [100.0, 30.0]
     for kind in ("jpeg", "blur", "resize"):
-        assert rows[kind][0]["overall"] == res["overall"]  # identity level = clean metrics
+        assert_close(rows[kind][0]["overall"], res["overall"])  # identity level = clean metrics
 
 
 def test_evaluate_cli_degrade_json_and_curves(env, tmp_path, capsys):

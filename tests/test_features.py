@@ -20,7 +20,7 @@ from fakescope.engine import runtime
 from fakescope.engine.infer import score_files
 from fakescope.models import create_model
 
-from synth import make_dataset
+from synth import assert_close, make_dataset
 
 CPU = torch.device("cpu")
 FP32 = runtime.Precision("fp32", None, False)
@@ -188,7 +188,7 @@ def test_cached_scores_equal_streamed_scores(files, tmp_path):
                             cache_root=tmp_path)
     streamed, _ = score_files(model, files, pl, device=CPU, precision=FP32, batch_size=8, num_workers=0,
                               use_cache=False)
-    np.testing.assert_array_equal(cached, streamed)
+    np.testing.assert_allclose(cached, streamed, rtol=0, atol=1e-6)  # the head in another batch: no bit promise
 
 
 def test_train_then_evaluate_reuse_the_cache(tmp_path):
@@ -220,7 +220,7 @@ def test_train_then_evaluate_reuse_the_cache(tmp_path):
     assert not (tmp_path / "none").exists()
     a = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     b = json.loads((tmp_path / "ev3" / "metrics.json").read_text())
-    assert a["overall"] == b["overall"]
+    assert_close(a["overall"], b["overall"])  # cached and live features: the same numbers, other kernels
 
 
 def test_default_cache_location(files, tmp_path, monkeypatch):
