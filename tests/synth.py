@@ -144,3 +144,17 @@ def assert_close(a, b, *, rtol: float = 1e-5, atol: float = 1e-6, path: str = ""
         assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rtol, abs_tol=atol), (path, a, b)
     else:
         assert a == b, (path, a, b)
+
+
+def accuracy_on(run_dir, data, *, split: str = "val", limit: int | None = None) -> tuple[float, int]:
+    """``(accuracy, n)`` of ``predict`` on a split (``limit`` images per generator and class, as the
+    attack's ``--limit`` picks them): an independent reference for what attack and benchmark report."""
+    from fakescope.data.layout import index_root, limit_per_class
+    from fakescope.engine.evaluation import predict_paths
+
+    index = index_root(data).select(None, split)
+    if limit:
+        index = limit_per_class(index, limit)
+    rows = predict_paths(run_dir, [index.abspath(i) for i in range(len(index))], provenance=False)
+    right = sum((r["verdict"] == "ai") == bool(y) for r, y in zip(rows, index.labels))
+    return right / len(rows), len(rows)

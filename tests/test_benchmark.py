@@ -342,7 +342,7 @@ def test_benchmark_compares_normal_and_adversarially_trained_robustness(tmp_path
 
     from fakescope.study import run_benchmark
 
-    from synth import make_dataset
+    from synth import accuracy_on, make_dataset
 
     monkeypatch.setenv("FAKESCOPE_CACHE_DIR", str(tmp_path / "cache"))
     data = make_dataset(tmp_path / "data", generators=("g",), n_train=24, n_val=8)
@@ -353,6 +353,8 @@ def test_benchmark_compares_normal_and_adversarially_trained_robustness(tmp_path
     for label in ("cnn32", "cnn32-adv"):
         r = res["models"][label]["robustness"]
         assert r["eps"] == [0, 4 / 255] and r["n"] == 8
+        acc, n = accuracy_on(res["models"][label]["runs"][0]["dir"], data, limit=4)  # predict on the same images
+        assert n == 8 and abs(r["clean_accuracy"] - acc) <= 1 / n + 1e-12  # one image may sit at 0.5
         assert r["robust_accuracy"][0] == r["clean_accuracy"] and r["robust_accuracy"][1] <= r["clean_accuracy"]
     cfg = _json.loads((tmp_path / "out" / "runs" / "cnn32-adv-seed42" / "config.json").read_text())
     assert cfg["train"]["adv_train"] == "pgd"

@@ -252,9 +252,29 @@ def test_extraction_survives_interruption(files, tmp_path, monkeypatch):
     assert sum(calls) == len(files) - 16
 
 
-def test_feature_table_release_is_harmless(files, tmp_path):
+def _resident_kb(paths: set[str]) -> int:
+    """This process's resident kB of the mappings of ``paths`` (from /proc/self/smaps)."""
+    total, mine = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            mine = len(head) >= 6 and head[5] in paths
+        elif mine and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs /proc/self/smaps (Linux)")
+def test_feature_table_release_drops_resident_pages_and_keeps_the_values(files, tmp_path):
+    """release() gives the table's memory-mapped pages back (resident set of its shard files drops to
+    nothing) and the values read afterwards are unchanged."""
     t, _ = _extract(_model(), files, tmp_path)
-    before = t.numpy()
+    before = t.numpy().copy()
+    shards = {str(Path(s.filename).resolve()) for s in t.sources if isinstance(s, np.memmap)}
+    assert shards, "the table reads the cache through memory maps"
+    for s in t.sources:
+        np.asarray(s).sum()  # touch every page
+    assert _resident_kb(shards) > 0
     t.release()
+    assert _resident_kb(shards) == 0
     np.testing.assert_array_equal(t.numpy(), before)
-    assert Path(tmp_path).is_dir()

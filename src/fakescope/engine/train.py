@@ -553,7 +553,11 @@ def train(opts: TrainOptions | None, out: str | Path, *, resume: bool = False, c
     config = _run_config(opts, model, native, splits, device, train_precision, infer_precision)
     config["train_requested"] = requested
     if runtime.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. a path under a plain file, a read-only folder
+            raise FakescopeError(f"--out: expected a run folder that can be created, got {out} "
+                                 f"({e.strerror or e}); choose another --out") from None
         if not resume:
             ckpt.write_config(out, config)
         elif any(stored["train"].get(k) != getattr(opts, k) for k in RESUME_CHANGES):
