@@ -360,4 +360,30 @@ def test_benchmark_compares_normal_and_adversarially_trained_robustness(tmp_path
     assert cfg["train"]["adv_train"] == "pgd"
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Adversarial robustness" in md and "cnn32-adv" in md
+    _assert_timings_have_3_significant_figures(md)
     assert (tmp_path / "out" / "figures" / "robustness.png").exists()
+
+
+def _assert_timings_have_3_significant_figures(md: str) -> None:
+    lines = md.splitlines()
+    at = next(i for i, line in enumerate(lines) if "train img/s" in line)
+    header = [c.strip() for c in lines[at].strip("|").split("|")]
+    rows = []
+    for line in lines[at + 2:]:
+        if not line.startswith("|"):
+            break  # the end of this table
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    assert rows
+    for row in rows:
+        for col in ("data s", "train s", "train img/s", "eval img/s"):
+            cell = row[header.index(col)].split(" ± ")[0]
+            if cell != "—":
+                assert len("".join(ch for ch in cell if ch.isdigit()).strip("0")) <= 3, (col, cell)
+
+
+def test_timings_are_rounded_to_what_the_noise_allows():
+    from fakescope.report.tables import measured, significant
+
+    assert significant(3905.2469) == "3910" and significant(0.012345) == "0.0123" and significant(12.345) == "12.3"
+    assert significant(0.0) == "0" and measured(None) == "—" and measured(7) == "7" and measured(7.0) == "7.00"
+    assert measured({"mean": 3905.2469, "std": 41.27, "ci95": [3800.0, 4000.0]}) == "3910 ± 41.3"
