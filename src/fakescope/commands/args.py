@@ -9,6 +9,7 @@ import argparse
 from collections.abc import Callable
 
 from fakescope import validate
+from fakescope.choices import GEOMETRIES
 
 
 class Parser(argparse.ArgumentParser):
@@ -64,7 +65,7 @@ def add_data(p: argparse.ArgumentParser, split_default: str | None = "val", requ
 
 
 def add_geometry(p: argparse.ArgumentParser, what: str = "override the run's test-time geometry") -> None:
-    p.add_argument("--test-geometry", default=None, choices=["resize", "center_crop", "crops"],
+    p.add_argument("--test-geometry", default=None, choices=list(GEOMETRIES),
                    help=f"{what}: resize (whole image to the input size), center_crop (centre square at the "
                         f"image's pixel scale) or crops (mean score of a 3x3 grid of such squares)")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fakescope import validate
+from fakescope.choices import LR_SCHEDULES, TASKS
 from fakescope.commands import args as a
 from fakescope.data.transforms import Augment
 from fakescope.errors import FakescopeError
@@ -18,10 +19,10 @@ def add_parser(sub):
     t.add_argument("--epochs", type=a.positive_int, default=10)
     t.add_argument("--lr", type=a.number, default=None, help="Adam's learning rate (default: the model's recipe, "
                                                              "else 1e-3)")
-    t.add_argument("--lr-schedule", default=None, choices=["constant", "cosine", "plateau", "step"],
+    t.add_argument("--lr-schedule", default=None, choices=list(LR_SCHEDULES),
                    help="default: the model's recipe, else constant; plateau: lr / 10 when validation accuracy "
                         "stalls for 5 epochs; step: x 0.9 every 10 epochs")
-    t.add_argument("--task", default="binary", choices=["binary", "attribution"],
+    t.add_argument("--task", default="binary", choices=list(TASKS),
                    help="attribution: one class per generator plus nature (softmax); p_ai = 1 - P(nature)")
     a.add_geometry(t, "the run's test-time geometry (default: the model's); center_crop and crops also train on "
                       "crops at the image's pixel scale")

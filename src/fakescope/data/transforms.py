@@ -16,6 +16,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, JpegImagePlugin
 
+from fakescope.choices import GEOMETRIES
 from fakescope.data.geometry import GRID_CROPS, center_crop, grid_crops, random_crop
 
 
@@ -161,7 +162,6 @@ class Augment:
                 or tuple(self.scale) != (1.0, 1.0))
 
 
-GEOMETRIES = ("resize", "center_crop", "crops")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fakescope import __version__
+from fakescope.choices import TASKS
 from fakescope.data.dataset import typical_size
 from fakescope.data.layout import carve_validation, index_root, limit_per_class
 from fakescope.data.transforms import Augment, Pipeline
@@ -116,9 +117,6 @@ def _inf_if_none(x: float | None) -> float:
     return math.inf if x is None else x  # JSON stores an infinite best loss (no finite loss yet) as null
 
 
-TASKS = ("binary", "attribution")
-
-
 def _check_classes(labels: list[int], what: str) -> None:
     for cls, name in ((0, "nature"), (1, "ai")):
         if (cls not in labels) if cls == 0 else not any(y >= 1 for y in labels):
@@ -209,7 +207,7 @@ def _resolve_options(opts: TrainOptions | None, out: Path, resume: bool,
         raise FakescopeError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     _check_numbers(opts)
     if opts.task not in TASKS:
-        raise FakescopeError(f"expected --task binary or attribution, got {opts.task!r}")
+        raise FakescopeError(f"expected --task among {', '.join(TASKS)}, got {opts.task!r}")
     if opts.test_geometry is not None:
         check_geometry(opts.test_geometry)
     check_model_name(opts.model)

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from fakescope import validate
+from fakescope.attacks import ATTACKS
+from fakescope.choices import ATTACK_DIRECTIONS, GEOMETRIES, LR_SCHEDULES, TASKS
 from fakescope.data.io import list_images
 from fakescope.data.layout import index_root
 from fakescope.data.transforms import Augment, parse_degradations
@@ -26,7 +28,6 @@ MODEL_KEYS = ("pretrained", "pretrained_file", "freeze", "filters", "hidden", "d
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "patience", "val_fraction", "limit", "native_size",
               "augment", "precision", "adv_train", "adv_eps", "adv_steps", "adv_mix", "task", "test_geometry")
 ATTACK_KEYS = ("name", "eps", "steps", "limit", "direction", "precision")
-ATTACKS = ("fgsm", "pgd", "pgd-l2", "square")
 SOURCE = "benchmark config"
 
 
@@ -194,8 +195,8 @@ def _scale_range(r: tuple) -> tuple:
 TOP_LEVEL: dict[str, Callable] = {
     "data": _string, "out": _string, "seeds": _seeds, "epochs": validate.positive_int,
     "batch_size": _optional(validate.positive_int), "lr": _optional(_positive_number),
-    "lr_schedule": _optional(_choice("constant", "cosine", "plateau", "step")),
-    "task": _choice("binary", "attribution"), "test_geometry": _optional(_choice("resize", "center_crop", "crops")),
+    "lr_schedule": _optional(_choice(*LR_SCHEDULES)),
+    "task": _choice(*TASKS), "test_geometry": _optional(_choice(*GEOMETRIES)),
     "patience": validate.nonneg_int, "val_fraction": validate.fraction, "limit": _optional(validate.positive_int),
     "native_size": _native_size, "split": _choice("train", "val"), "threshold": _optional(validate.threshold),
     "calibrate": _optional(_target_fpr), "gallery": validate.boolean,
@@ -331,14 +332,13 @@ def check_attack(attack) -> dict:
         raise FakescopeError(f"unknown attack option {bad[0]!r}: expected one of {', '.join(ATTACK_KEYS)}")
     from fakescope.attacks import parse_eps
 
-    a["name"] = _check("attack.name", a.get("name", "pgd"), _choice(*ATTACKS))
+    a["name"] = _check("attack.name", a.get("name", "pgd"), _choice(*ATTACKS))  # the attack registry's names
     eps = a.get("eps", "0,1/255,2/255,4/255,8/255")
     a["eps"] = ",".join(str(e) for e in eps) if isinstance(eps, (list, tuple)) else str(eps)
     parse_eps(a["eps"], norm="l2" if a["name"] == "pgd-l2" else "linf")
     a["steps"] = _check("attack.steps", a.get("steps", 10), validate.positive_int)
     a["limit"] = _check("attack.limit", a.get("limit"), _optional(validate.positive_int))
-    a["direction"] = _check("attack.direction", a.get("direction", "both"), _choice("both", "ai-to-real",
-                                                                                     "real-to-ai"))
+    a["direction"] = _check("attack.direction", a.get("direction", "both"), _choice(*ATTACK_DIRECTIONS))
     if "precision" in a:
         a["precision"] = _check("attack.precision", a["precision"], _choice(*PRECISIONS))
     return a
