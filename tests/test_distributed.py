@@ -72,7 +72,7 @@ def test_two_ranks_train_and_evaluate_like_one_process(data, tmp_path, monkeypat
     model, config = load_run(tmp_path / "run")  # a loadable run
     assert config["model"]["name"] == "cnn32" and len(json.loads((tmp_path / "run" / "log.jsonl").read_text()
                                                                   .splitlines()[0])) > 0
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["validation"]["n"] > 0
 
     monkeypatch.setenv("FAKESCOPE_CACHE_DIR", str(tmp_path / "cache1"))

@@ -207,7 +207,7 @@ def test_train_then_evaluate_reuse_the_cache(tmp_path):
     model = ["--model", "timm:test_efficientnet", "--no-pretrained", "--freeze"]
     fakescope("train", *model, "--data", root, "--out", tmp_path / "run", "--epochs", 3, "--patience", 0,
               "--cache-dir", cache)
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["input_path"] == "features"
+    assert json.loads((tmp_path / "run" / "train_metrics.json").read_text())["input_path"] == "features"
     folders = list(cache.iterdir())
     assert len(folders) == 1
     n_train = sum(len(json.loads(p.read_text())["keys"]) for p in folders[0].glob("shard-*.json"))

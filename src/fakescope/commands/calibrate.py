@@ -27,6 +27,7 @@ def run(args) -> int:
     from fakescope.engine import runtime
     from fakescope.engine.calibrate import calibrate_run
     from fakescope.report.artifacts import write_calibration_files
+    from fakescope.report.model_card import refresh_model_card
 
     res = calibrate_run(args.run, args.data, split=args.split, generators=args.generators,
                         target_fpr=args.target_fpr, method=args.method, limit=args.limit, device=args.device,
@@ -35,6 +36,9 @@ def run(args) -> int:
     paths = write_calibration_files(args.run, res["calibration"])
     if not runtime.is_main():
         return 0
+    card = refresh_model_card(args.run)  # the card shows the calibration (from the run's files only)
+    if card is not None:
+        paths["model_card"] = str(card)
     for w in res["warnings"]:
         print(f"WARNING: {w}", file=sys.stderr)
     c = res["calibration"].to_dict()
@@ -44,5 +48,5 @@ def run(args) -> int:
           f"Brier {f['brier_before']:.4f} -> {f['brier_after']:.4f}")
     print(f"threshold {c['threshold']:.6g} for a false-positive rate <= {c['target_fpr']:g}: "
           f"FPR {f['fpr_at_threshold']:.4f}, TPR {f['tpr_at_threshold']:.4f} on the calibration set")
-    print(f"written: {paths['calibration']}, {paths['model_card']}")
+    print(f"written: {', '.join(paths.values())}")
     return 0

@@ -28,7 +28,8 @@ def add_parser(sub):
 def run(args) -> int:
     from fakescope.engine import runtime
     from fakescope.engine.evaluation import evaluate_run
-    from fakescope.report.artifacts import eval_folder, write_evaluation
+    from fakescope.report.artifacts import eval_folder, in_run, write_evaluation
+    from fakescope.report.model_card import refresh_model_card
     from fakescope.report.tables import fmt, markdown_table
 
     result = evaluate_run(
@@ -39,7 +40,10 @@ def run(args) -> int:
         use_cache=not args.no_cache, cache_dir=args.cache_dir, max_pixels=args.max_pixels, compile=args.compile,
         geometry=args.test_geometry,
     )
-    write_evaluation(result, args.out or eval_folder(args.run, args.data, args.split, args.jpeg_align), args.json_out)
+    outputs = write_evaluation(result, args.out or eval_folder(args.run, args.data, args.split, args.jpeg_align),
+                               args.json_out)
+    if runtime.is_main() and in_run(outputs["json"], args.run):
+        refresh_model_card(args.run)  # the card lists the run's evaluations
     if runtime.is_main():
         rows = {"overall": result["overall"], **result["per_generator"]}
         print(markdown_table(rows, first=f"{result['model']['name']} on {args.split}"))

@@ -40,6 +40,7 @@ from fakescope.calibration import calibrate_p_ai, resolve_decision
 from fakescope.data.io import sniff_format
 from fakescope.engine.evaluation import Predictor, attribution_fields, verdict
 from fakescope.errors import FakescopeError, ImageReadError
+from fakescope.runfiles import read_train_metrics
 from fakescope.serve.batcher import Batcher, QueueFull
 from fakescope.serve.errors import ApiError, error_response, install_handlers
 from fakescope.serve.uploads import read_uploads
@@ -183,11 +184,7 @@ class ServedModel:
 
     def _describe(self, run_dir: Path, options: ServeOptions) -> dict:
         cfg = self.predictor.config
-        metrics = {}
-        try:
-            metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            pass
+        metrics = read_train_metrics(run_dir) or {}
         data = {k: v for k, v in (cfg.get("data") or {}).items() if k != "root"}  # no server paths
         data["jpeg_align"] = self.predictor.pipeline.jpeg_align
         return {"name": self.name, "default": False, "model": cfg["model"]["name"],

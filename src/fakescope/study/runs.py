@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fakescope import __version__
+from fakescope import runfiles as rf
 from fakescope.data.io import DEFAULT_MAX_PIXELS
 from fakescope.data.layout import index_root
 from fakescope.engine import checkpoint as ckpt
@@ -99,7 +100,7 @@ def _base_key(cfg: BenchmarkConfig, run_dir, generators, precision: str | None, 
     return {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
             "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG),
             "data": selection_digest(cfg.data, generators, cfg.split), "threshold": cfg.threshold,
-            "calibration_sha256": file_digest(Path(run_dir) / "calibration.json"),
+            "calibration_sha256": file_digest(Path(run_dir) / rf.CALIBRATION),
             "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS, "device": dev.type, "precision": prec.name}
 
 
@@ -146,10 +147,11 @@ def ensure_run(opts, run_dir: Path, *, force: bool = False, what: str = "") -> t
             same = _comparable(asked) == _comparable(opts.to_dict())
         except FakescopeError:
             same = False
-        finished = (run_dir / ckpt.METRICS).is_file() and (run_dir / ckpt.WEIGHTS).is_file()
+        summary = rf.read_train_metrics(run_dir)  # train_metrics.json (metrics.json in older runs)
+        finished = summary is not None and (run_dir / ckpt.WEIGHTS).is_file()
         if same and finished and not force:
             log(f"{what}: reusing the finished run {run_dir}")
-            return json.loads((run_dir / ckpt.METRICS).read_text()), False
+            return summary, False
         if same and not force and (run_dir / ckpt.LAST_STATE).is_file():
             resume = True
             log(f"{what}: resuming the interrupted run {run_dir}")
@@ -185,6 +187,7 @@ def evaluate_cached(cfg: BenchmarkConfig, run_dir: Path, *, generators: list[str
     """``evaluate_run`` with its files in ``RUN/eval-<root>-<split>[-jpegQ]`` (see
     :func:`fakescope.report.artifacts.eval_folder`), reused while :func:`evaluation_key` is unchanged."""
     from fakescope.report.artifacts import eval_folder, without_arrays, write_evaluation
+    from fakescope.report.model_card import refresh_model_card
 
     folder = eval_folder(run_dir, cfg.data, cfg.split, jpeg_align)
 
@@ -198,8 +201,10 @@ def evaluate_cached(cfg: BenchmarkConfig, run_dir: Path, *, generators: list[str
                               precision=precision or cfg.precision, batch_size=cfg.eval_batch_size,
                               num_workers=cfg.workers, use_cache=cfg.use_cache, cache_dir=cfg.cache_dir,
                               max_pixels=cfg.max_pixels)
-        write_evaluation(result, folder)
-        return without_arrays(result)
+        outputs = write_evaluation(result, folder)
+        if runtime.is_main():
+            refresh_model_card(run_dir)  # the folder is in the run: its card lists the evaluation
+        return {**without_arrays(result), "outputs": outputs}
 
     key = evaluation_key(cfg, run_dir, generators=generators, jpeg_align=jpeg_align, degrade=degrade,
                          precision=precision)
@@ -218,12 +223,15 @@ def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str
     def compute() -> dict:
         from fakescope.engine.calibrate import calibrate_run
         from fakescope.report.artifacts import write_calibration_files
+        from fakescope.report.model_card import refresh_model_card
 
         log(f"{what}: calibrating on the run's held-out training images (target FPR {cfg.calibrate:g})")
         res = calibrate_run(run_dir, split="holdout", target_fpr=float(cfg.calibrate), device=cfg.device,
                             precision=cfg.precision, batch_size=cfg.eval_batch_size, num_workers=cfg.workers,
                             use_cache=cfg.use_cache, cache_dir=cfg.cache_dir, max_pixels=cfg.max_pixels)
         write_calibration_files(run_dir, res["calibration"])
+        if runtime.is_main():
+            refresh_model_card(run_dir)
         return res["calibration"].to_dict()
 
     out = reuse_or_compute(Path(run_dir) / "calibration-reuse.json", key, compute, force=cfg.force, what=what,
@@ -233,6 +241,10 @@ def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str
         from fakescope.report.artifacts import write_calibration_files
 
         write_calibration_files(run_dir, Calibration.from_dict(out))
+        if runtime.is_main():
+            from fakescope.report.model_card import refresh_model_card
+
+            refresh_model_card(run_dir)
     return out
 
 
@@ -358,7 +370,7 @@ def real_photos_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: s
     dev = runtime.resolve_device(cfg.device)
     key = {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
            "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG),
-           "calibration_sha256": file_digest(Path(run_dir) / "calibration.json"), "folder": str(folder),
+           "calibration_sha256": file_digest(Path(run_dir) / rf.CALIBRATION), "folder": str(folder),
            "files_sha256": h.hexdigest(), "n_files": len(files), "threshold": cfg.threshold,
            "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS, "device": dev.type, "precision": cfg.precision}
 
