@@ -387,3 +387,20 @@ def test_timings_are_rounded_to_what_the_noise_allows():
     assert significant(3905.2469) == "3910" and significant(0.012345) == "0.0123" and significant(12.345) == "12.3"
     assert significant(0.0) == "0" and measured(None) == "—" and measured(7) == "7" and measured(7.0) == "7.00"
     assert measured({"mean": 3905.2469, "std": 41.27, "ci95": [3800.0, 4000.0]}) == "3910 ± 41.3"
+
+
+def test_a_directly_built_benchmark_config_runs(tmp_path, monkeypatch):
+    """BenchmarkConfig is exported: one built directly (generators None) runs like make_config's, its
+    generators resolved against the data root by run_benchmark."""
+    from fakescope.study import BenchmarkConfig, ModelSpec, run_benchmark
+
+    from synth import make_dataset
+
+    monkeypatch.setenv("FAKESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_dataset(tmp_path / "data", generators=("g", "h"), n_train=8, n_val=4)
+    cfg = BenchmarkConfig(data=str(data), out=str(tmp_path / "out"), epochs=1, precision_check=False, gallery=False,
+                          models=[ModelSpec("cnn32", "cnn32", {"filters": [4, 8, 8], "hidden": 8})])
+    assert cfg.generators is None
+    res = run_benchmark(cfg)
+    assert res["data"]["generators"] == ["g", "h"] and res["models"]["cnn32"]["overall"]["n"] == 16
+    assert cfg.generators is None  # the caller's object is left as it was

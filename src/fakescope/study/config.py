@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from fakescope import validate
@@ -415,13 +415,21 @@ def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> B
     cfg = BenchmarkConfig(**d)
     if cfg.jpeg_align_train and cfg.jpeg_align is None:
         raise FakescopeError("jpeg_align_train needs jpeg_align: Q (the JPEG quality of the aligned runs)")
-    index = index_root(cfg.data)
-    cfg.generators = index.select(cfg.generators, "train").generator_names
-    index.select(cfg.generators, cfg.split)  # the evaluation split must exist too
     if isinstance(cfg.cross, list):
         for label in cfg.cross:
             cfg.model(label)
-    return cfg
+    return resolve_data(cfg)
+
+
+def resolve_data(cfg: BenchmarkConfig) -> BenchmarkConfig:
+    """``cfg`` with its generators resolved against the data root (None: every generator of the train
+    split) and the evaluation split checked: the one step of building a configuration that reads the
+    data. :func:`make_config` ends with it; ``run_benchmark`` and ``run_cross`` apply it to a
+    :class:`BenchmarkConfig` built directly (its ``generators`` may be None). Returns a new object."""
+    index = index_root(cfg.data)
+    generators = index.select(cfg.generators, "train").generator_names
+    index.select(generators, cfg.split)  # the evaluation split must exist too
+    return replace(cfg, generators=generators)
 
 
 def train_augment(aug: dict | None) -> Augment | None:
