@@ -94,14 +94,42 @@ def selection_digest(data: str, generators, split: str) -> dict:
             "files_sha256": h.hexdigest()}
 
 
-def _base_key(cfg: BenchmarkConfig, run_dir, generators, precision: str | None, inference: bool = True) -> dict:
+def result_key(cfg: BenchmarkConfig, run_dir, *, precision: str | None, data: dict | None, **extra) -> dict:
+    """The one key builder of a run's cached results (evaluation, attack, gallery, precision check,
+    calibration, real photos): the fakescope version, the run (weights, config and calibration digests),
+    ``data`` (e.g. :func:`selection_digest`), ``max_pixels``, the device and the *resolved* precision
+    (``auto`` is what it resolves to on this machine), plus the result's own ``extra`` fields."""
     dev = runtime.resolve_device(cfg.device)
-    prec = runtime.resolve_precision(precision or cfg.precision, dev, inference=inference)
+    prec = runtime.resolve_precision(precision or cfg.precision, dev, inference=True)
     return {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
             "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG),
-            "data": selection_digest(cfg.data, generators, cfg.split), "threshold": cfg.threshold,
-            "calibration_sha256": file_digest(Path(run_dir) / rf.CALIBRATION),
-            "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS, "device": dev.type, "precision": prec.name}
+            "calibration_sha256": file_digest(Path(run_dir) / rf.CALIBRATION), "data": data,
+            "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS, "device": dev.type, "precision": prec.name,
+            **extra}
+
+
+def _base_key(cfg: BenchmarkConfig, run_dir, generators, precision: str | None) -> dict:
+    return result_key(cfg, run_dir, precision=precision, data=selection_digest(cfg.data, generators, cfg.split),
+                      threshold=cfg.threshold)
+
+
+TRAIN_REUSE = "train-reuse.json"
+"""Beside a benchmark's run: the :func:`training_key` it was trained for."""
+
+
+def _stored_training_key(run_dir: Path) -> dict | None:
+    try:
+        blob = json.loads((run_dir / TRAIN_REUSE).read_text())
+    except (OSError, ValueError):
+        return None
+    return blob.get("key") if isinstance(blob, dict) else None
+
+
+def training_key(opts) -> dict:
+    """What a finished training run is reused for: its options (less where it runs), the training data
+    (a digest of the selected files) and the fakescope version."""
+    return canonical({"fakescope": __version__, "train": _comparable(opts.to_dict()),
+                      "data": selection_digest(opts.data, opts.generators, "train")})
 
 
 # --- training runs ----------------------------------------------------------------------------------
@@ -140,11 +168,12 @@ def ensure_run(opts, run_dir: Path, *, force: bool = False, what: str = "") -> t
 
     run_dir = Path(run_dir)
     resume = False
+    key = training_key(opts)
     if (run_dir / ckpt.CONFIG).is_file():
         try:
             stored = ckpt.read_config(run_dir)
             asked = stored.get("train_requested", stored.get("train", {}))  # before the model's recipe
-            same = _comparable(asked) == _comparable(opts.to_dict())
+            same = _comparable(asked) == _comparable(opts.to_dict()) and _stored_training_key(run_dir) == key
         except FakescopeError:
             same = False
         summary = rf.read_train_metrics(run_dir)  # train_metrics.json (metrics.json in older runs)
@@ -161,10 +190,12 @@ def ensure_run(opts, run_dir: Path, *, force: bool = False, what: str = "") -> t
             if runtime.is_main():
                 shutil.rmtree(run_dir)
             runtime.barrier()
-    elif run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / ckpt.CONFIG).exists():
+    elif run_dir.exists() and any(p.name != TRAIN_REUSE for p in run_dir.iterdir()):
         raise FakescopeError(f"{run_dir} exists and is not a fakescope run: move it away or choose another --out")
     if not resume:
         log(f"{what}: training into {run_dir}")
+        if runtime.is_main():
+            write_json(run_dir / TRAIN_REUSE, {"key": key})  # before training: a resume checks it too
     t0 = time.perf_counter()
     summary = train(opts, run_dir, resume=resume)
     v = summary["validation"]
@@ -216,9 +247,8 @@ def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str
     (reused while the weights, the run's configuration and the target are unchanged)."""
     from fakescope.calibration import Calibration, read_calibration
 
-    key = {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
-           "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG), "target_fpr": cfg.calibrate,
-           "precision": cfg.precision, "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS}
+    key = result_key(cfg, run_dir, precision=cfg.precision, data={"split": "holdout"}, target_fpr=cfg.calibrate,
+                     calibration_sha256=None)  # the calibration is what this computes
 
     def compute() -> dict:
         from fakescope.engine.calibrate import calibrate_run
@@ -367,12 +397,9 @@ def real_photos_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: s
     h = hashlib.sha256()
     for f in files:
         h.update(f"{os.path.relpath(f, folder)}\0{file_digest(f)}\n".encode())
-    dev = runtime.resolve_device(cfg.device)
-    key = {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
-           "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG),
-           "calibration_sha256": file_digest(Path(run_dir) / rf.CALIBRATION), "folder": str(folder),
-           "files_sha256": h.hexdigest(), "n_files": len(files), "threshold": cfg.threshold,
-           "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS, "device": dev.type, "precision": cfg.precision}
+    key = result_key(cfg, run_dir, precision=cfg.precision,
+                     data={"folder": str(folder), "files_sha256": h.hexdigest(), "n_files": len(files)},
+                     threshold=cfg.threshold)
 
     def compute() -> dict:
         from fakescope.engine.evaluation import predict_paths
