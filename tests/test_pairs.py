@@ -206,7 +206,8 @@ def test_paired_training_run_records_pairs(tmp_path):
     summary = train(TrainOptions(model="cnn32", data=str(root), epochs=1, patience=0, batch_size=8, paired=True,
                                  augment=Augment(flip=True), val_fraction=0.25), out)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["train"]["paired"] is True and cfg["data"]["train_pairs"] == (14 - round(0.25 * 14)) * 2  # 14 train sources, 2 crops each
+    # 14 training sources, 2 crops each; round(0.25 * 14) sources carved out for validation
+    assert cfg["train"]["paired"] is True and cfg["data"]["train_pairs"] == (14 - round(0.25 * 14)) * 2
     assert summary["epochs_run"] == 1
     with pytest.raises(Exception, match="even --batch-size"):
         train(TrainOptions(model="cnn32", data=str(root), epochs=1, batch_size=7, paired=True), tmp_path / "odd")

@@ -90,7 +90,8 @@ def run(args) -> int:
                       native_crop=bool(args.aug_native_crop),
                       scale=_scale(args.aug_scale))
     opts = TrainOptions(
-        model=args.model, data=a.data_option(args.data), generators=args.generators, paired=args.paired, epochs=args.epochs,
+        model=args.model, data=a.data_option(args.data), generators=args.generators, paired=args.paired,
+        epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, patience=args.patience,
         task=args.task, test_geometry=args.test_geometry,
         seed=args.seed, val_fraction=args.val_fraction, limit=args.limit, native_size=args.native_size,

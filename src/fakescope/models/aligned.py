@@ -84,6 +84,7 @@ class AlignedCrops(Detector):
                                  "native-scale crops; paired batches, blur/JPEG/scale; crops test geometry",
                 options=("pretrained", "pretrained_file", "freeze", "input_size", "backbone", "stem_stride"))
 def aligned_crops(pretrained: bool = True, pretrained_file: str | None = None, freeze: bool = False,
-                  input_size: int = ALIGNED_CROP, backbone: str = ALIGNED_BACKBONE, stem_stride: int = 1) -> AlignedCrops:
+                  input_size: int = ALIGNED_CROP, backbone: str = ALIGNED_BACKBONE,
+                  stem_stride: int = 1) -> AlignedCrops:
     return AlignedCrops(pretrained=pretrained, pretrained_file=pretrained_file, freeze=freeze, input_size=input_size,
                         backbone=backbone, stem_stride=stem_stride)
