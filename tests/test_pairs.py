@@ -294,3 +294,16 @@ def test_aligned_crops_preset_keeps_full_resolution_and_pairs_batches(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train"]["paired"] is True and cfg["test_geometry"] == "crops"
     assert cfg["train"]["augment"]["native_crop"] and cfg["train"]["augment"]["scale"] == [0.5, 1.0]
+
+
+def test_paired_order_is_dealt_to_ranks_in_whole_pairs(monkeypatch):
+    from fakescope.engine import sources
+
+    order = torch.tensor([4, 5, 0, 1, 8, 9, 2, 3, 6])  # pairs (4,5) (0,1) (8,9) (2,3), then a single
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(sources.runtime, "world_size", lambda: 2)
+        monkeypatch.setattr(sources.runtime, "rank", lambda r=rank: r)
+        shares.append(sources.shard_order(order, unit=2).tolist())
+    assert shares[0] == [4, 5, 8, 9, 6, 4] and shares[1] == [0, 1, 2, 3, 4, 5]  # padded with the first items
+    assert len(shares[0]) == len(shares[1])
