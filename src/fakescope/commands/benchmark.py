@@ -33,7 +33,7 @@ def _seeds(s: str) -> list[int]:
 
 def add_study_options(p, *, models: bool) -> None:
     p.add_argument("--config", default=None, metavar="FILE", help="YAML, TOML or JSON file holding any option")
-    p.add_argument("--data", default=None, help="data root (GenImage layout or ROOT/{train,val}/{ai,nature})")
+    p.add_argument("--data", default=None, action="append", help=a.DATA_HELP + a.SEVERAL_HELP)
     p.add_argument("--generators", type=a.csv, default=None, help="comma-separated generators (default: all)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/benchmark)")
     p.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds (default: 42)")
@@ -89,6 +89,7 @@ def study_options(args) -> tuple[dict, dict]:
     from fakescope.study import load_config_file
 
     base = load_config_file(args.config) if args.config else {}
+    args.data = a.data_option(args.data)
     over = {k: getattr(args, k, None) for k in ("data", "generators", "out", "seeds", "epochs", "lr", "limit",
                                                  "force", "jpeg_align", "jpeg_align_train", "degrade", "cross",
                                                  "leave_one_out", "threshold", "calibrate", "precision_check", "device",

@@ -25,11 +25,12 @@ def holdout_index(config: dict) -> Index:
     """The training split's images that the run never trained on: the early-stopping carve plus,
     when it was trained with ``--limit``, the files the limit left out."""
     data, train = config.get("data") or {}, config.get("train") or {}
-    root = data.get("root")
-    if not root or not Path(root).is_dir():
-        raise FakescopeError(f"expected the run's training root to exist for --split holdout, got {root!r}; "
-                             f"pass --data ROOT --split val (or train) instead")
-    full = index_root(root).select(data.get("generators"), "train")
+    roots = data.get("roots") or [data.get("root")]  # a run on several roots records them all
+    for root in roots:
+        if not root or not Path(root).is_dir():
+            raise FakescopeError(f"expected the run's training root to exist for --split holdout, got {root!r}; "
+                                 f"pass --data ROOT --split val (or train) instead")
+    full = index_root(roots).select(data.get("generators"), "train")
     used = limit_per_class(full, train["limit"]) if train.get("limit") else full
     _, carve = carve_validation(used, float(train.get("val_fraction", 0.1)))
     trained = set(used.paths) - set(carve.paths)

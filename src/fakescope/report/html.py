@@ -207,7 +207,9 @@ def write_report(out: str | os.PathLike, results: dict | None = None,
     doc = Doc(out)
     doc.heading(1, "fakescope benchmark")
     seeds = ", ".join(map(str, cfg.get("seeds", [])))
-    doc.para(f"Data: `{cfg.get('data')}` — generators: {', '.join(gens)}; trained on the train split of all "
+    roots = cfg.get("data")
+    roots = " + ".join(f"`{r}`" for r in roots) if isinstance(roots, list) else f"`{roots}`"
+    doc.para(f"Data: {roots} — generators: {', '.join(gens)}; trained on the train split of all "
              f"selected generators, evaluated on the {split} split. Seeds: {seeds}; "
              f"epochs: {cfg.get('epochs')}; threshold "
              f"{cfg.get('threshold') if cfg.get('threshold') is not None else _threshold_text(cfg)}.")

@@ -67,7 +67,7 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
         "tags": ["ai-generated-image-detection", "fakescope"],
         "model_name": model.get("name"),
         "base_model": str(model.get("name", "")).removeprefix("timm:"),
-        "datasets": [data.get("root")] if data.get("root") else [],
+        "datasets": data.get("roots") or ([data.get("root")] if data.get("root") else []),
         "metrics": [{"name": k, "value": val[k], "split": "validation carve of train"}
                     for k in ("accuracy", "roc_auc", "f1") if val.get(k) is not None],
         "label_map": {"nature": 0, "ai": 1},
@@ -227,11 +227,12 @@ def inspect_training_data(config: dict, sample: int = 16) -> dict | None:
     from fakescope.data.layout import index_root
     from fakescope.errors import FakescopeError
 
-    root = (config.get("data") or {}).get("root")
-    if not root or not Path(root).is_dir():
+    data = config.get("data") or {}
+    roots = data.get("roots") or [data.get("root")]
+    if not all(r and Path(r).is_dir() for r in roots):
         return None
     try:
-        index = index_root(root).select((config.get("data") or {}).get("generators"), "train")
+        index = index_root(roots).select((config.get("data") or {}).get("generators"), "train")
         return inspect_index(index, sample=sample, num_workers=0)
     except (FakescopeError, OSError):
         return None

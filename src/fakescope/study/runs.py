@@ -114,6 +114,8 @@ def _comparable(train_dict: dict) -> dict:
     d = canonical(train_dict)
     for k in RUNTIME_KEYS:
         d.pop(k, None)
+    if d.get("paired") is None:  # runs made before --paired existed: the same as unset
+        d.pop("paired", None)
     return d
 
 
