@@ -244,6 +244,27 @@ def rate_with_interval(k: int, n: int, confidence: float = INTERVAL_CONFIDENCE) 
     return {"value": k / n if n else None, "interval": clopper_pearson(k, n, confidence), "k": int(k), "n": int(n)}
 
 
+def error_rates(confusion, confidence: float = INTERVAL_CONFIDENCE) -> dict:
+    """``{"fpr", "tpr"}`` from a ``[[tn, fp], [fn, tp]]`` confusion matrix, each
+    :func:`rate_with_interval` (Clopper–Pearson at ``confidence``; value None without real, resp. AI, images)."""
+    (tn, fp), (fn, tp) = confusion
+    return {"fpr": rate_with_interval(int(fp), int(fp + tn), confidence),
+            "tpr": rate_with_interval(int(tp), int(tp + fn), confidence)}
+
+
+def check_promise(calibration: Calibration, confusion, confidence: float = INTERVAL_CONFIDENCE) -> dict | None:
+    """Whether real images evaluated at the calibration's own threshold break its false-positive target:
+    ``{"target_fpr", "confidence", "promise", "fpr", "n_real", "broken"}`` where ``broken`` means the
+    data's whole two-sided Clopper–Pearson interval (``confidence``) of the FPR lies above the target:
+    these real images are not like the calibration set. None without real images or a target."""
+    fpr = error_rates(confusion, confidence)["fpr"]
+    if not fpr["n"]:
+        return None
+    return {"target_fpr": calibration.target_fpr, "confidence": calibration.confidence,
+            "promise": calibration.promise, "fpr": fpr, "n_real": fpr["n"],
+            "broken": bool(fpr["interval"][0] > calibration.target_fpr)}
+
+
 def _check_rule(target_fpr: float, confidence: float) -> None:
     if not 0.0 <= target_fpr < 1.0:
         raise FakescopeError(f"expected a target false-positive rate in [0, 1), got {target_fpr}")
@@ -372,6 +393,10 @@ class Calibration:
             raise FakescopeError(f"{source}: expected temperature > 0 and threshold in [0, 1], got "
                                  f"{cal.temperature} and {cal.threshold}; run `fakescope calibrate` again")
         return cal
+
+
+PROMISE_KEYS = ("target_fpr", "confidence", "n_real", "fpr_empirical", "fpr_upper_bound", "bound_confidence", "tpr",
+                "tpr_interval", "calibration_set", "promise", "statement")
 
 
 def _pct(x: float) -> str:
@@ -516,9 +541,13 @@ class Decision:
         return self.calibration is not None and self.source == CALIBRATION_FILE and bool(self.calibration.guarantee)
 
     def guarantee(self) -> dict | None:
-        """The calibration's promise and figures (:func:`guarantee_summary`) when they apply to this
+        """The calibration's promise and its figures (the :data:`PROMISE_KEYS` of
+        :func:`guarantee_summary`, as ``predict`` and the server report them) when they apply to this
         threshold, else None."""
-        return dict(self.calibration.guarantee) if self.promise_applies else None
+        if not self.promise_applies:
+            return None
+        g = self.calibration.guarantee
+        return {k: g.get(k) for k in PROMISE_KEYS}
 
     def p_ai(self, p_raw) -> np.ndarray:
         return calibrate_p_ai(p_raw, self.calibration)
