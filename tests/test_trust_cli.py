@@ -97,6 +97,8 @@ def test_calibrate_then_evaluate_predict_attack(run, data, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert all(r["threshold_source"] == "calibration.json" and r["calibrated"] for r in rows)
     assert all(r["guarantee"]["promise"] == promise and r["guarantee"]["n_real"] == 20 for r in rows)
+    assert main(["predict", str(run), files[0]]) == 0
+    assert f"promise: {promise}" in capsys.readouterr().out
     assert main(["predict", str(run), files[0], "--format", "json", "--threshold", "0.4"]) == 0
     assert "guarantee" not in json.loads(capsys.readouterr().out)[0]  # the promise is about its own threshold
     assert all(r["verdict"] == ("ai" if r["p_ai"] >= cal.threshold else "nature") for r in rows)

@@ -463,10 +463,9 @@ def fit_calibration(labels, p_raw, target_fpr: float = 0.01, *, method: str = "t
     y, p = _arrays(labels, p_raw)
     _check_rule(float(target_fpr), float(confidence))
     n_real = int((y == 0).sum())
-    if n_real:
-        allowed_false_positives(n_real, float(target_fpr), float(confidence))  # too few: say so before fitting
     z = logit(p)
-    t = fit_temperature(y, z)
+    t = fit_temperature(y, z)  # both classes, else an error
+    allowed_false_positives(n_real, float(target_fpr), float(confidence))  # too few for the promise: an error
     zc = z / t
     thr_logit = threshold_for_fpr(zc[y == 0], target_fpr, confidence=float(confidence))
     pc = sigmoid(zc)
