@@ -80,7 +80,11 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     ``calibration.json`` (unless ``uncalibrated``); an explicit ``threshold`` wins (on the calibrated
     scale). The result records the threshold, where it came from (``threshold_source``), the calibration
     used (with the uncalibrated ECE and Brier score), and ``warnings`` (e.g. evaluating on the
-    calibration set itself); ``scores`` holds ``p_ai_raw`` beside ``p_ai``."""
+    calibration set itself); ``scores`` holds ``p_ai_raw`` beside ``p_ai``.
+
+    ``rates`` holds the false- and true-positive rates with two-sided 95 % Clopper–Pearson intervals,
+    overall and per generator. At the run's own calibrated threshold, ``guarantee_check`` compares the
+    real images with the calibration's false-positive target (:func:`promise_check`; None otherwise)."""
     from fakescope.calibration import INTERVAL_CONFIDENCE, calibration_metrics, error_rates, resolve_decision
     from fakescope.engine.calibrate import same_set
 
@@ -138,8 +142,9 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
 
 def promise_check(cal, result: dict, warnings: list[str]) -> dict:
     """The calibration's false-positive target against this evaluation's real images, overall and per
-    generator (:func:`fakescope.calibration.check_promise`); a warning for each set whose whole 95 %
-    FPR interval lies above the target."""
+    generator (:func:`fakescope.calibration.check_promise`); a warning for each set (overall, and each
+    generator when there are several) whose whole 95 % FPR interval lies above the target. Where the
+    target does hold, each set is flagged with probability at most 2.5 % (the interval's lower end)."""
     from fakescope.calibration import check_promise
 
     root = (result.get("data") or {}).get("root")
@@ -158,7 +163,7 @@ def promise_check(cal, result: dict, warnings: list[str]) -> dict:
                 f"the calibration's target of {cal.target_fpr:g} (empirical quantile, no promise)")
         warnings.append(f"false-positive rate {c['fpr']['value']:.4f} on the {c['n_real']} real images of {what}, 95 % "
                         f"interval [{lo:.4f}, {hi:.4f}], lies entirely above {said}: these real images are not like "
-                        f"the calibration set, and the promise does not hold for them")
+                        f"the calibration set, and the calibrated false-positive rate does not hold for them")
     out["broken"] = any(c is not None and c["broken"] for _, c in sets)
     return out
 
