@@ -34,6 +34,7 @@ def argtype(check: Callable, name: str) -> Callable:
 threshold = argtype(validate.threshold, "threshold")
 number = argtype(validate.number, "number")
 fraction = argtype(validate.fraction, "fraction")
+confidence = argtype(validate.confidence, "confidence")
 positive_int = argtype(validate.positive_int, "positive_int")
 nonneg_int = argtype(validate.nonneg_int, "nonneg_int")
 quality = argtype(validate.quality, "quality")

@@ -69,4 +69,6 @@ def run(args) -> int:
             print(f"\nthreshold {r['threshold']:.6g} ({r['threshold_source']}), "
                   f"{'calibrated' if r['calibrated'] else 'raw'} p_ai; metadata is separate evidence and "
                   f"never changes p_ai (its absence proves nothing)")
+            if r.get("guarantee"):
+                print(f"{'promise' if r['guarantee']['promise'] else 'no promise'}: {r['guarantee']['statement']}")
     return 0 if any("error" not in r for r in rows) else 1

@@ -71,6 +71,7 @@ class BenchmarkConfig:
     split: str = "val"
     threshold: float | None = None   # None: each run's calibrated threshold, else 0.5
     calibrate: float | None = None   # target FPR: calibrate every run on its own held-out training images
+    calibrate_confidence: float = validate.DEFAULT_CONFIDENCE  # of that FPR promise (0: empirical quantile, no promise)
     gallery: bool = True             # Grad-CAM overlays of a few right and wrong examples (first seed)
     degrade: list[str] = field(default_factory=list)
     jpeg_align: int | None = None
@@ -214,7 +215,7 @@ TOP_LEVEL: dict[str, Callable] = {
     "task": _choice("binary", "attribution"), "test_geometry": _optional(_choice("resize", "center_crop", "crops")),
     "patience": validate.nonneg_int, "val_fraction": validate.fraction, "limit": _optional(validate.positive_int),
     "native_size": _native_size, "split": _choice("train", "val"), "threshold": _optional(validate.threshold),
-    "calibrate": _optional(_target_fpr), "gallery": validate.boolean,
+    "calibrate": _optional(_target_fpr), "calibrate_confidence": validate.confidence, "gallery": validate.boolean,
     "jpeg_align": _optional(validate.quality), "jpeg_align_train": validate.boolean,
     "precision_check": validate.boolean, "leave_one_out": validate.boolean, "device": _string,
     "precision": _choice(*PRECISIONS), "eval_batch_size": validate.positive_int,
