@@ -323,7 +323,7 @@ class ShardWriter:
         self.final = shard_path(out_dir, shard)
         self.tmp = self.final.with_name("." + self.final.name + ".tmp")
         self.schema = schema(attribution)
-        self.meta = {**job_meta, "manifest": man}
+        self.meta = {**job_meta, "manifest": man, "rank": runtime.rank(), "world_size": runtime.world_size()}
         self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
         self.pending: list[dict] = []
         self.stats = {"n": 0, "scored": 0, "called_ai": 0, "errors": Counter()}
@@ -432,6 +432,11 @@ class Job:
         return ShardWriter(self.out_dir, shard, man, self.job_meta, self.attribution)
 
 
+def _short(v, n: int = 48) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(old) | set(new)):
@@ -439,7 +444,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{k}.")
         elif a != b:
-            out.append(f"{prefix}{k} {a!r} -> {b!r}")
+            out.append(f"{prefix}{k} {_short(a)} -> {_short(b)}")
     return out
 
 
@@ -467,7 +472,7 @@ def check_folder(out_dir: Path, fingerprint: dict, overwrite: bool) -> str | Non
             old = {}
         diff = _differences(old, fingerprint)
         if diff:
-            return (f"expected {out_dir} to hold the same job, got a different one ({'; '.join(diff)[:400]}): "
+            return (f"expected {out_dir} to hold the same job, got a different one ({'; '.join(diff)}): "
                     f"use another --out, or --overwrite to replace it")
         return None
     elif (out_dir / SHARD_DIR).is_dir() and any((out_dir / SHARD_DIR).iterdir()):

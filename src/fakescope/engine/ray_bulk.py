@@ -230,9 +230,13 @@ def run_ray(job, *, run_dir, pipeline, address: str | None = None, actors: int |
         del shard_col, pos_col, path_col
         blocks = [table.slice(o, bs) for o in range(0, table.num_rows, bs)]
         ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(decode_batch, fn_kwargs=decode_kw, batch_size=bs, batch_format="numpy", num_cpus=1)
+        # decoding: CPU tasks spread over the cluster (a scheduling strategy of their own keeps Ray from
+        # fusing them into the actors); scoring: the actor pool
+        ds = ds.map_batches(decode_batch, fn_kwargs=decode_kw, batch_size=bs, batch_format="numpy", num_cpus=1,
+                            scheduling_strategy="SPREAD")
         ds = ds.map_batches(Scorer, fn_constructor_kwargs=scorer_kw, batch_size=bs, batch_format="numpy",
-                            concurrency=actors, num_gpus=gpus_per_actor or None, num_cpus=1)
+                            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None,
+                            num_cpus=1, scheduling_strategy="DEFAULT")
         manifests = {i: man for i, _, man in window}
         writers: dict = {}
         try:
