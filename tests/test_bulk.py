@@ -57,6 +57,11 @@ def world(tmp_path_factory):
             "binary": make_run(tmp / "binary"), "attr": _attribution_run(tmp / "attr")}
 
 
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(f"{x}\n" for x in lines))
+    return path
+
+
 def _json_rows(capsys, *args) -> list[dict]:
     capsys.readouterr()
     assert main(["predict", *map(str, args), "--format", "json"]) == 0
@@ -192,6 +197,14 @@ def test_files_from_text_csv_and_parquet(world, tmp_path):
         got = pq.read_table(out / "shards").to_pylist()
         assert [r["path"] for r in got] == inputs  # in list order, each once
         assert got == [ref[p] for p in inputs], name
+    # URIs are read through pyarrow's filesystems and decoded from memory by the same reader
+    uris = ["file://" + p for p in inputs]
+    _bulk(tmp_path / "uri", world["binary"], "--files-from", write_lines(tmp_path / "uris.txt", uris),
+          "--shard-size", 8)
+    got = pq.read_table(tmp_path / "uri" / "shards").to_pylist()
+    assert [r["path"] for r in got] == uris
+    for r, p in zip(got, inputs, strict=True):
+        assert {**r, "path": p} == ref[p], p
     (tmp_path / "bad.csv").write_text("file\nx.png\n")
     assert main(["predict", str(world["binary"]), "--files-from", str(tmp_path / "bad.csv"), "--out",
                  str(tmp_path / "bad")]) == 2

@@ -228,7 +228,9 @@ def decode_input(path: str, pipeline, *, max_pixels: int = DEFAULT_MAX_PIXELS, m
             raise ImageReadError(path, f"cannot transform image ({e})") from None
     except ImageReadError as e:
         meta["error"] = e.reason
-        if meta["bytes"] is None and not is_uri(path):
+        if data is not None:
+            meta["bytes"] = len(data)
+        elif not is_uri(path):
             try:
                 meta["bytes"] = os.stat(path).st_size if os.path.isfile(path) else None
             except OSError:
