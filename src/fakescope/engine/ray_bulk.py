@@ -186,15 +186,11 @@ def run_ray(job, *, run_dir, pipeline, address: str | None = None, actors: int |
     ``address``: None starts a local Ray instance on this machine's CPUs; ``auto`` or ``HOST:PORT``
     joins an existing cluster. ``actors`` scoring actors (default: one per GPU with ``gpus_per_actor``,
     else half the cluster's CPUs, at least 1), each with ``gpus_per_actor`` GPUs."""
-    import pyarrow as pa
-
     from fakescope.data.dataset import available_cores
-    from fakescope.engine.bulk import KillHook
-    from fakescope.engine.infer import default_batch_size
-    from fakescope.progress import _enabled
 
     ray = import_ray()
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         try:
             if address:
                 ray.init(address=address, log_to_driver=False)
@@ -203,6 +199,25 @@ def run_ray(job, *, run_dir, pipeline, address: str | None = None, actors: int |
         except Exception as e:  # noqa: BLE001 - Ray raises many kinds (ConnectionError, RuntimeError, ...)
             raise FakescopeError(f"expected a Ray instance at {address or 'this machine'}, got: "
                                  f"{' '.join(str(e).split())[:300]}") from None
+    try:
+        return _run(ray, job, run_dir=run_dir, pipeline=pipeline, actors=actors, gpus_per_actor=gpus_per_actor,
+                    batch_size=batch_size, max_pixels=max_pixels, max_file_size=max_file_size, provenance=provenance,
+                    device=device, precision=precision, native_size=native_size, geometry=geometry,
+                    threshold=threshold, uncalibrated=uncalibrated, backend=backend, onnx_path=onnx_path,
+                    window_rows=window_rows)
+    finally:
+        if started:  # the local instance this call started (a cluster, or the caller's instance, stays)
+            ray.shutdown()
+
+
+def _run(ray, job, *, run_dir, pipeline, actors, gpus_per_actor, batch_size, max_pixels, max_file_size, provenance,
+         device, precision, native_size, geometry, threshold, uncalibrated, backend, onnx_path, window_rows) -> dict:
+    import pyarrow as pa
+
+    from fakescope.engine.bulk import KillHook
+    from fakescope.engine.infer import default_batch_size
+    from fakescope.progress import _enabled
+
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = _enabled()
