@@ -161,7 +161,7 @@ def test_a_different_job_is_refused_unless_overwrite(world, tmp_path, capsys):
     out = tmp_path / "out"
     _bulk(out, world["binary"], world["data"], "--shard-size", 16)
     before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
-    for extra in (["--threshold", "0.2"], ["--shard-size", "8"], ["--no-provenance"]):
+    for extra in (["--threshold", "0.2"], ["--shard-size", "8"], ["--no-provenance"], ["--precision", "fp32"]):
         capsys.readouterr()
         _bulk(out, world["binary"], world["data"], "--shard-size", 16, *extra, expect=2)
         err = capsys.readouterr().err.strip()

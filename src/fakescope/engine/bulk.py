@@ -640,7 +640,7 @@ def predict_to_folder(run_dir, out_dir, paths: Iterable[str] = (), *, files_from
     if predictor.classes is None:
         config = {**config, "classes": None}
     options = {"max_file_size": max_file_size, "max_pixels": max_pixels, "provenance": provenance,
-               "backend": backend}
+               "backend": backend, "precision": precision}  # not the device, batch size, workers or engine
     job = make_job(run_dir, out_dir, paths=paths, files_from=files_from, shard_size=shard_size, decision=decision,
                    config=config, pipeline=pipeline, options=options, overwrite=overwrite)
     open_folder(job)
