@@ -206,12 +206,13 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, order: list[int] | None = None, *,
-                num_workers: int | None = None, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ``order`` (default: dataset order) that never drops or pads items."""
+                num_workers: int | None = None, pin_memory: bool = False, collate_fn=None) -> DataLoader:
+    """A DataLoader over ``order`` (default: dataset order) that never drops or pads items
+    (``collate_fn``: default :func:`collate`, for :class:`ImageDataset` items)."""
     workers = default_workers() if num_workers is None else num_workers
     return DataLoader(
         dataset, batch_size=batch_size, sampler=order if order is not None else range(len(dataset)),
-        num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+        num_workers=workers, collate_fn=collate_fn or collate, pin_memory=pin_memory,
         worker_init_fn=_worker_init if workers else None, persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
