@@ -14,7 +14,7 @@ from fakescope.errors import FakescopeError
 def add_parser(sub):
     t = sub.add_parser("train", help="train a detector into a run directory")
     a.add_model_options(t, required=False)
-    a.add_data(t, split_default=None, required=False)
+    a.add_data(t, split_default=None, several=True, required=False)
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--epochs", type=a.positive_int, default=10)
     t.add_argument("--lr", type=a.number, default=None, help="Adam's learning rate (default: the model's recipe, "
@@ -31,6 +31,12 @@ def add_parser(sub):
     t.add_argument("--val-fraction", type=a.number, default=0.1)
     t.add_argument("--limit", type=a.positive_int, default=None, help="at most N images per generator and class")
     t.add_argument("--native-size", default="auto", help="auto, off or N (pixels)")
+    pr = t.add_mutually_exclusive_group()
+    pr.add_argument("--paired", dest="paired", action="store_true", default=None,
+                    help="aligned pairs (a root made by `data align`): both members of each pair in the same batch "
+                         "with the same crop, flip and blur/JPEG/scale augmentation (default: the model's recipe)")
+    pr.add_argument("--unpaired", dest="paired", action="store_false",
+                    help="sample the members of aligned pairs independently (overrides a paired recipe)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last complete epoch: every option comes from the run "
                         "(--model and --data are not needed) except --device and --workers; --epochs and "
@@ -112,6 +118,8 @@ def _given(args) -> dict:
         out["augment"] = _augment(args)
     if any(getattr(args, f) is not None for f in _MODEL):
         out["model_options"] = a.model_options(args)
+    if "data" in out:
+        out["data"] = a.data_option(out["data"])  # --data given several times: a list of roots
     out["device"] = args.device or _DEFAULTS["device"]
     out["num_workers"] = args.workers
     return out
@@ -129,7 +137,8 @@ def run(args) -> int:
         full = argparse.Namespace(**{**vars(args), **{k: _DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)
                                                       for k in _DEFAULTS}})
         opts = TrainOptions(
-            model=full.model, data=full.data, generators=full.generators, epochs=full.epochs,
+            model=full.model, data=a.data_option(full.data), generators=full.generators, paired=full.paired,
+            epochs=full.epochs,
             batch_size=full.batch_size, lr=full.lr, lr_schedule=full.lr_schedule, patience=full.patience,
             task=full.task, test_geometry=full.test_geometry,
             seed=full.seed, val_fraction=full.val_fraction, limit=full.limit, native_size=full.native_size,

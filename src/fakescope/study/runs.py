@@ -143,6 +143,8 @@ def _comparable(train_dict: dict) -> dict:
     d = canonical(train_dict)
     for k in RUNTIME_KEYS:
         d.pop(k, None)
+    if d.get("paired") is None:  # runs made before --paired existed: the same as unset
+        d.pop("paired", None)
     return d
 
 
@@ -243,20 +245,23 @@ def evaluate_cached(cfg: BenchmarkConfig, run_dir: Path, *, generators: list[str
 
 
 def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str) -> dict:
-    """Calibrate a run on its own held-out training images (``--split holdout``) for ``cfg.calibrate``
-    (reused while the weights, the run's configuration and the target are unchanged)."""
+    """Calibrate a run on its own held-out training images (``--split holdout``) for ``cfg.calibrate`` at
+    ``cfg.calibrate_confidence`` (the rule of ``fakescope calibrate``; reused while the weights, the run's
+    configuration, the target and the confidence are unchanged)."""
     from fakescope.calibration import Calibration, read_calibration
 
     key = result_key(cfg, run_dir, precision=cfg.precision, data={"split": "holdout"}, target_fpr=cfg.calibrate,
-                     calibration_sha256=None)  # the calibration is what this computes
+                     confidence=cfg.calibrate_confidence, calibration_sha256=None)  # the calibration: its output
 
     def compute() -> dict:
         from fakescope.engine.calibrate import calibrate_run
         from fakescope.report.artifacts import write_calibration_files
         from fakescope.report.model_card import refresh_model_card
 
-        log(f"{what}: calibrating on the run's held-out training images (target FPR {cfg.calibrate:g})")
-        res = calibrate_run(run_dir, split="holdout", target_fpr=float(cfg.calibrate), device=cfg.device,
+        log(f"{what}: calibrating on the run's held-out training images (target FPR {cfg.calibrate:g}, confidence "
+            f"{cfg.calibrate_confidence:g})")
+        res = calibrate_run(run_dir, split="holdout", target_fpr=float(cfg.calibrate),
+                            confidence=float(cfg.calibrate_confidence), device=cfg.device,
                             precision=cfg.precision, batch_size=cfg.eval_batch_size, num_workers=cfg.workers,
                             use_cache=cfg.use_cache, cache_dir=cfg.cache_dir, max_pixels=cfg.max_pixels)
         write_calibration_files(run_dir, res["calibration"])
