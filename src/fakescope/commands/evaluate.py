@@ -86,7 +86,7 @@ def run(args) -> int:
             print(f"\n{n_bad - nonfinite} unreadable files skipped (listed in the JSON)" if not nonfinite else
                   f"\n{n_bad} images skipped: {n_bad - nonfinite} unreadable, {nonfinite} scored NaN or inf by the "
                   f"model (listed in the JSON)")
-        print(f"\nresults: {result['outputs']['json']}  figures: {result['outputs']['folder']}")
+        print(f"\nresults: {outputs['json']}  figures: {outputs['folder']}")
     if not result["overall"].get("n"):  # exit code 0 unless nothing could be read
         print(f"fakescope: error: none of the {len(result['bad_files'])} images could be read", file=sys.stderr)
         return 1
