@@ -341,7 +341,8 @@ def _hub_help(spec: AutoencoderSpec) -> str:
 def _hub_file(spec: AutoencoderSpec, filename: str) -> str:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    cached = try_to_load_from_cache(spec.hub_repo, filename, subfolder=spec.hub_subfolder)
+    in_repo = f"{spec.hub_subfolder}/{filename}" if spec.hub_subfolder else filename
+    cached = try_to_load_from_cache(spec.hub_repo, in_repo)
     if isinstance(cached, str):
         return cached
     if _hub_offline():
