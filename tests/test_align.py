@@ -114,6 +114,9 @@ def test_genimage_root_uses_nature_only_and_bad_files_are_listed(tmp_path, weigh
     assert sorted(os.path.basename(u["path"]) for u in m["unreadable"]) == ["broken.jpg", "empty.png"]
     assert all(u["error"] for u in m["unreadable"])
     assert "unreadable (2)" in capsys.readouterr().out
+    # a plain folder with class folders inside (not a GenImage root): its ai/ folder is never searched
+    assert _align([tmp_path / "gi" / "gen" / "train"], tmp_path / "out2", weights) == 0
+    assert read_manifest(tmp_path / "out2" / "taesd")["sources"] == 5
 
 
 def test_inpaint_mask_area():

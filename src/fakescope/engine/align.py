@@ -26,7 +26,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from fakescope import __version__
-from fakescope.data.io import list_images, read_image
+from fakescope.data.io import is_image_path, read_image
 from fakescope.data.layout import index_root
 from fakescope.data.pairs import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from fakescope.engine.runtime import resolve_device
@@ -107,7 +107,8 @@ def source_rng(seed: int, source: str, salt: str) -> np.random.Generator:
 
 def collect_sources(srcs: list[str]) -> list[str]:
     """Absolute image paths: a GenImage-layout root contributes its ``nature`` images only; any other
-    folder is searched recursively; a file is taken as it is. Sorted, without duplicates."""
+    folder is searched recursively, skipping folders named ``ai``; a file is taken as it is. Sorted,
+    without duplicates."""
     out: set[str] = set()
     for s in srcs:
         if not os.path.exists(s):
@@ -120,8 +121,20 @@ def collect_sources(srcs: list[str]) -> list[str]:
             if idx is not None and any(y == 0 for y in idx.labels):
                 out.update(idx.abspath(i) for i, y in enumerate(idx.labels) if y == 0)
                 continue
-        out.update(os.path.abspath(p) for p in list_images([s]))
+        out.update(_real_images(s))
     return sorted(out)
+
+
+def _real_images(path: str) -> list[str]:
+    """Image files under ``path`` (recursively), never inside a folder named ``ai`` (any case): a class
+    folder of generated images is not a source of real ones."""
+    if not os.path.isdir(path):
+        return [os.path.abspath(path)]
+    out = []
+    for root, dirs, files in os.walk(path, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if d.lower() != "ai")
+        out.extend(os.path.abspath(os.path.join(root, f)) for f in sorted(files) if is_image_path(f))
+    return out
 
 
 def crop_boxes(width: int, height: int, crop: int | None, k: int, rng: np.random.Generator,
