@@ -187,3 +187,24 @@ def test_resume_after_a_kill(tmp_path, weights):
     assert got == ref
     # resuming with other options is refused in one line
     assert _align([tmp_path / "src"], tmp_path / "out", weights, "--crop", "16") == 2
+
+
+def test_reuse_makes_the_same_variant_without_recomputing(tmp_path, weights, monkeypatch):
+    _photos(tmp_path / "src", n=4)
+    common = ("--crop", "24", "--crops-per-image", "2", "--seed", "5")
+    assert _align([tmp_path / "src"], tmp_path / "a", weights, *common) == 0
+    assert _align([tmp_path / "src"], tmp_path / "b", weights, *common, "--inpaint", "0.7") == 0
+    import fakescope.engine.align as engine
+
+    def no_pass(self, batch):
+        raise AssertionError("the autoencoder ran although every reconstruction could be reused")
+
+    monkeypatch.setattr(engine.AlignRun, "_reconstruct", no_pass)
+    assert _align([tmp_path / "src"], tmp_path / "c", weights, *common, "--inpaint", "0.7",
+                  "--reuse", str(tmp_path / "a")) == 0
+    b, c = _files(tmp_path / "b" / "taesd"), _files(tmp_path / "c" / "taesd")
+    pb, pc = (json.loads(x.pop("manifest.json"))["pairs"] for x in (b, c))
+    assert b == c and pb == pc
+    # a root made with another seed (other crops) cannot be reused
+    assert _align([tmp_path / "src"], tmp_path / "d", weights, "--crop", "24", "--crops-per-image", "2",
+                  "--reuse", str(tmp_path / "a")) == 2

@@ -60,6 +60,9 @@ def _add_align(dsub) -> None:
     da.add_argument("--seed", type=a.nonneg_int, default=0)
     da.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     da.add_argument("--batch-size", type=a.positive_int, default=8)
+    da.add_argument("--reuse", default=None, metavar="ROOT",
+                    help="read the reconstructions from an earlier PNG root made with the same weights, crops and "
+                         "seed instead of recomputing them (e.g. its --inpaint or jpeg variant)")
     da.add_argument("--json", action="store_true", help="print the run's summary as JSON")
 
 
@@ -73,7 +76,7 @@ def _align(args) -> int:
     opts = AlignOptions(args.autoencoder, crop=args.crop, crops_per_image=args.crops_per_image,
                         max_side=args.max_side, format=args.format, val_fraction=args.val_fraction,
                         inpaint=args.inpaint, limit=args.limit, seed=args.seed, batch_size=args.batch_size)
-    m = align(args.src, args.out, opts, weights=args.weights, device=args.device)
+    m = align(args.src, args.out, opts, weights=args.weights, device=args.device, reuse=args.reuse)
     summary = {k: m[k] for k in ("autoencoder", "weights_sha256", "sources", "counts", "new_pairs", "seconds",
                                  "pairs_per_s", "mean_psnr")}
     summary["root"] = str(Path(args.out) / args.autoencoder)

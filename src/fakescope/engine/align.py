@@ -28,7 +28,7 @@ from PIL import Image
 from fakescope import __version__
 from fakescope.data.io import is_image_path, read_image
 from fakescope.data.layout import index_root
-from fakescope.data.pairs import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
+from fakescope.data.pairs import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, read_manifest
 from fakescope.engine.runtime import resolve_device
 from fakescope.errors import DataError, FakescopeError, ImageReadError
 from fakescope.models.autoencoders import Autoencoder, create_autoencoder
@@ -256,7 +256,7 @@ class AlignRun:
     """One ``data align`` run into ``out/<autoencoder>/``."""
 
     def __init__(self, sources: list[str], out: str, opts: AlignOptions, *, weights: str | None = None,
-                 device: str = "auto", autoencoder: Autoencoder | None = None) -> None:
+                 device: str = "auto", autoencoder: Autoencoder | None = None, reuse: str | None = None) -> None:
         opts.check()
         self.opts = opts
         self.fmt, self.quality = parse_format(opts.format)
@@ -264,12 +264,44 @@ class AlignRun:
         self.device = resolve_device(device)
         self.ae = autoencoder if autoencoder is not None else create_autoencoder(opts.autoencoder, weights)
         self.ae.to(self.device)
-        # measured on this project's 2-core Xeon CPU (taef2, 8 crops of 256 px): fp32 + channels_last
-        # 0.7 pairs/s, fp32 0.5, bf16 autocast 0.4 with or without channels_last: fp32 it is.
+        # measured on this project's 2-core Xeon CPU (benchmarks/bench_align.py, taef2, 8 crops of 256 px):
+        # fp32 + channels_last 0.50 pairs/s, fp32 0.24, bf16 autocast + channels_last 0.42: fp32 it is.
         self.ae.to(memory_format=torch.channels_last)
         self.dir = Path(out) / opts.autoencoder
         self.sources = sources
         self.weights = weights
+        self.reuse_dir, self.reused = self._reusable(reuse) if reuse else (None, {})
+
+    def _reusable(self, reuse: str) -> tuple[str, dict[str, str]]:
+        """``{name stem: path of its reconstruction}`` in an earlier aligned root made with the same weights,
+        crops, max side and seed, as lossless PNG; only its pairs without inpainting (pure reconstructions)."""
+        gen = Path(reuse)
+        if not (gen / MANIFEST).is_file() and (gen / self.opts.autoencoder / MANIFEST).is_file():
+            gen = gen / self.opts.autoencoder
+        m = read_manifest(gen)
+        if m is None:
+            raise FakescopeError(f"--reuse {reuse}: expected a root made by fakescope data align (with "
+                                 f"{self.opts.autoencoder}/{MANIFEST}), found no manifest")
+        o = m["options"]
+        want = {"weights_sha256": self.ae.weights_sha256, "crop": self.opts.crop, "max_side": self.opts.max_side,
+                "crops_per_image": self.opts.crops_per_image, "seed": self.opts.seed, "format": "png"}
+        have = {**{k: o.get(k) for k in want}, "weights_sha256": m.get("weights_sha256")}
+        diff = sorted(k for k in want if want[k] != have[k])
+        if diff:
+            raise FakescopeError(f"--reuse {reuse}: expected a PNG root made with the same weights, --crop, "
+                                 f"--crops-per-image, --max-side and --seed; {', '.join(diff)} differ")
+        return str(gen), {Path(p["name"]).stem: os.path.join(str(gen), p["split"], "ai", p["name"])
+                          for p in m["pairs"] if p.get("inpaint_box") is None}
+
+    def _reused_reconstruction(self, it: _Item) -> np.ndarray | None:
+        path = self.reused.get(Path(it.name).stem)
+        if path is None:
+            return None
+        try:
+            arr = np.asarray(Image.open(path).convert("RGB"))
+        except OSError:
+            return None
+        return arr if arr.shape[:2] == tuple(it.image.shape[-2:]) else None
 
     def _check_options(self) -> None:
         f = self.dir / OPTIONS_FILE
@@ -319,19 +351,22 @@ class AlignRun:
         pending: dict[tuple[int, int], list[_Item]] = {}
         bar = progress(None, desc=f"align {self.opts.autoencoder}", total=len(self.sources), unit="src")
         with open(journal_path, "a", encoding="utf-8") as journal:
-            def flush(group: list[_Item]) -> None:
+            def record(it: _Item, recon: np.ndarray) -> None:
                 nonlocal written
+                rec = self._finish(it, recon)
+                journal.write(json.dumps(rec) + "\n")
+                journal.flush()
+                os.fsync(journal.fileno())
+                done[it.name] = rec
+                written += 1
+                if kill_after and written >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                bar.set_postfix_str(f"{written / (time.perf_counter() - t0):.2f} pairs/s, {written} new",
+                                    refresh=False)
+
+            def flush(group: list[_Item]) -> None:
                 for it, recon in zip(group, self._reconstruct(group)):
-                    rec = self._finish(it, recon)
-                    journal.write(json.dumps(rec) + "\n")
-                    journal.flush()
-                    os.fsync(journal.fileno())
-                    done[it.name] = rec
-                    written += 1
-                    if kill_after and written >= kill_after:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                el = time.perf_counter() - t0
-                bar.set_postfix_str(f"{written / el:.2f} pairs/s, {written} new", refresh=False)
+                    record(it, recon)
 
             for src in self.sources:
                 ks = range(self.opts.crops_per_image) if self.opts.crop is not None else [None]
@@ -346,6 +381,10 @@ class AlignRun:
                     continue
                 for it in items:
                     if it.name in done:
+                        continue
+                    recon = self._reused_reconstruction(it) if self.reused else None
+                    if recon is not None:
+                        record(it, recon)
                         continue
                     key = tuple(it.image.shape[-2:])
                     pending.setdefault(key, []).append(it)
@@ -377,9 +416,10 @@ class AlignRun:
 
 
 def align(srcs: list[str], out: str, opts: AlignOptions, *, weights: str | None = None, device: str = "auto",
-          autoencoder: Autoencoder | None = None) -> dict:
+          autoencoder: Autoencoder | None = None, reuse: str | None = None) -> dict:
     """Build (or resume) the aligned root ``out/<autoencoder>`` from the real images of ``srcs``; returns the
-    manifest."""
+    manifest. ``reuse``: an earlier PNG root of the same weights, crops and seed whose reconstructions are
+    read instead of recomputed (an ``--inpaint`` or ``--format`` variant of it costs no autoencoder pass)."""
     opts.check()
     sources = collect_sources(srcs)
     if not sources:
@@ -387,4 +427,4 @@ def align(srcs: list[str], out: str, opts: AlignOptions, *, weights: str | None 
     if opts.limit is not None and opts.limit < len(sources):
         rng = np.random.default_rng(int(opts.seed) % 2**63)
         sources = sorted(sources[i] for i in rng.choice(len(sources), opts.limit, replace=False))
-    return AlignRun(sources, out, opts, weights=weights, device=device, autoencoder=autoencoder).run()
+    return AlignRun(sources, out, opts, weights=weights, device=device, autoencoder=autoencoder, reuse=reuse).run()
