@@ -205,6 +205,7 @@ def test_reuse_makes_the_same_variant_without_recomputing(tmp_path, weights, mon
     b, c = _files(tmp_path / "b" / "taesd"), _files(tmp_path / "c" / "taesd")
     pb, pc = (json.loads(x.pop("manifest.json"))["pairs"] for x in (b, c))
     assert b == c and pb == pc
+    assert read_manifest(tmp_path / "c" / "taesd")["options"]["reuse"] == str(tmp_path / "a" / "taesd")
     # a root made with another seed (other crops) cannot be reused
     assert _align([tmp_path / "src"], tmp_path / "d", weights, "--crop", "24", "--crops-per-image", "2",
                   "--reuse", str(tmp_path / "a")) == 2

@@ -401,8 +401,9 @@ class AlignRun:
         manifest = {
             "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "autoencoder": self.opts.autoencoder,
             "autoencoder_spec": self.ae.spec.to_json(), "weights_sha256": self.ae.weights_sha256,
-            "weights": self.ae.weights_source, "options": {**self.opts.recorded(), "limit": self.opts.limit,
-                                                           "batch_size": bs, "device": str(self.device)},
+            "weights": self.ae.weights_source,
+            "options": {**self.opts.recorded(), "limit": self.opts.limit, "batch_size": bs, "device": str(self.device),
+                        "reuse": self.reuse_dir},
             "fakescope_version": __version__, "sources": len(self.sources), "unreadable": unreadable,
             "counts": {s: sum(p["split"] == s for p in pairs) for s in ("train", "val")},
             "new_pairs": written, "seconds": round(seconds, 3),
