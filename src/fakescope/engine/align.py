@@ -264,8 +264,9 @@ class AlignRun:
         self.device = resolve_device(device)
         self.ae = autoencoder if autoencoder is not None else create_autoencoder(opts.autoencoder, weights)
         self.ae.to(self.device)
-        # measured on this project's 2-core Xeon CPU (benchmarks/bench_align.py, taef2, 8 crops of 256 px):
-        # fp32 + channels_last 0.50 pairs/s, fp32 0.24, bf16 autocast + channels_last 0.42: fp32 it is.
+        # measured on this project's shared 2-core Xeon CPU (benchmarks/bench_align.py, taef2, 8 crops of 256 px):
+        # fp32 + channels_last 2.03 pairs/s, fp32 1.33, bf16 autocast + channels_last 1.79 (load 3); 0.50, 0.24,
+        # 0.42 (load 6-11): bf16 is slower here, so fp32 + channels_last on every device.
         self.ae.to(memory_format=torch.channels_last)
         self.dir = Path(out) / opts.autoencoder
         self.sources = sources
