@@ -56,7 +56,7 @@ def env(tmp_path_factory):
 def bench(env):
     cfg = {"data": str(env["data"]), "out": str(env["tmp"] / "out"), "models": MODELS, "seeds": [1, 2],
            "epochs": 2, "workers": 0, "precision": "fp32", "jpeg_align": 75, "degrade": ["jpeg:50", "blur:1"],
-           "sample_per_class": 3, "calibrate": 0.1}
+           "sample_per_class": 3, "calibrate": 0.1, "calibrate_confidence": 0.5}  # ~10 held-out reals: 7 needed
     return cfg, B.run_benchmark(cfg)
 
 
@@ -165,6 +165,8 @@ def test_report_md_and_self_contained_html(bench):
         for r in res["models"][label]["runs"]:
             cal = json.loads((Path(r["dir"]) / "calibration.json").read_text())
             assert cal["data"]["split"] == "holdout" and cal["target_fpr"] == 0.1
+            assert cal["confidence"] == 0.5 and cal["guarantee"]["rule"] == "clopper-pearson"
+            assert cal["guarantee"]["fpr_upper_bound"] <= 0.1 and "with 50 % confidence" in cal["guarantee"]["promise"]
             assert json.loads(Path(r["eval"]).read_text())["threshold_source"] == "calibration.json"
     assert Path(res["models"]["cnn32"]["gallery"]).is_file() and res["models"]["vit-tiny"]["gallery"] is None
     for ref in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):

@@ -9,7 +9,8 @@ from fakescope.models import create_model, list_models
 def test_registry_lists_the_study_models():
     names = list_models()
     assert {"cnn32", "resnet50", "convnext_small", "timm"} <= set(names)
-    with pytest.raises(FakescopeError, match="unknown model 'vgg': expected one of cnn32, cnnspot, convnext_small"):
+    with pytest.raises(FakescopeError,
+                       match="unknown model 'vgg': expected one of aligned-crops, cnn32, cnnspot, convnext_small"):
         create_model("vgg")
     with pytest.raises(FakescopeError, match="unknown timm model"):
         create_model("timm:not_a_model_xyz", pretrained=False)

@@ -408,6 +408,12 @@ def test_calibrated_run_and_provenance(runs, images, tmp_path):
         _ready(c)
         m = c.get("/v1/models").json()["models"][0]
         assert m["threshold"] == pytest.approx(cal.threshold) and m["threshold_source"] == "calibration.json"
+        g = m["guarantee"]  # the promise at the calibrated threshold, as predict reports it
+        assert g == ref[0]["guarantee"] and g["promise"] == cal.promise and g["n_real"] == int((y == 0).sum())
+        assert g["promise"].startswith("at most 5 % of real images like those in the calibration set are called AI")
+        assert g["fpr_upper_bound"] <= 0.05 and g["tpr_interval"][0] <= g["tpr"] <= g["tpr_interval"][1]
+        page = c.get("/").text  # the page shows /v1/models' guarantee under the model line
+        assert '<p class="info" id="model-promise" hidden></p>' in page and '"Promise: " + g.promise' in page
         body = c.post("/v1/predict", files=_multipart([images[0], sd])).json()
         assert body["calibrated"] and body["threshold_source"] == "calibration.json"
         for row, r in zip(body["results"], ref):

@@ -34,11 +34,14 @@ def env(tmp_path_factory):
 def test_yaml_numbers_written_as_strings_are_numbers(env, tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(f"data: {env['data']}\nmodels: {{cnn32: {{lr: 5e-4}}}}\nlr: 1e-3\nthreshold: 0.4\n"
+                 "calibrate: 0.01\ncalibrate_confidence: '0.9'\n"
                  f"attack: {{name: pgd, steps: '3'}}\nseeds: '1,2'\naugment: {{flip: 'yes', jpeg_quality: '50,90'}}\n")
     raw = load_config_file(f)
     assert raw["lr"] == "1e-3"  # what YAML 1.1 makes of it
     cfg = make_config(raw)
     assert cfg.lr == 0.001 and cfg.threshold == 0.4 and cfg.seeds == [1, 2] and cfg.attack["steps"] == 3
+    assert cfg.calibrate == 0.01 and cfg.calibrate_confidence == 0.9
+    assert make_config({"data": str(env["data"]), "models": ["cnn32"]}).calibrate_confidence == 0.95
     assert cfg.augment == {"flip": True, "jpeg_quality": (50, 90)}
     assert cfg.model("cnn32").train["lr"] == 0.0005
     opts = train_options(cfg, cfg.model("cnn32"), 1, cfg.generators)
@@ -67,6 +70,8 @@ def test_yaml_numbers_written_as_strings_are_numbers(env, tmp_path):
     ("model_options: {freeze: perhaps}", "model_options.freeze: expected true or false, got 'perhaps'"),
     ("attack: {name: pgd, steps: 0}", "attack.steps: expected a positive integer, got 0"),
     ("attack: {name: cw}", "attack.name: expected one of fgsm, pgd, pgd-l2, square, got 'cw'"),
+    ("calibrate_confidence: 1", "calibrate_confidence: expected a confidence in [0, 1) like 0.95, got 1"),
+    ("calibrate_confidence: sure", "calibrate_confidence: expected a confidence in [0, 1) like 0.95, got 'sure'"),
 ])
 def test_bad_config_values_are_one_line_errors_naming_the_key(env, tmp_path, capsys, extra, needle):
     f = tmp_path / "c.yaml"

@@ -124,3 +124,17 @@ def checked(key: str, value, check: Callable, *, source: str = "config") -> obje
         return check(value)
     except ValueError as e:
         raise FakescopeError(f"{source}: {key}: {e}") from None
+
+
+DEFAULT_CONFIDENCE = 0.95  # of the false-positive promise (fakescope.calibration); the one place it is set
+
+
+def confidence(v) -> float:
+    """The confidence of a statistical promise, in [0, 1) (0: no promise, the empirical rule)."""
+    try:
+        x = number(v)
+    except ValueError:
+        raise ValueError(f"expected a confidence in [0, 1) like 0.95, got {v!r}") from None
+    if not 0.0 <= x < 1.0:
+        raise ValueError(f"expected a confidence in [0, 1) like 0.95, got {v}")
+    return x

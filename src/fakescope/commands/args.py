@@ -34,6 +34,7 @@ def argtype(check: Callable, name: str) -> Callable:
 threshold = argtype(validate.threshold, "threshold")
 number = argtype(validate.number, "number")
 fraction = argtype(validate.fraction, "fraction")
+confidence = argtype(validate.confidence, "confidence")
 positive_int = argtype(validate.positive_int, "positive_int")
 nonneg_int = argtype(validate.nonneg_int, "nonneg_int")
 quality = argtype(validate.quality, "quality")
@@ -54,8 +55,22 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
 
 
-def add_data(p: argparse.ArgumentParser, split_default: str | None = "val") -> None:
-    p.add_argument("--data", required=True, help="data root (GenImage layout or ROOT/{train,val}/{ai,nature})")
+DATA_HELP = "data root (GenImage layout or ROOT/{train,val}/{ai,nature})"
+SEVERAL_HELP = "; repeat for several roots (their generators together, each name in one root only)"
+
+
+def data_option(value):
+    """``--data`` given with ``action="append"``: one root as a string (as before), several as a list."""
+    if isinstance(value, list) and len(value) == 1:
+        return value[0]
+    return value
+
+
+def add_data(p: argparse.ArgumentParser, split_default: str | None = "val", *, several: bool = False) -> None:
+    if several:
+        p.add_argument("--data", required=True, action="append", help=DATA_HELP + SEVERAL_HELP)
+    else:
+        p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--generators", type=csv, default=None, help="comma-separated generators to use")
     if split_default is not None:
         p.add_argument("--split", default=split_default, choices=["train", "val"])
@@ -75,6 +90,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="cnn32, resnet50, convnext_small, npr, cnnspot, univfd or timm:<name> (see `fakescope models`)")
     add_backbone_options(g)
     g.add_argument("--filters", type=csv, default=None, help="cnn32 filters, e.g. 32,64,128")
+    g.add_argument("--input-size", type=positive_int, default=None,
+                   help="the model's input (crop) size in pixels, for models that take it (e.g. aligned-crops: 96)")
+    g.add_argument("--backbone", default=None, help="aligned-crops: its timm backbone (default tf_efficientnet_lite0)")
+    g.add_argument("--stem-stride", type=positive_int, default=None, choices=[1, 2],
+                   help="aligned-crops: 1 = no first down-sampling (Rajan et al.; default), 2 = the backbone's own")
 
 
 def add_backbone_options(g) -> None:
@@ -93,4 +113,6 @@ def model_options(args: argparse.Namespace) -> dict:
 
     return normalise(pretrained=False if getattr(args, "no_pretrained", False) else None,
                      pretrained_file=getattr(args, "pretrained_file", None), freeze=getattr(args, "freeze", None),
-                     filters=getattr(args, "filters", None) or None, key=None)
+                     filters=getattr(args, "filters", None) or None, input_size=getattr(args, "input_size", None),
+                     backbone=getattr(args, "backbone", None), stem_stride=getattr(args, "stem_stride", None),
+                     key=None)

@@ -33,7 +33,7 @@ def _seeds(s: str) -> list[int]:
 
 def add_study_options(p, *, models: bool) -> None:
     p.add_argument("--config", default=None, metavar="FILE", help="YAML, TOML or JSON file holding any option")
-    p.add_argument("--data", default=None, help="data root (GenImage layout or ROOT/{train,val}/{ai,nature})")
+    p.add_argument("--data", default=None, action="append", help=a.DATA_HELP + a.SEVERAL_HELP)
     p.add_argument("--generators", type=a.csv, default=None, help="comma-separated generators (default: all)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/benchmark)")
     p.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds (default: 42)")
@@ -71,6 +71,9 @@ def add_parser(sub):
     b.add_argument("--calibrate", type=a.fraction, default=None, metavar="FPR",
                    help="calibrate every run on its own held-out training images for this target false-positive "
                         "rate before evaluating it")
+    b.add_argument("--calibrate-confidence", type=a.confidence, default=None, metavar="C",
+                   help="with --calibrate: the probability that the FPR promise holds (default 0.95; 0: the "
+                        "empirical quantile, no promise); configuration key calibrate_confidence")
     b.add_argument("--real-photos", default=None, metavar="DIR",
                    help="a folder of real photos only (any sizes): report how many each model calls AI at its own "
                         "threshold (the check against size and content shortcuts)")
@@ -89,10 +92,12 @@ def study_options(args) -> tuple[dict, dict]:
     from fakescope.study import load_config_file
 
     base = load_config_file(args.config) if args.config else {}
+    args.data = a.data_option(args.data)
     over = {k: getattr(args, k, None) for k in ("data", "generators", "out", "seeds", "epochs", "lr", "limit",
                                                  "force", "jpeg_align", "jpeg_align_train", "degrade", "cross",
-                                                 "leave_one_out", "threshold", "calibrate", "precision_check", "device",
-                                                 "max_pixels", "cache_dir", "test_geometry", "real_photos")}
+                                                 "leave_one_out", "threshold", "calibrate", "calibrate_confidence",
+                                                 "precision_check", "device", "max_pixels", "cache_dir",
+                                                 "test_geometry", "real_photos")}
     if getattr(args, "attack", None):  # benchmark only (cross has no attack options)
         over["attack"] = {"name": args.attack, **({"eps": args.attack_eps} if args.attack_eps else {}),
                           **({"limit": args.attack_limit} if args.attack_limit else {})}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from fakescope.commands import args as a
+from fakescope.validate import DEFAULT_CONFIDENCE
 
 
 def add_parser(sub):
@@ -17,7 +18,11 @@ def add_parser(sub):
     p.add_argument("--generators", type=a.csv, default=None, help="comma-separated generators to use")
     p.add_argument("--method", default="temperature", choices=["temperature"])
     p.add_argument("--target-fpr", type=a.fraction, default=0.01,
-                   help="share of real images the threshold may call AI on the calibration set (default 0.01)")
+                   help="the false-positive rate promised on new real images like the calibration set's "
+                        "(default 0.01)")
+    p.add_argument("--confidence", type=a.confidence, default=DEFAULT_CONFIDENCE,
+                   help="probability that the promise holds (default 0.95; Clopper-Pearson order-statistic rule); "
+                        "0: the empirical quantile of the calibration set, no promise")
     p.add_argument("--limit", type=a.positive_int, default=None, help="at most N images per generator and class")
     a.add_runtime(p)
     return p
@@ -31,7 +36,8 @@ def run(args) -> int:
     res = calibrate_run(args.run, args.data, split=args.split, generators=args.generators,
                         target_fpr=args.target_fpr, method=args.method, limit=args.limit, device=args.device,
                         precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
-                        use_cache=not args.no_cache, cache_dir=args.cache_dir, max_pixels=args.max_pixels)
+                        use_cache=not args.no_cache, cache_dir=args.cache_dir, max_pixels=args.max_pixels,
+                        confidence=args.confidence)
     paths = write_calibration_files(args.run, res["calibration"])
     if not runtime.is_main():
         return 0
@@ -42,7 +48,13 @@ def run(args) -> int:
     print(f"calibration set: {c['data']['root']} ({c['data']['split']}), {f['n_real']} real + {f['n_ai']} AI images")
     print(f"temperature {c['temperature']:.4f}: ECE {f['ece_before']:.4f} -> {f['ece_after']:.4f}, "
           f"Brier {f['brier_before']:.4f} -> {f['brier_after']:.4f}")
-    print(f"threshold {c['threshold']:.6g} for a false-positive rate <= {c['target_fpr']:g}: "
-          f"FPR {f['fpr_at_threshold']:.4f}, TPR {f['tpr_at_threshold']:.4f} on the calibration set")
+    g = c["guarantee"]
+    rule = (f"Clopper-Pearson rule, {g['confidence']:g} confidence: at most {g['allowed_false_positives']} of "
+            f"{g['n_real']} real images above it" if g["confidence"] > 0 else "empirical quantile, no promise")
+    print(f"threshold {c['threshold']:.6g} for a false-positive rate <= {c['target_fpr']:g} ({rule})")
+    print(f"on the calibration set: FPR {g['fpr_empirical']:.4f} ({g['false_positives']} of {g['n_real']}), "
+          f"upper bound {g['fpr_upper_bound']:.4f} ({g['bound_confidence']:g} confidence); TPR {g['tpr']:.4f} "
+          f"[{g['tpr_interval'][0]:.4f}, {g['tpr_interval'][1]:.4f}] (95 % interval, {g['n_ai']} AI images)")
+    print(f"promise: {g['statement']}")
     print(f"written: {paths['calibration']}, {paths['model_card']}")
     return 0

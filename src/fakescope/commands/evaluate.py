@@ -46,10 +46,24 @@ def run(args) -> int:
         print()
         print(markdown_table(rows, ("ece", "brier", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct", "eer"),
                              first="calibration / operating point"))
+        rates = result["rates"]
+        print()
+        print(markdown_table({name: _rate_row(r) for name, r in {"overall": rates["overall"],
+                                                                  **rates["per_generator"]}.items()},
+                             ("fpr", "fpr 95 % interval", "real", "tpr", "tpr 95 % interval", "ai"),
+                             first="error rates (Clopper-Pearson)"))
         cal = result["calibration"]
         print(f"\nthreshold {result['threshold']:.6g} ({result['threshold_source']}); scores "
               + (f"calibrated (T = {cal['temperature']:.4f}; uncalibrated ECE {fmt(cal['uncalibrated']['ece'])})"
                  if cal else "raw p_ai"))
+        check = result.get("guarantee_check")
+        if check:
+            o = check["overall"]
+            said = f"promise: {check['promise']}" if check["promise"] else \
+                f"target FPR {check['target_fpr']:g} (empirical quantile, no promise)"
+            verdict = ("no real images here to check it" if o is None else
+                       "BROKEN on this data" if check["broken"] else "not contradicted by this data")
+            print(f"{said} -> {verdict}")
         for w in result.get("warnings", []):
             print(f"WARNING: {w}", file=sys.stderr)
         if "attribution" in result:
@@ -73,3 +87,11 @@ def run(args) -> int:
         print(f"fakescope: error: none of the {len(result['bad_files'])} images could be read", file=sys.stderr)
         return 1
     return 0
+
+
+def _rate_row(r: dict) -> dict:
+    def iv(x):
+        return f"[{x['interval'][0]:.4f}, {x['interval'][1]:.4f}]" if x["interval"] else None
+
+    return {"fpr": r["fpr"]["value"], "fpr 95 % interval": iv(r["fpr"]), "real": r["fpr"]["n"],
+            "tpr": r["tpr"]["value"], "tpr 95 % interval": iv(r["tpr"]), "ai": r["tpr"]["n"]}

@@ -10,7 +10,7 @@ from fakescope.errors import FakescopeError
 def add_parser(sub):
     t = sub.add_parser("train", help="train a detector into a run directory")
     a.add_model_options(t)
-    a.add_data(t, split_default=None)
+    a.add_data(t, split_default=None, several=True)
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--epochs", type=a.positive_int, default=10)
     t.add_argument("--lr", type=a.number, default=None, help="Adam's learning rate (default: the model's recipe, "
@@ -27,6 +27,12 @@ def add_parser(sub):
     t.add_argument("--val-fraction", type=a.number, default=0.1)
     t.add_argument("--limit", type=a.positive_int, default=None, help="at most N images per generator and class")
     t.add_argument("--native-size", default="auto", help="auto, off or N (pixels)")
+    pr = t.add_mutually_exclusive_group()
+    pr.add_argument("--paired", dest="paired", action="store_true", default=None,
+                    help="aligned pairs (a root made by `data align`): both members of each pair in the same batch "
+                         "with the same crop, flip and blur/JPEG/scale augmentation (default: the model's recipe)")
+    pr.add_argument("--unpaired", dest="paired", action="store_false",
+                    help="sample the members of aligned pairs independently (overrides a paired recipe)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--strict", action="store_true", help="any unreadable file is an error before training starts")
     t.add_argument("--preload", default="auto", choices=["auto", "on", "off"],
@@ -84,7 +90,8 @@ def run(args) -> int:
                       native_crop=bool(args.aug_native_crop),
                       scale=_scale(args.aug_scale))
     opts = TrainOptions(
-        model=args.model, data=args.data, generators=args.generators, epochs=args.epochs,
+        model=args.model, data=a.data_option(args.data), generators=args.generators, paired=args.paired,
+        epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, patience=args.patience,
         task=args.task, test_geometry=args.test_geometry,
         seed=args.seed, val_fraction=args.val_fraction, limit=args.limit, native_size=args.native_size,

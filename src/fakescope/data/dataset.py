@@ -35,12 +35,14 @@ class ImageDataset(Dataset):
 
     With ``stage_only`` the model's final resize is left to the caller (it is applied to whole
     batches), which keeps small images small in memory. Augmentation randomness is drawn from a
-    generator seeded by ``(seed, epoch, index)``, so it is reproducible with any worker count.
+    generator seeded by ``(seed, epoch, index)``, so it is reproducible with any worker count;
+    ``aug_keys`` replaces the index in that seed (files with one key draw the same crop, flip, blur,
+    JPEG and scale: the two members of an aligned pair, for ``train --paired``).
     """
 
     def __init__(self, files: list[str], pipeline: Pipeline, *, stage_only: bool = False, seed: int = 0,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_file_size: int | None = None,
-                 variants: Sequence[Pipeline] | None = None) -> None:
+                 variants: Sequence[Pipeline] | None = None, aug_keys: Sequence[int] | None = None) -> None:
         self.files = files
         self.pipeline = pipeline
         self.variants = tuple(variants) if variants else None
@@ -51,6 +53,9 @@ class ImageDataset(Dataset):
         self.epoch = 0
         self.max_pixels = max_pixels
         self.max_file_size = max_file_size
+        if aug_keys is not None and len(aug_keys) != len(files):
+            raise ValueError(f"expected one augmentation key per file, got {len(aug_keys)} for {len(files)} files")
+        self.aug_keys = list(aug_keys) if aug_keys is not None else None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -63,7 +68,8 @@ class ImageDataset(Dataset):
             return {"index": i, "error": e.reason}
         rng = None
         if self.pipeline.augment.active:
-            rng = torch.Generator().manual_seed(torch_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i))
+            key = self.aug_keys[i] if self.aug_keys is not None else i
+            rng = torch.Generator().manual_seed(torch_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + key))
         try:
             if self.variants:
                 x = torch.stack([v.to_stage(img, rng) if self.stage_only else v(img, rng) for v in self.variants])
@@ -200,12 +206,13 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, order: list[int] | None = None, *,
-                num_workers: int | None = None, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ``order`` (default: dataset order) that never drops or pads items."""
+                num_workers: int | None = None, pin_memory: bool = False, collate_fn=None) -> DataLoader:
+    """A DataLoader over ``order`` (default: dataset order) that never drops or pads items
+    (``collate_fn``: default :func:`collate`, for :class:`ImageDataset` items)."""
     workers = default_workers() if num_workers is None else num_workers
     return DataLoader(
         dataset, batch_size=batch_size, sampler=order if order is not None else range(len(dataset)),
-        num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+        num_workers=workers, collate_fn=collate_fn or collate, pin_memory=pin_memory,
         worker_init_fn=_worker_init if workers else None, persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )

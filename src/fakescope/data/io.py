@@ -24,6 +24,7 @@ import os
 import struct
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,20 +270,45 @@ def read_image(
     Raises :class:`ImageReadError` with a one-line reason for anything that is not a valid image,
     and nothing else.
     """
+    return decode_file(path, max_pixels=max_pixels, max_file_size=max_file_size, reduce_to=reduce_to).image
+
+
+def decode_file(
+    path: str | os.PathLike,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_file_size: int | None = None,
+    reduce_to: int | None = None,
+) -> Decoded:
+    """:func:`read_image` with what it learnt on the way: the image, its format, its size (after EXIF
+    orientation) and the file's size in bytes (:class:`Decoded`). The same checks, decoders and pixels."""
     path = str(path)
-    _check_file(path, max_file_size)
-    return _decode(path, _open(path, max_pixels), reduce_to).image
+    size = _check_file(path, max_file_size)
+    d = _decode(path, _open(path, max_pixels), reduce_to)
+    return Decoded(d.image, d.format, d.width, d.height, size)
+
+
+def from_array(rgb: np.ndarray, reduce_to: int | None = None) -> torch.Tensor:
+    """An RGB ``uint8`` array ``[H, W, 3]`` decoded elsewhere (e.g. by ``ray.data.read_images(mode="RGB")``)
+    as :func:`read_image` returns it: ``[3, H', W']``, box-reduced for ``reduce_to`` exactly as the reader does."""
+    arr = np.asarray(rgb)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"expected an RGB uint8 array of shape [H, W, 3], got {arr.dtype} {tuple(arr.shape)}")
+    arr = np.array(_reduce(Image.fromarray(np.ascontiguousarray(arr), "RGB"), reduce_to))
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
 
 
 @dataclass(frozen=True)
 class Decoded:
     """A decoded image: RGB ``uint8 [3, H, W]`` (H, W smaller than the image's own size when it was
-    box-reduced for a small target, see :func:`read_image`), its format and its size after EXIF orientation."""
+    box-reduced for a small target, see :func:`read_image`), its format, its size after EXIF orientation
+    and the size of the encoded data in bytes (None where unknown)."""
 
     image: torch.Tensor
     format: str
     width: int
     height: int
+    bytes: int | None = None
 
 
 def read_image_bytes(
@@ -300,7 +326,8 @@ def read_image_bytes(
     if max_file_size is not None and len(data) > max_file_size:
         raise ImageReadError(name, f"file too large ({len(data)} bytes > limit {max_file_size}; "
                                    f"raise --max-file-size)")
-    return _decode(name, _open(name, max_pixels, io.BytesIO(data)), reduce_to)
+    d = _decode(name, _open(name, max_pixels, io.BytesIO(data)), reduce_to)
+    return Decoded(d.image, d.format, d.width, d.height, len(data))
 
 
 def _decode(path: str, im: Image.Image, reduce_to: int | None) -> Decoded:
@@ -335,13 +362,17 @@ def list_images(paths: list[str | os.PathLike]) -> list[str]:
     Folders contribute files with an image extension; a file named explicitly is always kept
     (its content decides whether it is an image, so a PNG named ``.dat`` still works).
     """
-    out: list[str] = []
+    return list(iter_images(paths))
+
+
+def iter_images(paths) -> Iterator[str]:
+    """:func:`list_images`, one path at a time (a folder is walked as the paths are consumed; only
+    one folder's listing is held at once)."""
     for p in paths:
         p = Path(p)
         if p.is_dir():
             for root, dirs, files in os.walk(p, followlinks=False):
                 dirs.sort()
-                out.extend(os.path.join(root, f) for f in sorted(files) if is_image_path(f))
+                yield from (os.path.join(root, f) for f in sorted(files) if is_image_path(f))
         else:
-            out.append(str(p))
-    return out
+            yield str(p)

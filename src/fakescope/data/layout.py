@@ -25,6 +25,7 @@ from pathlib import Path
 
 from fakescope import LABELS
 from fakescope.data.io import is_image_path
+from fakescope.data.pairs import read_pairs
 from fakescope.errors import DataError
 from fakescope.utils import atomic_write_text, cache_dir
 
@@ -110,6 +111,9 @@ class Index:
     labels: list[int]
     generators: list[str]
     splits: list[str]
+    origins: dict[str, str] | None = None
+    """For an index of several roots (:func:`index_root` given a list): generator -> the root it comes
+    from (``root`` is then the roots' common folder). None for one root."""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -121,7 +125,7 @@ class Index:
         return Index(
             self.root, self.layout,
             [self.paths[i] for i in keep], [self.labels[i] for i in keep],
-            [self.generators[i] for i in keep], [self.splits[i] for i in keep],
+            [self.generators[i] for i in keep], [self.splits[i] for i in keep], self.origins,
         )
 
     @property
@@ -159,8 +163,23 @@ class Index:
         return out
 
     def to_json(self) -> dict:
-        return {"root": self.root, "layout": self.layout, "paths": self.paths, "labels": self.labels,
-                "generators": self.generators, "splits": self.splits}
+        d = {"root": self.root, "layout": self.layout, "paths": self.paths, "labels": self.labels,
+             "generators": self.generators, "splits": self.splits}
+        if self.origins is not None:
+            d["origins"] = self.origins
+        return d
+
+    @property
+    def roots(self) -> list[str]:
+        """The data roots this index lists (one, or several in the order given)."""
+        return list(dict.fromkeys(self.origins.values())) if self.origins is not None else [self.root]
+
+    def carve_key(self, i: int) -> str:
+        """File ``i``'s path relative to its own data root (what the validation carve hashes), so that
+        a root carves the same alone or next to other roots."""
+        if self.origins is None:
+            return self.paths[i]
+        return os.path.relpath(self.abspath(i), self.origins[self.generators[i]]).replace(os.sep, "/")
 
 
 def _find_generators(root: str) -> tuple[str, list[tuple[str, dict[str, dict[str, str]]]]]:
@@ -277,14 +296,52 @@ def _still_valid(blob: dict) -> tuple[bool, bool]:
     return True, listed
 
 
-def index_root(root: str | os.PathLike, *, use_cache: bool = True) -> Index:
-    """Index a data root, using the cached index when it still describes the root.
+def data_roots(data) -> list[str]:
+    """``data`` (one root, or a list of roots) as a list of absolute paths."""
+    items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    if not items:
+        raise DataError("expected at least one data root, got none")
+    return [os.path.abspath(os.path.expanduser(str(r))) for r in items]
+
+
+def _index_roots(roots: list[str], use_cache: bool) -> Index:
+    """Several roots as one index: their generators together (a name two roots define is an error)."""
+    parts = [index_root(r, use_cache=use_cache) for r in roots]
+    origins: dict[str, str] = {}
+    for part in parts:
+        for g in part.generator_names:
+            if g in origins:
+                raise DataError(f"generator {g!r} is defined by two data roots, {origins[g]} and {part.root}: "
+                                f"expected each generator name in one root only; rename one folder")
+            origins[g] = part.root
+    common = os.path.commonpath(roots)
+    paths, labels, generators, splits = [], [], [], []
+    for part in parts:
+        paths += [os.path.relpath(os.path.join(part.root, p), common) for p in part.paths]
+        labels += part.labels
+        generators += part.generators
+        splits += part.splits
+    layout = parts[0].layout if len({p.layout for p in parts}) == 1 else "mixed"
+    return Index(common, layout, paths, labels, generators, splits, origins)
+
+
+def index_root(root, *, use_cache: bool = True) -> Index:
+    """Index a data root (or a list of roots: see below), using the cached index when it still describes the root.
 
     The cache is trusted only while every folder it depends on keeps its device, inode, inode
     change time (ctime) and modification time, and while a sample of its files still exists; a
     folder changed within :data:`RACY_NS` of its last check is also compared by listing. So a root
     deleted and re-extracted with the same folder times (``tar x``, ``rsync -a``, ``cp -a``) is
-    indexed again, and an index that lists files that no longer exist is rebuilt, never used."""
+    indexed again, and an index that lists files that no longer exist is rebuilt, never used.
+
+    A list of several roots gives one index of all their generators (``origins`` records which root
+    each comes from; two roots that define the same generator name are an error); a list of one root
+    is that root."""
+    if not isinstance(root, (str, os.PathLike)):
+        roots = data_roots(root)
+        if len(roots) > 1:
+            return _index_roots(roots, use_cache)
+        root = roots[0]
     root = os.path.abspath(str(root))
     if not os.path.isdir(root):
         raise DataError(f"data root not found: {root} (expected a folder with ai/ and nature/ images)")
@@ -316,22 +373,71 @@ def _write_cache(cf: Path, blob: dict) -> None:
         pass  # a read-only cache directory only costs speed
 
 
+def _generator_dir(index: Index, i: int) -> str | None:
+    """The folder of file ``i``'s generator (the one holding its ``<split>/<class>`` folders)."""
+    parts = index.paths[i].replace(os.sep, "/").split("/")
+    for j in range(len(parts) - 2):
+        if parts[j].lower() in SPLITS and parts[j + 1].lower() in LABELS:
+            return os.path.normpath(os.path.join(index.root, *parts[:j]))
+    return None
+
+
+def pair_groups(index: Index) -> dict[int, str]:
+    """``{position: group}`` for the files that belong to an aligned pair (a generator folder whose
+    ``manifest.json`` was written by ``fakescope data align``, :func:`fakescope.data.pairs.read_pairs`).
+    Both members of a pair, and every crop of one source image, share a group; files outside any
+    pair are absent."""
+    manifests: dict[str, dict[str, str]] = {}
+    out: dict[int, str] = {}
+    for i in range(len(index)):
+        gdir = _generator_dir(index, i)
+        if gdir is None:
+            continue
+        if gdir not in manifests:
+            manifests[gdir] = {os.path.normpath(k): v for k, v in read_pairs(gdir).items()}
+        pairs = manifests[gdir]
+        if pairs:
+            key = pairs.get(os.path.normpath(index.abspath(i)))
+            if key is not None:
+                out[i] = f"{index.generators[i]}\0{key}"
+    return out
+
+
+def _digest(s: str) -> str:
+    return hashlib.sha1(s.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def carve_validation(index: Index, fraction: float = 0.1) -> tuple[Index, Index]:
     """Split a training index into (train, validation), deterministically and disjointly.
 
     Within each (generator, class) stratum, files are ordered by a hash of their relative path
     and the first ``round(fraction * n)`` go to validation, so the carve does not depend on the
     seed, on listing order, or on files added to other strata.
+
+    Files of aligned pairs (:func:`pair_groups`) are carved by group instead: within each generator,
+    groups are ordered by a hash of their key and the first ``round(fraction * n_groups)`` go to
+    validation, so both members of a pair and all crops of one source image fall on the same side
+    (a model must not meet the twin of a validation image in training). Files outside any pair keep
+    the rule above, so a root without a manifest carves exactly as before.
     """
     if not 0 <= fraction < 1:
         raise DataError(f"expected a validation fraction in [0, 1), got {fraction}")
+    groups = pair_groups(index)
     strata: dict[tuple[str, int], list[int]] = {}
+    paired: dict[str, dict[str, list[int]]] = {}
     for i, (g, y) in enumerate(zip(index.generators, index.labels)):
-        strata.setdefault((g, y), []).append(i)
+        if i in groups:
+            paired.setdefault(g, {}).setdefault(groups[i], []).append(i)
+        else:
+            strata.setdefault((g, y), []).append(i)
     val: set[int] = set()
     for members in strata.values():
-        members.sort(key=lambda i: hashlib.sha1(index.paths[i].encode()).hexdigest())
+        members.sort(key=lambda i: _digest(index.carve_key(i)))
         val.update(members[: round(fraction * len(members))])
+    for by_group in paired.values():
+        keys = sorted(by_group, key=_digest)
+        for k in keys[: round(fraction * len(keys))]:
+            val.update(by_group[k])
     train_ids = [i for i in range(len(index)) if i not in val]
     val_ids = [i for i in range(len(index)) if i in val]
     return index.subset(train_ids), index.subset(val_ids)
@@ -341,11 +447,18 @@ def limit_per_class(index: Index, n: int) -> Index:
     """Keep at most ``n`` files per (generator, split, class), chosen by path hash (deterministic)."""
     if n <= 0:
         raise DataError(f"expected a positive --limit, got {n}")
+    groups = pair_groups(index)
     strata: dict[tuple[str, str, int], list[int]] = {}
     for i, key in enumerate(zip(index.generators, index.splits, index.labels)):
         strata.setdefault(key, []).append(i)
+
+    def order(i: int) -> str:  # a pair's two members sort alike, so both classes keep the same pairs
+        if i in groups:
+            return _digest(groups[i] + "\0" + os.path.basename(index.paths[i]))
+        return _digest(index.carve_key(i))
+
     keep: list[int] = []
     for members in strata.values():
-        members.sort(key=lambda i: hashlib.sha1(index.paths[i].encode()).hexdigest())
+        members.sort(key=order)
         keep.extend(members[:n])
     return index.subset(sorted(keep))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fakescope.calibration import fit_calibration
+from fakescope.calibration import DEFAULT_CONFIDENCE, allowed_false_positives, fit_calibration
 from fakescope.data.io import DEFAULT_MAX_PIXELS
 from fakescope.data.layout import Index, carve_validation, index_root, limit_per_class
 from fakescope.errors import FakescopeError
@@ -25,11 +25,12 @@ def holdout_index(config: dict) -> Index:
     """The training split's images that the run never trained on: the early-stopping carve plus,
     when it was trained with ``--limit``, the files the limit left out."""
     data, train = config.get("data") or {}, config.get("train") or {}
-    root = data.get("root")
-    if not root or not Path(root).is_dir():
-        raise FakescopeError(f"expected the run's training root to exist for --split holdout, got {root!r}; "
-                             f"pass --data ROOT --split val (or train) instead")
-    full = index_root(root).select(data.get("generators"), "train")
+    roots = data.get("roots") or [data.get("root")]  # a run on several roots records them all
+    for root in roots:
+        if not root or not Path(root).is_dir():
+            raise FakescopeError(f"expected the run's training root to exist for --split holdout, got {root!r}; "
+                                 f"pass --data ROOT --split val (or train) instead")
+    full = index_root(roots).select(data.get("generators"), "train")
     used = limit_per_class(full, train["limit"]) if train.get("limit") else full
     _, carve = carve_validation(used, float(train.get("val_fraction", 0.1)))
     trained = set(used.paths) - set(carve.paths)
@@ -48,15 +49,22 @@ def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = N
                   generators=None, target_fpr: float = 0.01, method: str = "temperature", limit: int | None = None,
                   device: str = "auto", precision: str = "auto", batch_size: int | None = None,
                   num_workers: int | None = None, use_cache: bool = True, cache_dir=None,
-                  max_pixels: int | None = None) -> dict:
+                  max_pixels: int | None = None, confidence: float = DEFAULT_CONFIDENCE) -> dict:
     """Score the calibration set with the run and fit: ``{"calibration": Calibration, "warnings": [...]}``.
-    Writes nothing: :func:`fakescope.report.artifacts.write_calibration_files` stores it in the run."""
+    Writes nothing: :func:`fakescope.report.artifacts.write_calibration_files` stores it in the run.
+
+    The threshold promises an FPR of at most ``target_fpr`` on new images like the set's real ones with
+    probability ``confidence`` (:mod:`fakescope.calibration`; ``confidence=0``: the empirical quantile,
+    no promise). A set with too few real images for that is an error naming the smallest number, raised
+    before anything is scored."""
     from fakescope.engine.checkpoint import read_config
     from fakescope.engine.evaluation import prepare
     from fakescope.engine.infer import score_files
 
     if not 0.0 <= float(target_fpr) < 1.0:
         raise FakescopeError(f"expected --target-fpr in [0, 1), got {target_fpr}")
+    if not 0.0 <= float(confidence) < 1.0:
+        raise FakescopeError(f"expected --confidence in [0, 1) like 0.95, got {confidence}")
     config = read_config(run_dir)
     warnings: list[str] = []
     train_root = (config.get("data") or {}).get("root")
@@ -81,6 +89,9 @@ def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = N
         index = limit_per_class(index, limit)
     if len(index) == 0:
         raise FakescopeError(f"no images to calibrate on in {root} (split {split!r})")
+    n_real = int((np.asarray(index.labels) == 0).sum())
+    if n_real:
+        allowed_false_positives(n_real, float(target_fpr), float(confidence))  # too few: say so before scoring
     model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision)
     files = [index.abspath(i) for i in range(len(index))]
     p, errors = score_files(model, files, pipeline, device=dev, precision=prec, batch_size=batch_size,
@@ -90,4 +101,5 @@ def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = N
     labels = np.asarray(index.labels)[ok]
     desc = {"root": root, "split": split, "generators": index.generator_names, "n_files": len(index),
             "unreadable": int((~ok).sum()), "limit": limit, "precision": prec.name}
-    return {"calibration": fit_calibration(labels, p[ok], target_fpr, method=method, data=desc), "warnings": warnings}
+    cal = fit_calibration(labels, p[ok], target_fpr, method=method, data=desc, confidence=float(confidence))
+    return {"calibration": cal, "warnings": warnings}

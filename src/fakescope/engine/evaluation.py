@@ -80,8 +80,12 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     ``calibration.json`` (unless ``uncalibrated``); an explicit ``threshold`` wins (on the calibrated
     scale). The result records the threshold, where it came from (``threshold_source``), the calibration
     used (with the uncalibrated ECE and Brier score), and ``warnings`` (e.g. evaluating on the
-    calibration set itself); ``scores`` holds ``p_ai_raw`` beside ``p_ai``."""
-    from fakescope.calibration import calibration_metrics, resolve_decision
+    calibration set itself); ``scores`` holds ``p_ai_raw`` beside ``p_ai``.
+
+    ``rates`` holds the false- and true-positive rates with two-sided 95 % Clopper–Pearson intervals,
+    overall and per generator. At the run's own calibrated threshold, ``guarantee_check`` compares the
+    real images with the calibration's false-positive target (:func:`promise_check`; None otherwise)."""
+    from fakescope.calibration import INTERVAL_CONFIDENCE, calibration_metrics, error_rates, resolve_decision
     from fakescope.engine.calibrate import same_set
 
     if threshold is not None:
@@ -124,10 +128,44 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
         if same_set(cal.data, {"root": index.root, "split": split}):
             warnings.append(f"evaluated on the calibration set itself ({index.root}, split {split!r}): the "
                             f"threshold's false-positive rate and the ECE here are optimistic")
+    result["rates"] = {"method": "clopper-pearson", "confidence": INTERVAL_CONFIDENCE,
+                       "overall": error_rates(result["overall"]["confusion"]),
+                       "per_generator": {g: error_rates(m["confusion"]) for g, m in result["per_generator"].items()}}
+    result["guarantee_check"] = None
+    if decision.promise_applies:
+        result["guarantee_check"] = promise_check(decision.calibration, result, warnings)
     result["warnings"] = warnings
     result["precision"] = prec.name
     result["scores"] = scores
     return result
+
+
+def promise_check(cal, result: dict, warnings: list[str]) -> dict:
+    """The calibration's false-positive target against this evaluation's real images, overall and per
+    generator (:func:`fakescope.calibration.check_promise`); a warning for each set (overall, and each
+    generator when there are several) whose whole 95 % FPR interval lies above the target. Where the
+    target does hold, each set is flagged with probability at most 2.5 % (the interval's lower end)."""
+    from fakescope.calibration import check_promise
+
+    root = (result.get("data") or {}).get("root")
+    out = {"target_fpr": cal.target_fpr, "confidence": cal.confidence, "promise": cal.promise,
+           "calibration_set": cal.guarantee.get("calibration_set"),
+           "overall": check_promise(cal, result["overall"]["confusion"]),
+           "per_generator": {g: check_promise(cal, m["confusion"]) for g, m in result["per_generator"].items()}}
+    sets = [("overall", out["overall"])] + (list(out["per_generator"].items()) if len(out["per_generator"]) > 1
+                                            else [])
+    for name, c in sets:
+        if c is None or not c["broken"]:
+            continue
+        lo, hi = c["fpr"]["interval"]
+        what = f"{root}" if name == "overall" else f"{root}, generator {name}"
+        said = (f"the calibration's promise ({cal.promise})" if cal.promise else
+                f"the calibration's target of {cal.target_fpr:g} (empirical quantile, no promise)")
+        warnings.append(f"false-positive rate {c['fpr']['value']:.4f} on the {c['n_real']} real images of {what}, 95 % "
+                        f"interval [{lo:.4f}, {hi:.4f}], lies entirely above {said}: these real images are not like "
+                        f"the calibration set, and the calibrated false-positive rate does not hold for them")
+    out["broken"] = any(c is not None and c["broken"] for _, c in sets)
+    return out
 
 
 def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, uncalibrated: bool = False,
@@ -142,7 +180,9 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
 
     An image the model scores NaN or inf is an error row (``p_ai`` is always a finite number).
     ``p_ai`` is calibrated and the threshold the calibrated one when the run has a ``calibration.json``
-    (unless ``uncalibrated``; an explicit ``threshold`` wins). ``backend="onnxruntime"`` scores with the
+    (unless ``uncalibrated``; an explicit ``threshold`` wins); at the calibrated threshold each scored row
+    carries ``guarantee``, the calibration's false-positive promise and its figures
+    (:meth:`fakescope.calibration.Decision.guarantee`). ``backend="onnxruntime"`` scores with the
     exported model (``onnx_path``, default ``RUN/model.onnx``) instead of PyTorch. ``provenance`` is the
     file's own metadata evidence (:func:`fakescope.provenance.inspect_provenance`); it never changes ``p_ai``."""
     from fakescope.calibration import resolve_decision
@@ -171,6 +211,7 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
         p = p[0]
     classes = config.get("classes") if probs is not None else None
     p = decision.p_ai(p)
+    guarantee = decision.guarantee()
     rows: list[dict] = [{"path": m, "error": "file not found"} for m in missing]
     for i, f in enumerate(files):
         if i in errors:
@@ -180,6 +221,8 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
         else:
             row = {"path": f, **verdict(p[i], decision.threshold), "threshold": decision.threshold,
                    "threshold_source": decision.source, "calibrated": decision.calibrated}
+            if guarantee is not None:
+                row["guarantee"] = guarantee
             if classes:
                 row.update(attribution_fields(probs[i], classes))
         if provenance:

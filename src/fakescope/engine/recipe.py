@@ -2,7 +2,8 @@
 
 ``train`` leaves every option the user did not set (``None``) to the model's
 :class:`~fakescope.models.recipe.Recipe` (fakescope's defaults for models without one): learning
-rate, batch size, Adam's betas, the schedule and its parameters, and the augmentation. Giving any
+rate, batch size, Adam's betas, the schedule and its parameters, the augmentation and whether
+aligned pairs are batched together (``paired``). Giving any
 augmentation option replaces the recipe's augmentation as a whole.
 """
 
@@ -41,6 +42,7 @@ def apply_recipe(opts, recipe: Recipe | None):
         schedule=params,
         betas=tuple(opts.betas) if opts.betas else tuple(r.betas),
         augment=opts.augment if given["augment"] else augment_from(r.augment),
+        paired=bool(opts.paired) if getattr(opts, "paired", None) is not None else r.paired,
         recipe=opts.recipe or {"source": r.source, "from_recipe": sorted(k for k, v in given.items() if not v)},
     )
 

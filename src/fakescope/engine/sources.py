@@ -120,12 +120,19 @@ def scan_errors(dataset: ImageDataset, num_workers) -> dict[int, str]:
     return errors
 
 
-def shard_order(order: torch.Tensor) -> torch.Tensor:
+def shard_order(order: torch.Tensor, unit: int = 1) -> torch.Tensor:
     """This rank's share of a training order: every rank gets the same count (the order is padded
-    with its first items, so training may repeat a few samples)."""
+    with its first items, so training may repeat a few samples). With ``unit`` > 1 the order is dealt
+    in runs of ``unit`` consecutive items (the two members of an aligned pair stay together)."""
     w = runtime.world_size()
     if w == 1:
         return order
+    if unit > 1:
+        n = math.ceil(len(order) / unit) * unit
+        runs = torch.cat([order, order[: n - len(order)]]).view(-1, unit)
+        per = math.ceil(len(runs) / w)
+        padded = torch.cat([runs, runs[: per * w - len(runs)]])
+        return padded[runtime.rank():: w].flatten()
     per = math.ceil(len(order) / w)
     padded = torch.cat([order, order[: per * w - len(order)]])
     return padded[runtime.rank():: w]
@@ -138,11 +145,14 @@ def on_features(model, opts: TrainOptions) -> bool:
 
 
 def make_source(model, files: list[str], labels: list[int], pipeline: Pipeline, opts: TrainOptions,
-                device: torch.device, infer_precision: Precision, desc: str) -> Source:
+                device: torch.device, infer_precision: Precision, desc: str, *,
+                aug_keys: list[int] | None = None) -> Source:
     """The source for ``files`` under ``opts``: features, memory or stream (see the module doc).
 
     Streamed files are checked up front (every file decoded once) with ``--strict`` and under
-    torchrun, so that every rank starts the first epoch with the same list of unreadable files."""
+    torchrun, so that every rank starts the first epoch with the same list of unreadable files.
+    ``aug_keys``: the key each file's augmentation randomness is drawn from (default: its position);
+    files that share a key get the same crop, flip, blur, JPEG and scale (``--paired``)."""
     y = torch.tensor(labels, dtype=torch.long)
     if on_features(model, opts):
         runtime.prepare_model(model, infer_precision)  # extraction as evaluate does it (the head is linear)
@@ -157,7 +167,7 @@ def make_source(model, files: list[str], labels: list[int], pipeline: Pipeline, 
                                    threads=1 if device.type == "cpu" else None, kind="features")
     else:
         kw = {"max_pixels": opts.max_pixels} if opts.max_pixels else {}
-        ds = ImageDataset(files, pipeline, stage_only=True, seed=opts.seed, **kw)
+        ds = ImageDataset(files, pipeline, stage_only=True, seed=opts.seed, aug_keys=aug_keys, **kw)
         try:
             preload_now = should_preload(pipeline, len(files), mode=opts.preload)
         except ValueError as e:

@@ -25,7 +25,7 @@ import torch
 
 from fakescope import __version__
 from fakescope.data.dataset import typical_size
-from fakescope.data.layout import carve_validation, index_root, limit_per_class
+from fakescope.data.layout import carve_validation, data_roots, index_root, limit_per_class, pair_groups
 from fakescope.data.transforms import Augment, Pipeline
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
@@ -46,7 +46,7 @@ class TrainOptions:
     """Everything a training run depends on; saved in the run's config.json."""
 
     model: str
-    data: str
+    data: str | list[str]
     generators: list[str] | None = None
     epochs: int = 10
     batch_size: int | None = None
@@ -78,11 +78,15 @@ class TrainOptions:
     schedule: dict | None = None
     betas: tuple[float, float] | None = None
     recipe: dict = field(default_factory=dict)
+    paired: bool | None = None
     """``batch_size``, ``lr``, ``lr_schedule`` (with ``schedule``, its parameters), ``betas`` and
     ``augment`` left as None take the model's recipe (:func:`fakescope.engine.recipe.apply_recipe`);
     ``recipe`` then records where they came from. ``task``: ``binary`` (ai vs nature) or
     ``attribution`` (one class per generator plus nature). ``test_geometry``: the run's test-time
-    geometry (default: the model's); crop geometries also train on crops at native pixel scale."""
+    geometry (default: the model's); crop geometries also train on crops at native pixel scale.
+    ``data``: one root or a list of roots (their generators together). ``paired`` (None: the recipe's,
+    else off): both members of each aligned pair in the same batch, with the same crop, flip and
+    augmentation (Rajan et al.'s "Sync"); the root must hold pairs (``fakescope data align``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,6 +188,24 @@ class _Splits:
     val_labels: list[int]
     generators: list[str]
     classes: list[str] | None = None
+    partners: dict[int, int] = field(default_factory=dict)
+    """Aligned pairs of the training split: position of a member -> position of its twin (both ways)."""
+
+
+def _partners(index) -> dict[int, int]:
+    """Positions of the aligned pairs in ``index``: a pair is one ``nature`` and one ``ai`` file of the
+    same group (:func:`~fakescope.data.layout.pair_groups`), split and file name."""
+    import os
+
+    members: dict[tuple, dict[int, int]] = {}
+    for i, g in pair_groups(index).items():
+        key = (g, index.splits[i], os.path.basename(index.paths[i]))
+        members.setdefault(key, {})[min(index.labels[i], 1)] = i
+    out: dict[int, int] = {}
+    for m in members.values():
+        if len(m) == 2:
+            out[m[0]], out[m[1]] = m[1], m[0]
+    return out
 
 
 def _load_splits(opts: TrainOptions) -> _Splits:
@@ -204,7 +226,21 @@ def _load_splits(opts: TrainOptions) -> _Splits:
         tr_labels = attribution_labels(tr.labels, tr.generators, classes).tolist()
         va_labels = attribution_labels(va.labels, va.generators, classes).tolist()
     return _Splits([tr.abspath(i) for i in range(len(tr))], tr_labels,
-                   [va.abspath(i) for i in range(len(va))], va_labels, index.generator_names, classes)
+                   [va.abspath(i) for i in range(len(va))], va_labels, index.generator_names, classes, _partners(tr))
+
+
+def _check_paired(opts: TrainOptions, splits: _Splits) -> None:
+    """``--paired`` (from the flag or the recipe) needs pairs and an even batch; without it, no pairs are kept."""
+    if not opts.paired:
+        splits.partners = {}
+        return
+    if not splits.partners:
+        raise DataError(f"expected aligned pairs for --paired, got none in {', '.join(data_roots(opts.data))} "
+                        f"(no manifest.json of `fakescope data align`): drop --paired or make pairs with "
+                        f"`fakescope data align`")
+    if opts.batch_size % 2:
+        raise FakescopeError(f"expected an even --batch-size with --paired (both members of a pair in one batch), "
+                             f"got {opts.batch_size}")
 
 
 # --- step 3: model, pipeline and the run's config ---------------------------------------------------
@@ -217,6 +253,18 @@ def _versions() -> dict:
             "timm": timm.__version__, "python": platform.python_version()}
 
 
+def _data_config(opts: TrainOptions, splits: _Splits) -> dict:
+    """The run's data: ``root`` (the first root, for readers of one root) and, for several, ``roots``."""
+    roots = [str(Path(r).resolve()) for r in data_roots(opts.data)]
+    d = {"root": roots[0], "generators": splits.generators, "train_images": len(splits.train_files),
+         "val_images": len(splits.val_files)}
+    if len(roots) > 1:
+        d["roots"] = roots
+    if opts.paired:
+        d["train_pairs"] = len(splits.partners) // 2
+    return d
+
+
 def _run_config(opts: TrainOptions, model, native: int | None, splits: _Splits, device: torch.device,
                 train_precision: Precision, infer_precision: Precision) -> dict:
     """config.json: everything needed to rebuild the model and its preprocessing, and to resume."""
@@ -225,8 +273,7 @@ def _run_config(opts: TrainOptions, model, native: int | None, splits: _Splits, 
         "model": {"name": opts.model, "options": options, "pretrained_file": opts.model_options.get("pretrained_file")},
         "preprocess": model.preprocess.to_dict(),
         "native_size": native,
-        "data": {"root": str(Path(opts.data).resolve()), "generators": splits.generators,
-                 "train_images": len(splits.train_files), "val_images": len(splits.val_files)},
+        "data": _data_config(opts, splits),
         "seed": opts.seed,
         "task": opts.task,
         "classes": splits.classes,
@@ -338,17 +385,34 @@ def _restore(out: Path, t: _Trainer, train_src: Source, epochs: int) -> _Progres
                      best_epoch=state.get("best_epoch"), history=state["history"])
 
 
-def _epoch_order(src: Source, seed: int, epoch: int) -> torch.Tensor:
-    """This rank's training order for ``epoch``: a permutation of the usable files seeded by ``(seed, epoch)``."""
+def _epoch_order(src: Source, seed: int, epoch: int, partners: dict[int, int] | None = None) -> torch.Tensor:
+    """This rank's training order for ``epoch``: a permutation of the usable files seeded by ``(seed, epoch)``.
+
+    With ``partners`` (``--paired``) the order is made of two-file units: each aligned pair (both
+    members readable) side by side, and the other files two by two in random order; an even batch size
+    then always holds both members of a pair."""
     g = torch.Generator().manual_seed(torch_seed(seed * 7919 + epoch))
     usable = src.usable
-    return shard_order(usable[torch.randperm(len(usable), generator=g)])
+    if not partners:
+        return shard_order(usable[torch.randperm(len(usable), generator=g)])
+    ok = set(usable.tolist())
+    pairs = [(i, j) for i, j in sorted(partners.items()) if i < j and i in ok and j in ok]
+    paired = {k for p in pairs for k in p}
+    singles = torch.tensor([i for i in usable.tolist() if i not in paired], dtype=torch.long)
+    singles = singles[torch.randperm(len(singles), generator=g)].tolist()
+    units = [list(p) for p in pairs] + [singles[k:k + 2] for k in range(0, len(singles) - 1, 2)]
+    units = [units[k] for k in torch.randperm(len(units), generator=g).tolist()]
+    if len(singles) % 2:
+        units.append([singles[-1]])
+    flat = torch.tensor([i for u in units for i in u], dtype=torch.long)
+    return shard_order(flat, unit=2)
 
 
-def _train_epoch(t: _Trainer, src: Source, opts: TrainOptions, epoch: int) -> tuple[float, int]:
+def _train_epoch(t: _Trainer, src: Source, opts: TrainOptions, epoch: int,
+                 partners: dict[int, int] | None = None) -> tuple[float, int]:
     """One pass over this rank's share of the training files; returns ``(summed loss, images seen)``."""
     torch.manual_seed(torch_seed(opts.seed * 1000 + epoch))
-    order = _epoch_order(src, opts.seed, epoch)
+    order = _epoch_order(src, opts.seed, epoch, partners)
     t.model.train()
     loss_sum, n_seen = 0.0, 0
     nb = math.ceil(len(order) / opts.batch_size)
@@ -413,12 +477,12 @@ def _write_log(out: Path, history: list[dict]) -> None:
 
 
 def _run_epochs(out: Path, t: _Trainer, train_src: Source, val_src: Source, opts: TrainOptions, state: _Progress,
-                readable: list) -> int:
+                readable: list, partners: dict[int, int] | None = None) -> int:
     """Train from ``state.start`` until the last epoch or early stopping; returns the images seen."""
     seen = 0
     for epoch in range(state.start, opts.epochs):
         t0 = time.perf_counter()
-        loss_sum, n_seen = _train_epoch(t, train_src, opts, epoch)
+        loss_sum, n_seen = _train_epoch(t, train_src, opts, epoch, partners)
         seen += n_seen
         train_src.agree_errors()  # the ranks' streamed shards met different unreadable files
         if epoch == state.start:  # streamed inputs: bad files known after one pass
@@ -463,6 +527,7 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
     requested = opts.to_dict()  # what the caller asked for, before the recipe filled the rest
     opts = apply_recipe(opts, model.recipe)
     _check_numbers(opts)
+    _check_paired(opts, splits)
     runtime.prepare_model(model, train_precision, compile=opts.compile)  # memory format; torch.compile
     # a resumed run keeps the native size its first epochs were trained with (the data may have changed since)
     native = stored["native_size"] if resume and "native_size" in stored else _native_size(opts.native_size,
@@ -479,8 +544,10 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
     runtime.barrier()
 
     t_data = time.perf_counter()
+    # a pair's twins draw their augmentation from one generator: the same crop, flip, blur, JPEG and scale
+    aug_keys = [min(i, splits.partners.get(i, i)) for i in range(len(splits.train_files))] if splits.partners else None
     train_src = make_source(model, splits.train_files, splits.train_labels, pipeline, opts, device, infer_precision,
-                            "train data")
+                            "train data", aug_keys=aug_keys)
     val_src = make_source(model, splits.val_files, splits.val_labels, replace(pipeline, augment=Augment()), opts,
                           device, infer_precision, "val data")
     data_seconds = time.perf_counter() - t_data
@@ -492,7 +559,7 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
     t = _make_trainer(model, opts, on_features(model, opts), device, train_precision)
     state = _restore(out, t, train_src, opts.epochs) if resume else _Progress()
     t_train = time.perf_counter()
-    seen = _run_epochs(out, t, train_src, val_src, opts, state, readable)
+    seen = _run_epochs(out, t, train_src, val_src, opts, state, readable, splits.partners)
     train_seconds = time.perf_counter() - t_train
     if runtime.is_main():  # also when a resumed run had no epoch left (killed before its log was written)
         _write_log(out, state.history)

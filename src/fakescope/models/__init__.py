@@ -1,6 +1,6 @@
 """Detectors: a registry of factories (``create_model``), each model carrying its preprocessing."""
 
-from fakescope.models import cnn32, npr, presets, timm_models  # noqa: F401  (registers the models)
+from fakescope.models import aligned, cnn32, npr, presets, timm_models  # noqa: F401  (registers the models)
 from fakescope.models.base import Detector, Preprocess, set_num_outputs
 from fakescope.models.recipe import GEOMETRIES, Recipe
 from fakescope.models.registry import check_model_name, create_model, list_models, model_options, register_model

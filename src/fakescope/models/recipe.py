@@ -45,6 +45,8 @@ class Recipe:
     schedule: dict = field(default_factory=dict)
     augment: dict = field(default_factory=dict)
     source: str = ""
+    paired: bool = False
+    """Both members of each aligned pair in one batch with the same augmentation (``train --paired``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,7 +22,10 @@ DEGRADE_XLABEL = {"jpeg": "JPEG quality", "blur": "blur sigma", "resize": "scale
 
 
 def root_slug(data_root: str | os.PathLike) -> str:
-    """The data root's folder name as a file-name part (``/data/GenImage/`` -> ``GenImage``)."""
+    """The data root's folder name as a file-name part (``/data/GenImage/`` -> ``GenImage``); several
+    roots: their names joined by ``+``."""
+    if not isinstance(data_root, (str, os.PathLike)):
+        return "+".join(root_slug(r) for r in data_root)
     return slug(Path(os.path.abspath(os.fspath(data_root))).name, default="root")
 
 

@@ -180,8 +180,11 @@ def unseen_generators_table(cross: dict[str, dict]) -> tuple[list[str], list[lis
 
 def _threshold_text(cfg: dict) -> str:
     if cfg.get("calibrate") is not None:
-        return (f"each run's calibrated one (temperature scaling and a threshold for a false-positive rate of "
-                f"{cfg['calibrate']:g} on the run's held-out training images)")
+        c = cfg.get("calibrate_confidence", 0.0)
+        rule = (f"at most {cfg['calibrate']:g} on new images like the run's held-out training images, with {c:g} "
+                f"confidence (Clopper–Pearson rule)" if c else
+                f"{cfg['calibrate']:g} on the run's held-out training images (empirical quantile, no promise)")
+        return f"each run's calibrated one (temperature scaling and a threshold for a false-positive rate of {rule})"
     return "each run's calibrated one where it has a calibration.json, else 0.5"
 
 
@@ -207,7 +210,9 @@ def write_report(out: str | os.PathLike, results: dict | None = None,
     doc = Doc(out)
     doc.heading(1, "fakescope benchmark")
     seeds = ", ".join(map(str, cfg.get("seeds", [])))
-    doc.para(f"Data: `{cfg.get('data')}` — generators: {', '.join(gens)}; trained on the train split of all "
+    roots = cfg.get("data")
+    roots = " + ".join(f"`{r}`" for r in roots) if isinstance(roots, list) else f"`{roots}`"
+    doc.para(f"Data: {roots} — generators: {', '.join(gens)}; trained on the train split of all "
              f"selected generators, evaluated on the {split} split. Seeds: {seeds}; "
              f"epochs: {cfg.get('epochs')}; threshold "
              f"{cfg.get('threshold') if cfg.get('threshold') is not None else _threshold_text(cfg)}.")

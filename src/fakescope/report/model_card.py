@@ -67,7 +67,7 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
         "tags": ["ai-generated-image-detection", "fakescope"],
         "model_name": model.get("name"),
         "base_model": str(model.get("name", "")).removeprefix("timm:"),
-        "datasets": [data.get("root")] if data.get("root") else [],
+        "datasets": data.get("roots") or ([data.get("root")] if data.get("root") else []),
         "metrics": [{"name": k, "value": val[k], "split": "validation carve of train"}
                     for k in ("accuracy", "roc_auc", "f1") if val.get(k) is not None],
         "label_map": {"nature": 0, "ai": 1},
@@ -75,6 +75,7 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
         "native_size": cfg.get("native_size"),
         "calibrated": cal is not None,
         "threshold": cal.get("threshold") if cal else 0.5,
+        "false_positive_promise": ((cal or {}).get("guarantee") or {}).get("promise"),
         "fakescope_version": cfg.get("fakescope_version"),
     }
     L: list[str] = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
@@ -139,7 +140,24 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
               f"{fmt(fit.get('brier_after'))}",
               f"- threshold {cal['threshold']:.6g} on calibrated `p_ai`, chosen for a false-positive rate of "
               f"{cal['target_fpr']:.2%} on that set's real images (there: FPR {fmt(fit.get('fpr_at_threshold'))}, "
-              f"TPR {fmt(fit.get('tpr_at_threshold'))})", ""]
+              f"TPR {fmt(fit.get('tpr_at_threshold'))})"]
+        g = cal.get("guarantee") or {}
+        if g:
+            rule = (f"Clopper–Pearson order-statistic rule at {g['confidence']:.0%} confidence (at most "
+                    f"{g['allowed_false_positives']} of the {g['n_real']} real images above the threshold; the rule "
+                    f"needs at least {g['min_n_real']})" if g["confidence"] > 0 else
+                    "empirical quantile of the calibration set (`--confidence 0`): no promise")
+            tpr_iv = g.get("tpr_interval")
+            L += [f"- rule: {rule}",
+                  f"- false-positive rate on the calibration set: {fmt(g['fpr_empirical'])} ({g['false_positives']} of "
+                  f"{g['n_real']} real images); upper bound {fmt(g['fpr_upper_bound'])} at "
+                  f"{g['bound_confidence']:.0%} confidence (one-sided Clopper–Pearson)",
+                  f"- true-positive rate there: {fmt(g.get('tpr'))}"
+                  + (f", 95 % interval [{fmt(tpr_iv[0])}, {fmt(tpr_iv[1])}] ({g['n_ai']} AI images)" if tpr_iv else ""),
+                  f"- **{'Promise' if g.get('promise') else 'No promise'}:** {g['statement']}. It holds for real "
+                  f"images exchangeable with the calibration set's (same source, processing and content mix); "
+                  f"`fakescope evaluate` warns when real images break it."]
+        L += [""]
     else:
         L += ["Not calibrated: scores are the model's raw `p_ai` and the threshold is 0.5. "
               "Run `fakescope calibrate` on held-out data.", ""]
@@ -157,6 +175,10 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
         for kind, rows in (ev.get("degradations") or {}).items():
             pts = ", ".join(f"{r['level']:g}: {fmt((r.get('overall') or {}).get('accuracy'))}" for r in rows)
             lim.append(f"accuracy under {kind} ({name}): {pts} (clean {fmt(ev['overall'].get('accuracy'))})")
+        check = ev.get("guarantee_check") or {}
+        if check.get("broken"):
+            lim.append(f"false-positive target broken on `{(ev.get('data') or {}).get('root')}` ({name}): "
+                       + "; ".join(w for w in ev.get("warnings") or [] if "lies entirely above" in w))
         o = ev["overall"]
         if o.get("fake_accuracy") is None and o.get("real_accuracy") is not None:
             fp = o["confusion"][0][1]
@@ -197,7 +219,8 @@ def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
         src = cal.get("data") or {}
         data_arg = "" if src.get("split") == "holdout" else f" --data {src.get('root')}"
         L += [f"fakescope calibrate {run}{data_arg} --split {src.get('split')} "
-              f"--target-fpr {cal['target_fpr']}" + (f" --limit {src['limit']}" if src.get("limit") else "")]
+              f"--target-fpr {cal['target_fpr']} --confidence {cal.get('confidence', 0)}"
+              + (f" --limit {src['limit']}" if src.get("limit") else "")]
     L += ["```", "", f"Versions: {json.dumps(cfg.get('versions'))}", ""]
     return "\n".join(L)
 
@@ -227,11 +250,12 @@ def inspect_training_data(config: dict, sample: int = 16) -> dict | None:
     from fakescope.data.layout import index_root
     from fakescope.errors import FakescopeError
 
-    root = (config.get("data") or {}).get("root")
-    if not root or not Path(root).is_dir():
+    data = config.get("data") or {}
+    roots = data.get("roots") or [data.get("root")]
+    if not all(r and Path(r).is_dir() for r in roots):
         return None
     try:
-        index = index_root(root).select((config.get("data") or {}).get("generators"), "train")
+        index = index_root(roots).select((config.get("data") or {}).get("generators"), "train")
         return inspect_index(index, sample=sample, num_workers=0)
     except (FakescopeError, OSError):
         return None

@@ -144,6 +144,9 @@ class ModelInfo(BaseModel):
     best_epoch: int | None
     test_geometry: str
     classes: list[str] | None = Field(None, description="attribution runs: the classes, nature first")
+    guarantee: dict[str, Any] | None = Field(
+        None, description="at the run's calibrated threshold: its false-positive promise and figures (target_fpr, "
+                          "confidence, n_real, fpr_empirical, fpr_upper_bound, tpr, tpr_interval, promise, statement)")
 
 
 class ModelsResponse(BaseModel):
@@ -195,6 +198,7 @@ class ServedModel:
                 "options": cfg["model"].get("options") or {}, "input_size": self.predictor.pipeline.input_size,
                 "native_size": self.predictor.pipeline.native_size, "threshold": self.decision.threshold,
                 "threshold_source": self.decision.source, "calibrated": self.decision.calibrated,
+                "guarantee": self.decision.guarantee(),
                 "test_geometry": self.predictor.pipeline.geometry, "classes": self.predictor.classes,
                 "backend": options.backend, "precision": self.predictor.precision.name,
                 "device": str(self.predictor.device), "data": data,

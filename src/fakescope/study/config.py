@@ -22,9 +22,11 @@ from fakescope.errors import FakescopeError
 from fakescope.utils import slug
 
 DEFAULT_MODELS = ("cnn32", "resnet50", "convnext_small")
-MODEL_KEYS = ("pretrained", "pretrained_file", "freeze", "filters", "hidden", "dropout", "input_size", "tiny")
+MODEL_KEYS = ("pretrained", "pretrained_file", "freeze", "filters", "hidden", "dropout", "input_size", "tiny",
+              "backbone", "stem_stride")
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "patience", "val_fraction", "limit", "native_size",
-              "augment", "precision", "adv_train", "adv_eps", "adv_steps", "adv_mix", "task", "test_geometry")
+              "augment", "precision", "adv_train", "adv_eps", "adv_steps", "adv_mix", "task", "test_geometry",
+              "paired")
 ATTACK_KEYS = ("name", "eps", "steps", "limit", "direction", "precision")
 ATTACKS = ("fgsm", "pgd", "pgd-l2", "square")
 SOURCE = "benchmark config"
@@ -48,7 +50,8 @@ class ModelSpec:
 class BenchmarkConfig:
     """Every option of a benchmark (see :mod:`fakescope.study`); :meth:`resolved` is what gets saved."""
 
-    data: str
+    data: str | list[str]
+    """One data root, or a list of roots (their generators together)."""
     out: str = "runs/benchmark"
     models: list[ModelSpec] = field(default_factory=list)
     generators: list[str] | None = None
@@ -64,9 +67,11 @@ class BenchmarkConfig:
     augment: dict | None = None
     task: str = "binary"
     test_geometry: str | None = None
+    paired: bool | None = None       # None: each model's recipe (aligned pairs batched together or not)
     split: str = "val"
     threshold: float | None = None   # None: each run's calibrated threshold, else 0.5
     calibrate: float | None = None   # target FPR: calibrate every run on its own held-out training images
+    calibrate_confidence: float = validate.DEFAULT_CONFIDENCE  # of that FPR promise (0: empirical quantile, no promise)
     gallery: bool = True             # Grad-CAM overlays of a few right and wrong examples (first seed)
     degrade: list[str] = field(default_factory=list)
     jpeg_align: int | None = None
@@ -174,6 +179,18 @@ def _seeds(v) -> list[int]:
     return seeds
 
 
+def _data(v) -> str | list[str]:
+    """``data: ROOT`` or ``data: [A, B]`` (several roots); each made absolute."""
+    if isinstance(v, (list, tuple)):
+        if not v:
+            raise ValueError("expected a data root or a non-empty list of roots, got []")
+        roots = [str(Path(_string(r)).expanduser().resolve()) for r in v]
+        if len(set(roots)) != len(roots):
+            raise ValueError(f"expected distinct data roots, got {list(v)}")
+        return roots[0] if len(roots) == 1 else roots
+    return str(Path(_string(v)).expanduser().resolve())
+
+
 def _names(v) -> list[str]:
     if isinstance(v, (list, tuple)):
         v = [str(x) for x in v]
@@ -192,30 +209,32 @@ def _scale_range(r: tuple) -> tuple:
     return r
 
 TOP_LEVEL: dict[str, Callable] = {
-    "data": _string, "out": _string, "seeds": _seeds, "epochs": validate.positive_int,
+    "data": _data, "out": _string, "seeds": _seeds, "epochs": validate.positive_int,
     "batch_size": _optional(validate.positive_int), "lr": _optional(_positive_number),
     "lr_schedule": _optional(_choice("constant", "cosine", "plateau", "step")),
     "task": _choice("binary", "attribution"), "test_geometry": _optional(_choice("resize", "center_crop", "crops")),
     "patience": validate.nonneg_int, "val_fraction": validate.fraction, "limit": _optional(validate.positive_int),
     "native_size": _native_size, "split": _choice("train", "val"), "threshold": _optional(validate.threshold),
-    "calibrate": _optional(_target_fpr), "gallery": validate.boolean,
+    "calibrate": _optional(_target_fpr), "calibrate_confidence": validate.confidence, "gallery": validate.boolean,
     "jpeg_align": _optional(validate.quality), "jpeg_align_train": validate.boolean,
     "precision_check": validate.boolean, "leave_one_out": validate.boolean, "device": _string,
     "precision": _choice(*PRECISIONS), "eval_batch_size": validate.positive_int,
     "workers": _optional(validate.nonneg_int), "cache_dir": _optional(_string), "use_cache": validate.boolean,
     "max_pixels": _optional(validate.positive_int), "sample_per_class": validate.nonneg_int,
     "force": validate.boolean, "report": validate.boolean, "real_photos": _optional(_string),
+    "paired": _optional(validate.boolean),
 }
 TRAINING: dict[str, Callable] = {
     **{k: TOP_LEVEL[k] for k in ("epochs", "batch_size", "lr", "lr_schedule", "patience", "val_fraction", "limit",
-                                 "native_size", "precision", "task", "test_geometry")},
+                                 "native_size", "precision", "task", "test_geometry", "paired")},
     "adv_train": _optional(_choice("pgd", "fgsm")), "adv_eps": _eps, "adv_steps": validate.positive_int,
     "adv_mix": validate.fraction,
 }
 MODEL_OPTIONS: dict[str, Callable] = {
     "pretrained": validate.boolean, "pretrained_file": _optional(_string), "freeze": _optional(validate.boolean),
     "filters": _positive_ints, "hidden": validate.positive_int, "dropout": validate.fraction,
-    "input_size": validate.positive_int, "tiny": validate.boolean,
+    "input_size": validate.positive_int, "tiny": validate.boolean, "backbone": _string,
+    "stem_stride": lambda v: _choice(1, 2)(validate.positive_int(v)),
 }
 
 
@@ -386,7 +405,6 @@ def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> B
     for k, check in TOP_LEVEL.items():
         if k in d:
             d[k] = _check(k, d[k], check)
-    d["data"] = str(Path(d["data"]).expanduser().resolve())
     d["out"] = str(d.get("out") or "runs/benchmark")
     if d.get("real_photos") is not None:
         d["real_photos"] = str(Path(d["real_photos"]).expanduser().resolve())

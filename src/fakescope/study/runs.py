@@ -114,6 +114,8 @@ def _comparable(train_dict: dict) -> dict:
     d = canonical(train_dict)
     for k in RUNTIME_KEYS:
         d.pop(k, None)
+    if d.get("paired") is None:  # runs made before --paired existed: the same as unset
+        d.pop("paired", None)
     return d
 
 
@@ -207,20 +209,24 @@ def evaluate_cached(cfg: BenchmarkConfig, run_dir: Path, *, generators: list[str
 
 
 def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str) -> dict:
-    """Calibrate a run on its own held-out training images (``--split holdout``) for ``cfg.calibrate``
-    (reused while the weights, the run's configuration and the target are unchanged)."""
+    """Calibrate a run on its own held-out training images (``--split holdout``) for ``cfg.calibrate`` at
+    ``cfg.calibrate_confidence`` (the rule of ``fakescope calibrate``; reused while the weights, the run's
+    configuration, the target and the confidence are unchanged)."""
     from fakescope.calibration import Calibration, read_calibration
 
     key = {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
            "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG), "target_fpr": cfg.calibrate,
+           "confidence": cfg.calibrate_confidence,
            "precision": cfg.precision, "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS}
 
     def compute() -> dict:
         from fakescope.engine.calibrate import calibrate_run
         from fakescope.report.artifacts import write_calibration_files
 
-        log(f"{what}: calibrating on the run's held-out training images (target FPR {cfg.calibrate:g})")
-        res = calibrate_run(run_dir, split="holdout", target_fpr=float(cfg.calibrate), device=cfg.device,
+        log(f"{what}: calibrating on the run's held-out training images (target FPR {cfg.calibrate:g}, confidence "
+            f"{cfg.calibrate_confidence:g})")
+        res = calibrate_run(run_dir, split="holdout", target_fpr=float(cfg.calibrate),
+                            confidence=float(cfg.calibrate_confidence), device=cfg.device,
                             precision=cfg.precision, batch_size=cfg.eval_batch_size, num_workers=cfg.workers,
                             use_cache=cfg.use_cache, cache_dir=cfg.cache_dir, max_pixels=cfg.max_pixels)
         write_calibration_files(run_dir, res["calibration"])
