@@ -79,6 +79,7 @@ class _Opts:
     schedule: dict | None = None
     betas: tuple | None = None
     augment: Augment | None = None
+    paired: bool | None = None
     recipe: dict = field(default_factory=dict)
 
 

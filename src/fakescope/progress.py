@@ -19,6 +19,8 @@ def _enabled() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def progress(it: Iterable[T], desc: str = "", total: int | None = None, leave: bool = False) -> Iterable[T]:
+def progress(it: Iterable[T] | None, desc: str = "", total: int | None = None, leave: bool = False,
+             unit: str = "it") -> Iterable[T]:
+    """A tqdm bar over ``it`` (or, with ``it=None``, a bar updated by hand up to ``total``)."""
     return tqdm(it, desc=desc, total=total, leave=leave, disable=not _enabled(), file=sys.stderr,
-                dynamic_ncols=True, mininterval=0.5)
+                dynamic_ncols=True, mininterval=0.5, unit=unit)

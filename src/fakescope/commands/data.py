@@ -1,4 +1,5 @@
-"""``fakescope data inspect|show|demo``: look at a data root, or write the built-in demo dataset."""
+"""``fakescope data inspect|show|demo|align``: look at a data root, write the built-in demo dataset, or turn
+folders of real photos into aligned real/reconstruction pairs."""
 
 from __future__ import annotations
 
@@ -26,11 +27,75 @@ def add_parser(sub):
     dd.add_argument("out")
     dd.add_argument("--train-per-class", type=a.positive_int, default=300)
     dd.add_argument("--val-per-class", type=a.positive_int, default=100)
+    _add_align(dsub)
     return d
 
 
+def _add_align(dsub) -> None:
+    from fakescope.models.autoencoders import list_autoencoders
+
+    da = dsub.add_parser("align", help="real photos -> aligned pairs: each image and its autoencoder "
+                                       "reconstruction (a GenImage-layout root for train)")
+    da.add_argument("src", nargs="+", metavar="SRC",
+                    help="folders of real images (searched recursively) or GenImage roots (their nature images)")
+    da.add_argument("--autoencoder", required=True, choices=list(list_autoencoders()),
+                    help="the autoencoder whose reconstructions are the fakes (see fakescope models --autoencoders)")
+    da.add_argument("--weights", default=None,
+                    help="a weights file, a folder with <name>_encoder.* and <name>_decoder.*, or a diffusers "
+                         "folder (default: the Hugging Face hub)")
+    da.add_argument("--out", required=True, help="output root: pairs go to OUT/<autoencoder>/{train,val}/{nature,ai}")
+    da.add_argument("--crop", type=a.positive_int, default=None,
+                    help="take native-scale NxN crops (offsets on the 8-px grid) instead of whole images")
+    da.add_argument("--crops-per-image", type=a.positive_int, default=1, help="with --crop: crops per image")
+    da.add_argument("--max-side", type=a.positive_int, default=None,
+                    help="down-scale an image whose longer side exceeds N before anything else")
+    da.add_argument("--format", default="png", help="png (default) or jpeg:Q, for both members of a pair")
+    da.add_argument("--val-fraction", type=a.fraction, default=0.2,
+                    help="share of source images (by a hash of their path) whose pairs go to val (default 0.2)")
+    da.add_argument("--inpaint", type=a.fraction, default=0.0, metavar="P",
+                    help="with probability P the fake is the real image with only a random 10-50%% region "
+                         "(rectangles and blobs) replaced by its reconstruction")
+    da.add_argument("--limit", type=a.positive_int, default=None,
+                    help="use N source images drawn with the seed (default: all)")
+    da.add_argument("--seed", type=a.nonneg_int, default=0)
+    da.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    da.add_argument("--batch-size", type=a.positive_int, default=8)
+    da.add_argument("--reuse", default=None, metavar="ROOT",
+                    help="read the reconstructions from an earlier PNG root made with the same weights, crops and "
+                         "seed instead of recomputing them (e.g. its --inpaint or jpeg variant)")
+    da.add_argument("--json", action="store_true", help="print the run's summary as JSON")
+
+
 def run(args) -> int:
-    return {"demo": _demo, "show": _show, "inspect": _inspect}[args.data_command](args)
+    return {"demo": _demo, "show": _show, "inspect": _inspect, "align": _align}[args.data_command](args)
+
+
+def _align(args) -> int:
+    from fakescope.engine.align import AlignOptions, align
+
+    opts = AlignOptions(args.autoencoder, crop=args.crop, crops_per_image=args.crops_per_image,
+                        max_side=args.max_side, format=args.format, val_fraction=args.val_fraction,
+                        inpaint=args.inpaint, limit=args.limit, seed=args.seed, batch_size=args.batch_size)
+    m = align(args.src, args.out, opts, weights=args.weights, device=args.device, reuse=args.reuse)
+    summary = {k: m[k] for k in ("autoencoder", "weights_sha256", "sources", "counts", "new_pairs", "seconds",
+                                 "pairs_per_s", "mean_psnr")}
+    summary["root"] = str(Path(args.out) / args.autoencoder)
+    summary["unreadable"] = m["unreadable"]
+    if args.json:
+        from fakescope.utils import dumps
+
+        print(dumps(summary))
+    else:
+        c = m["counts"]
+        rate = f", {m['pairs_per_s']:.2f} pairs/s" if m["pairs_per_s"] else ""
+        psnr = f"; mean PSNR {m['mean_psnr']:.2f} dB" if m["mean_psnr"] is not None else ""
+        print(f"{summary['root']}: {c['train']} train + {c['val']} val pairs from {m['sources']} sources "
+              f"({m['new_pairs']} new in {m['seconds']:.1f} s{rate}){psnr}")
+        if m["unreadable"]:
+            print(f"unreadable ({len(m['unreadable'])}):")
+            for u in m["unreadable"][:20]:
+                print(f"  {u['path']}: {u['error']}")
+    return 0
 
 
 def _demo(args) -> int:

@@ -8,10 +8,25 @@ def add_parser(sub):
     p.add_argument("--check", metavar="NAME", default=None,
                    help="build NAME with its pretrained weights and say whether they can be had here")
     p.add_argument("--pretrained-file", default=None, help="with --check: local weights to try")
+    p.add_argument("--autoencoders", action="store_true",
+                   help="list the autoencoders of fakescope data align instead (factor, latent channels, input range)")
     return p
 
 
+def _autoencoders() -> int:
+    from fakescope.models.autoencoders import list_autoencoders
+
+    for name, s in list_autoencoders().items():
+        lo, hi = s.input_range
+        sub = f"/{s.hub_subfolder}" if s.hub_subfolder else ""
+        print(f"{name:10s} /{s.factor}, {s.latent_channels:2d} latent channels, input [{lo:g}, {hi:g}], "
+              f"hub {s.hub_repo}{sub}: {s.description}")
+    return 0
+
+
 def run(args) -> int:
+    if args.autoencoders:
+        return _autoencoders()
     from fakescope.models import create_model, list_models
 
     if args.check:
