@@ -123,3 +123,38 @@ def make_run(run_dir: Path, name: str = "cnn32", options: dict | None = None, na
     ckpt.write_config(run_dir, {"model": {"name": name, "options": options}, "native_size": native_size})
     ckpt.save_tensors(Path(run_dir) / ckpt.WEIGHTS, model.state_dict())
     return Path(run_dir)
+
+
+def assert_close(a, b, *, rtol: float = 1e-5, atol: float = 1e-6, path: str = "") -> None:
+    """``a == b`` for JSON-like results (dicts, lists, numbers, strings, None), floats within a tolerance:
+    for the same numbers computed along different paths (batch sizes, thread counts, padding, ranks),
+    where PyTorch promises no bit-identical results. Integers, strings and keys must match exactly."""
+    import math
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), (path, sorted(set(a) ^ set(b)))
+        for k in a:
+            assert_close(a[k], b[k], rtol=rtol, atol=atol, path=f"{path}.{k}")
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        assert len(a) == len(b), (path, len(a), len(b))
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, rtol=rtol, atol=atol, path=f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert isinstance(a, (int, float)) and isinstance(b, (int, float)), (path, a, b)
+        assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rtol, abs_tol=atol), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+def accuracy_on(run_dir, data, *, split: str = "val", limit: int | None = None) -> tuple[float, int]:
+    """``(accuracy, n)`` of ``predict`` on a split (``limit`` images per generator and class, as the
+    attack's ``--limit`` picks them): an independent reference for what attack and benchmark report."""
+    from fakescope.data.layout import index_root, limit_per_class
+    from fakescope.engine.evaluation import predict_paths
+
+    index = index_root(data).select(None, split)
+    if limit:
+        index = limit_per_class(index, limit)
+    rows = predict_paths(run_dir, [index.abspath(i) for i in range(len(index))], provenance=False)
+    right = sum((r["verdict"] == "ai") == bool(y) for r, y in zip(rows, index.labels))
+    return right / len(rows), len(rows)

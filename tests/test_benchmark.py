@@ -344,7 +344,7 @@ def test_benchmark_compares_normal_and_adversarially_trained_robustness(tmp_path
 
     from fakescope.study import run_benchmark
 
-    from synth import make_dataset
+    from synth import accuracy_on, make_dataset
 
     monkeypatch.setenv("FAKESCOPE_CACHE_DIR", str(tmp_path / "cache"))
     data = make_dataset(tmp_path / "data", generators=("g",), n_train=24, n_val=8)
@@ -355,9 +355,54 @@ def test_benchmark_compares_normal_and_adversarially_trained_robustness(tmp_path
     for label in ("cnn32", "cnn32-adv"):
         r = res["models"][label]["robustness"]
         assert r["eps"] == [0, 4 / 255] and r["n"] == 8
+        acc, n = accuracy_on(res["models"][label]["runs"][0]["dir"], data, limit=4)  # predict on the same images
+        assert n == 8 and abs(r["clean_accuracy"] - acc) <= 1 / n + 1e-12  # one image may sit at 0.5
         assert r["robust_accuracy"][0] == r["clean_accuracy"] and r["robust_accuracy"][1] <= r["clean_accuracy"]
     cfg = _json.loads((tmp_path / "out" / "runs" / "cnn32-adv-seed42" / "config.json").read_text())
     assert cfg["train"]["adv_train"] == "pgd"
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Adversarial robustness" in md and "cnn32-adv" in md
+    _assert_timings_have_3_significant_figures(md)
     assert (tmp_path / "out" / "figures" / "robustness.png").exists()
+
+
+def _assert_timings_have_3_significant_figures(md: str) -> None:
+    lines = md.splitlines()
+    at = next(i for i, line in enumerate(lines) if "train img/s" in line)
+    header = [c.strip() for c in lines[at].strip("|").split("|")]
+    rows = []
+    for line in lines[at + 2:]:
+        if not line.startswith("|"):
+            break  # the end of this table
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    assert rows
+    for row in rows:
+        for col in ("data s", "train s", "train img/s", "eval img/s"):
+            cell = row[header.index(col)].split(" ± ")[0]
+            if cell != "—":
+                assert len("".join(ch for ch in cell if ch.isdigit()).strip("0")) <= 3, (col, cell)
+
+
+def test_timings_are_rounded_to_what_the_noise_allows():
+    from fakescope.report.tables import measured, significant
+
+    assert significant(3905.2469) == "3910" and significant(0.012345) == "0.0123" and significant(12.345) == "12.3"
+    assert significant(0.0) == "0" and measured(None) == "—" and measured(7) == "7" and measured(7.0) == "7.00"
+    assert measured({"mean": 3905.2469, "std": 41.27, "ci95": [3800.0, 4000.0]}) == "3910 ± 41.3"
+
+
+def test_a_directly_built_benchmark_config_runs(tmp_path, monkeypatch):
+    """BenchmarkConfig is exported: one built directly (generators None) runs like make_config's, its
+    generators resolved against the data root by run_benchmark."""
+    from fakescope.study import BenchmarkConfig, ModelSpec, run_benchmark
+
+    from synth import make_dataset
+
+    monkeypatch.setenv("FAKESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_dataset(tmp_path / "data", generators=("g", "h"), n_train=8, n_val=4)
+    cfg = BenchmarkConfig(data=str(data), out=str(tmp_path / "out"), epochs=1, precision_check=False, gallery=False,
+                          models=[ModelSpec("cnn32", "cnn32", {"filters": [4, 8, 8], "hidden": 8})])
+    assert cfg.generators is None
+    res = run_benchmark(cfg)
+    assert res["data"]["generators"] == ["g", "h"] and res["models"]["cnn32"]["overall"]["n"] == 16
+    assert cfg.generators is None  # the caller's object is left as it was

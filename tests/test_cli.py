@@ -7,7 +7,7 @@ import pytest
 from fakescope.cli import main
 from fakescope.data.layout import index_root
 
-from synth import make_dataset
+from synth import accuracy_on, make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,9 @@ def test_attack_command_json_table_and_plot(run, data, tmp_path, capsys):
     blob = json.loads(js.read_text())
     assert blob["attack"] == "pgd" and [r["eps"] for r in blob["results"]] == [0, 4 / 255, 16 / 255]
     r0 = blob["results"][0]
-    assert r0["robust_accuracy"] == blob["clean_accuracy"]
+    acc, n = accuracy_on(run, data, limit=4)  # predict's verdicts on the same images
+    assert blob["n"] == n and abs(blob["clean_accuracy"] - acc) <= 1 / n + 1e-12  # one image may sit at 0.5
+    assert r0["robust_accuracy"] == blob["clean_accuracy"] and r0["success_rate"] == 0.0  # eps 0 changes nothing
     assert set(r0) >= {"eps", "robust_accuracy", "success_rate", "mean_linf", "mean_l2", "psnr", "per_generator",
                        "per_direction"}
     assert blob["results"][2]["robust_accuracy"] <= blob["results"][1]["robust_accuracy"] <= r0["robust_accuracy"]

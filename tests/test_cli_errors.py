@@ -148,7 +148,8 @@ def test_values_checked_after_parsing(data, tmp_path, capsys):
 def test_unwritable_output_is_one_line(data, tmp_path, capsys):
     (tmp_path / "plain_file").write_text("x")
     code, err = _run(_train(data, tmp_path / "plain_file" / "run"), capsys)
-    assert code in (1, 2) and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err  # a user error: exit 2
+    assert err.startswith("fakescope: error: --out: expected a run folder that can be created"), err
     assert "plain_file" in err
 
 

@@ -134,8 +134,11 @@ def test_attack_judges_like_evaluate(env):
     bf16 = runtime.bf16_supported(torch.device("cpu"))
     assert res["precision"] == ev["precision"] == ("bf16" if bf16 else "fp32")
     assert res["attack_precision"] == "fp32"  # gradients in full precision unless asked otherwise
-    assert res["n"] == ev["overall"]["n"] and res["clean_accuracy"] == ev["overall"]["accuracy"]
-    assert res["results"][0]["robust_accuracy"] == ev["overall"]["accuracy"]
+    # accuracies of two forward paths (attack batches vs evaluate's): a score within rounding of 0.5 may
+    # fall either side, so they agree within one image, not bit for bit
+    one = 1 / res["n"] + 1e-12
+    assert res["n"] == ev["overall"]["n"] and abs(res["clean_accuracy"] - ev["overall"]["accuracy"]) <= one
+    assert abs(res["results"][0]["robust_accuracy"] - ev["overall"]["accuracy"]) <= one
     if bf16:
         ex = attack_run(env["run"], env["data"], attack="fgsm", eps_list=[0], num_workers=0, precision="bf16")
         assert (ex["precision"], ex["attack_precision"]) == ("bf16", "bf16")

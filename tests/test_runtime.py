@@ -14,7 +14,7 @@ from fakescope.engine.infer import default_batch_size, evaluate_index, score_fil
 from fakescope.errors import FakescopeError
 from fakescope.models import create_model
 
-from synth import make_dataset
+from synth import assert_close, make_dataset
 
 CPU = torch.device("cpu")
 
@@ -161,7 +161,7 @@ def test_single_pass_degradations_match_separate_passes(tmp_path):
 
             m = DetectionMetrics(0.5)
             m.update(np.asarray(index.labels)[ok], p[ok], np.asarray(index.generators, dtype=object)[ok].tolist())
-            assert m.compute()["overall"] == row["overall"]
+            assert_close(m.compute()["overall"], row["overall"])
     assert len(res["bad_files"]) == 1 and res["overall"]["n"] == len(index) - 1
     p0, errors = score_files(model, files, pl, device=CPU, precision=prec, batch_size=8, num_workers=1)
     broken = np.array(["broken" in f for f in files])

@@ -214,3 +214,29 @@ def test_attack_reuse_key_covers_every_ingredient(env, trained, tmp_path, monkey
     ckpt.save_tensors(run / ckpt.WEIGHTS, tensors)
     assert atk()[1]
     assert not atk()[1]
+
+
+def test_one_key_builder_resolves_precision_and_training_reuse_follows_the_data(tmp_path, monkeypatch):
+    """Every cached result's key comes from result_key (precision as resolved, never 'auto'); a finished
+    training run is reused only for the same options, the same training files and the same fakescope."""
+    from fakescope.study import runs as R
+
+    from synth import make_dataset
+
+    monkeypatch.setenv("FAKESCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=8, n_val=2)
+    cfg = make_config({"data": str(data), "out": str(tmp_path / "out"), "epochs": 1,
+                       "models": {"cnn32": {"filters": [4, 8, 8], "hidden": 8}}})
+    spec = cfg.model("cnn32")
+    opts = R.train_options(cfg, spec, 42, cfg.generators)
+    run = R.run_dir_for(cfg, spec, 42)
+    assert R.ensure_run(opts, run)[1] is True
+    assert R.ensure_run(opts, run)[1] is False  # reused
+    for key in (R.evaluation_key(cfg, run, generators=cfg.generators), R.result_key(cfg, run, precision="auto",
+                                                                                    data=None)):
+        assert key["precision"] in ("fp32", "bf16") and key["fakescope"] and key["weights_sha256"]
+    extra = data / "g" / "train" / "ai" / "extra.png"
+    shutil.copy(next((data / "g" / "train" / "ai").iterdir()), extra)  # the training data changed
+    assert R.ensure_run(opts, run)[1] is True
+    monkeypatch.setattr(R, "__version__", "0.0.0-other")  # another fakescope version
+    assert R.ensure_run(opts, run)[1] is True

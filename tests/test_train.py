@@ -205,3 +205,133 @@ def test_large_seeds_train_reproducibly_with_augmentation(tmp_path, seed):
     s2 = train(TrainOptions(**opts), tmp_path / "b")
     assert s1["input_path"] == "stream" and s1["validation"] == s2["validation"]
     assert (tmp_path / "a" / ckpt.WEIGHTS).read_bytes() == (tmp_path / "b" / ckpt.WEIGHTS).read_bytes()
+
+
+# --- train --resume from the command line -------------------------------------------------------------
+
+def _cli(argv, capsys):
+    from fakescope.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_resume_needs_only_the_run_folder_and_honours_epochs_and_patience(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=12, n_val=2)
+    run = tmp_path / "run"
+    code, err = _cli(["train", "--model", "cnn32", "--data", str(data), "--out", str(run), "--epochs", "1",
+                      "--patience", "0", "--batch-size", "8", "--no-cache"], capsys)
+    assert code == 0, err
+    code, err = _cli(["train", "--resume", "--out", str(run), "--epochs", "3", "--patience", "4"], capsys)
+    assert code == 0, err
+    assert [json.loads(x)["epoch"] for x in (run / ckpt.LOG).read_text().splitlines()] == [1, 2, 3]
+    stored = json.loads((run / ckpt.CONFIG).read_text())["train"]
+    assert (stored["epochs"], stored["patience"]) == (3, 4)  # what a later resume compares with
+    # the same model, data and batch size given again agree with the run: accepted
+    code, err = _cli(["train", "--model", "cnn32", "--data", str(data), "--batch-size", "8", "--resume",
+                      "--out", str(run), "--epochs", "3"], capsys)
+    assert code == 0, err
+
+
+def test_resume_refuses_options_that_differ_from_the_run(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=12, n_val=2)
+    run, cos = tmp_path / "run", tmp_path / "cos"
+    for out, extra in ((run, []), (cos, ["--lr-schedule", "cosine"])):
+        code, err = _cli(["train", "--model", "cnn32", "--data", str(data), "--out", str(out), "--epochs", "2",
+                          "--patience", "0", "--no-cache", *extra], capsys)
+        assert code == 0, err
+    before = (run / ckpt.WEIGHTS).read_bytes()
+    for argv, flag in ((["--lr", "0.5"], "--lr:"), (["--seed", "1"], "--seed:"), (["--model", "resnet50"], "--model:"),
+                       (["--data", str(tmp_path)], "--data:"), (["--epochs", "1"], "--epochs:")):
+        code, err = _cli(["train", "--resume", "--out", str(run), *argv], capsys)
+        assert code == 2 and err.startswith(f"fakescope: error: {flag}") and err.count("\n") == 1, err
+    assert (run / ckpt.WEIGHTS).read_bytes() == before  # nothing trained
+    code, err = _cli(["train", "--resume", "--out", str(cos), "--epochs", "4"], capsys)
+    assert code == 2 and "cosine" in err, err
+    code, err = _cli(["train", "--out", str(tmp_path / "new")], capsys)
+    assert code == 2 and "expected --model and --data" in err, err
+    code, err = _cli(["train", "--resume", "--out", str(tmp_path / "none")], capsys)
+    assert code == 2 and "expected a run to resume" in err, err
+
+
+def test_final_validation_runs_at_the_inference_precision(tmp_path, monkeypatch):
+    """metrics.json's validation is scored as ``evaluate`` scores: at the inference precision (bf16
+    where the processor has it; forced here), not the training one (fp32)."""
+    from fakescope.engine import runtime
+    from fakescope.engine import train as train_module
+
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: True)  # CPU autocast runs bf16 anywhere
+    dtypes = []
+    real = train_module.forward_logits
+    monkeypatch.setattr(train_module, "forward_logits",
+                        lambda model, x, precision, device: dtypes.append(precision.name) or real(model, x, precision,
+                                                                                                   device))
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=12, n_val=2)
+    train(TrainOptions(model="cnn32", data=str(data), epochs=1, patience=0, batch_size=8, use_cache=False),
+          tmp_path / "run")
+    cfg = json.loads((tmp_path / "run" / ckpt.CONFIG).read_text())
+    assert cfg["precision"]["train"] == "fp32" and cfg["precision"]["inference"] == "bf16"
+    assert dtypes and set(dtypes) == {"bf16"}
+
+
+def test_run_summary_and_evaluation_metrics_have_different_names_and_old_runs_still_read(tmp_path):
+    """A run's training summary is train_metrics.json, an evaluation's results metrics.json; a run of an
+    earlier version (summary in metrics.json) is still read by the model card, the server and the study."""
+    from fakescope import runfiles as rf
+    from fakescope.report.model_card import build_model_card
+
+    assert rf.TRAIN_METRICS != rf.EVAL_METRICS and ckpt.METRICS == rf.TRAIN_METRICS
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=12, n_val=2)
+    run = tmp_path / "run"
+    summary = train(TrainOptions(model="cnn32", data=str(data), epochs=1, patience=0, batch_size=8,
+                                 use_cache=False), run)
+    assert json.loads((run / "train_metrics.json").read_text())["epochs_run"] == 1
+    assert not (run / "metrics.json").exists()
+    card = build_model_card(run)
+    (run / "train_metrics.json").rename(run / "metrics.json")  # a run as earlier versions wrote it
+    assert rf.read_train_metrics(run) == json.loads(json.dumps(summary))
+    assert build_model_card(run) == card
+
+
+def test_write_evaluation_is_a_pure_writer(tmp_path, monkeypatch):
+    """write_evaluation writes the files of one result: the result is left as it was and the run's
+    model card is not touched (the command refreshes it)."""
+    import copy
+
+    from fakescope.report import model_card
+
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=12, n_val=4)
+    run = tmp_path / "run"
+    train(TrainOptions(model="cnn32", data=str(data), epochs=1, patience=0, batch_size=8, use_cache=False), run)
+    res = evaluate_run(run, data, num_workers=0, use_cache=False)
+    before = copy.deepcopy(res)
+    card = (run / "MODEL_CARD.md").read_bytes()
+    monkeypatch.setattr(model_card, "write_model_card", lambda *a, **k: pytest.fail("the writer wrote the card"))
+    outputs = write_evaluation(res, run / "eval-x", figures=False)
+    assert res.keys() == before.keys() and "outputs" not in res
+    assert json.loads((run / "eval-x" / "metrics.json").read_text())["outputs"] == outputs
+    assert (run / "MODEL_CARD.md").read_bytes() == card
+
+
+def test_writing_calibration_files_reads_no_data(tmp_path, monkeypatch):
+    """write_calibration_files writes calibration.json and nothing else: no re-indexing of the data root,
+    no decoding for the card; refresh_model_card (the caller's step) reads only the run's files."""
+    from fakescope.calibration import Calibration
+    from fakescope.data import layout
+    from fakescope.report import model_card
+    from fakescope.report.artifacts import write_calibration_files
+
+    data = make_dataset(tmp_path / "data", generators=("g",), n_train=12, n_val=4)
+    run = tmp_path / "run"
+    train(TrainOptions(model="cnn32", data=str(data), epochs=1, patience=0, batch_size=8, use_cache=False), run)
+    card = (run / "MODEL_CARD.md").read_text()
+    for module, name in ((layout, "index_root"), (model_card, "inspect_training_data"), (model_card, "index_root")):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the data root was read"))
+    cal = Calibration(temperature=1.5, threshold=0.4, threshold_logit=-0.27, target_fpr=0.05)
+    before = sorted(p.name for p in run.iterdir())
+    paths = write_calibration_files(run, cal)
+    assert sorted(p.name for p in run.iterdir()) == sorted([*before, "calibration.json"])
+    assert list(paths) == ["calibration"] and (run / "MODEL_CARD.md").read_text() == card
+    assert model_card.refresh_model_card(run) == run / "MODEL_CARD.md"
+    assert (run / "MODEL_CARD.md").read_text() != card  # the card now shows the calibration

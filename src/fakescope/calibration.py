@@ -42,10 +42,11 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from fakescope.errors import FakescopeError
+from fakescope.runfiles import CALIBRATION
 from fakescope.utils import write_json
 from fakescope.validate import DEFAULT_CONFIDENCE
 
-CALIBRATION_FILE = "calibration.json"
+CALIBRATION_FILE = CALIBRATION  # fakescope.runfiles names every run file
 CALIBRATION_FORMAT = 1
 ECE_BINS = 15
 _P_EPS = 1e-16  # p_ai is float64: logits are recoverable to about +-36.8

@@ -25,10 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fakescope import __version__
+from fakescope import LABELS, __version__
 from fakescope.errors import FakescopeError
 
-LABEL_MAP = {"nature": 0, "ai": 1}
 DEFAULT_OPSET = 17
 
 
@@ -88,7 +87,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         "model_options": json.dumps(config["model"].get("options", {})),
         "input_size": str(size), "native_size": json.dumps(config.get("native_size")),
         "mean": json.dumps(list(model.preprocess.mean)), "std": json.dumps(list(model.preprocess.std)),
-        "label_map": json.dumps(LABEL_MAP), "threshold": repr(decision.threshold),
+        "label_map": json.dumps(LABELS), "threshold": repr(decision.threshold),
         "threshold_source": decision.source, "calibration_temperature": repr(temperature),
         "p_ai_calibrated": json.dumps(decision.calibrated),
         "jpeg_align": json.dumps(config.get("train", {}).get("jpeg_align")),

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from fakescope.attacks.base import Attack, AttackError, check_eps, check_threshold, eval_mode, l2_norms
+from fakescope.choices import ATTACK_DIRECTIONS, ONE_CLASS_DIRECTIONS
 from fakescope.progress import progress
 
-DIRECTIONS: tuple[str, ...] = ("both", "ai-to-real", "real-to-ai")
+DIRECTIONS = ATTACK_DIRECTIONS
 _LABEL_OF_DIRECTION = {"ai-to-real": 1, "real-to-ai": 0}
 
 
@@ -66,7 +67,7 @@ class _EpsResult:
         self.eps = eps
         self.all = _Tally()
         self.per_generator: dict[str, _Tally] = {}
-        self.per_direction = {"ai-to-real": _Tally(), "real-to-ai": _Tally()}
+        self.per_direction = {d: _Tally() for d in ONE_CLASS_DIRECTIONS}
         self.n_attacked = 0
         self.sum_linf = 0.0
         self.sum_l2 = 0.0

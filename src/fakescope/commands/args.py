@@ -9,6 +9,7 @@ import argparse
 from collections.abc import Callable
 
 from fakescope import validate
+from fakescope.choices import GEOMETRIES
 
 
 class Parser(argparse.ArgumentParser):
@@ -66,11 +67,12 @@ def data_option(value):
     return value
 
 
-def add_data(p: argparse.ArgumentParser, split_default: str | None = "val", *, several: bool = False) -> None:
+def add_data(p: argparse.ArgumentParser, split_default: str | None = "val", *, several: bool = False,
+             required: bool = True) -> None:
     if several:
-        p.add_argument("--data", required=True, action="append", help=DATA_HELP + SEVERAL_HELP)
+        p.add_argument("--data", required=required, action="append", help=DATA_HELP + SEVERAL_HELP)
     else:
-        p.add_argument("--data", required=True, help=DATA_HELP)
+        p.add_argument("--data", required=required, help=DATA_HELP)
     p.add_argument("--generators", type=csv, default=None, help="comma-separated generators to use")
     if split_default is not None:
         p.add_argument("--split", default=split_default, choices=["train", "val"])
@@ -79,14 +81,14 @@ def add_data(p: argparse.ArgumentParser, split_default: str | None = "val", *, s
 
 
 def add_geometry(p: argparse.ArgumentParser, what: str = "override the run's test-time geometry") -> None:
-    p.add_argument("--test-geometry", default=None, choices=["resize", "center_crop", "crops"],
+    p.add_argument("--test-geometry", default=None, choices=list(GEOMETRIES),
                    help=f"{what}: resize (whole image to the input size), center_crop (centre square at the "
                         f"image's pixel scale) or crops (mean score of a 3x3 grid of such squares)")
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True,
+    g.add_argument("--model", required=required,
                    help="cnn32, resnet50, convnext_small, npr, cnnspot, univfd or timm:<name> (see `fakescope models`)")
     add_backbone_options(g)
     g.add_argument("--filters", type=csv, default=None, help="cnn32 filters, e.g. 32,64,128")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fakescope.attacks import ATTACKS
+from fakescope.choices import ATTACK_DIRECTIONS
 from fakescope.commands import args as a
 
 
@@ -9,13 +11,13 @@ def add_parser(sub):
     p = sub.add_parser("attack", help="robust accuracy of a run under an adversarial attack")
     p.add_argument("run")
     a.add_data(p)
-    p.add_argument("--attack", default="pgd", choices=["fgsm", "pgd", "pgd-l2", "square"])
+    p.add_argument("--attack", default="pgd", choices=list(ATTACKS))
     p.add_argument("--eps", default="0,1/255,2/255,4/255,8/255",
                    help="comma-separated budgets in pixel units of [0, 1] images (fractions allowed)")
     p.add_argument("--steps", type=a.positive_int, default=10, help="PGD steps")
     p.add_argument("--step-size", type=a.number, default=None, help="PGD step size (default 2.5 * eps / steps)")
     p.add_argument("--queries", type=a.positive_int, default=None, help="Square attack query budget")
-    p.add_argument("--direction", default="both", choices=["ai-to-real", "real-to-ai", "both"])
+    p.add_argument("--direction", default="both", choices=list(ATTACK_DIRECTIONS))
     p.add_argument("--source", default=None, metavar="RUN_A", help="craft on this run, evaluate on RUN (transfer)")
     p.add_argument("--limit", type=a.positive_int, default=None, help="at most N images per generator and class")
     p.add_argument("--save-examples", default=None, metavar="DIR",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from fakescope.attacks import ATTACKS
 from fakescope.commands import args as a
 
 BENCHMARK_HELP = """\
@@ -77,7 +78,7 @@ def add_parser(sub):
     b.add_argument("--real-photos", default=None, metavar="DIR",
                    help="a folder of real photos only (any sizes): report how many each model calls AI at its own "
                         "threshold (the check against size and content shortcuts)")
-    b.add_argument("--attack", default=None, choices=["fgsm", "pgd", "pgd-l2", "square"],
+    b.add_argument("--attack", default=None, choices=list(ATTACKS),
                    help="also the robust accuracy of every model's first-seed run under this attack")
     b.add_argument("--attack-eps", default=None, help="budgets, e.g. 0,1/255,2/255,4/255,8/255")
     b.add_argument("--attack-limit", type=a.positive_int, default=None,

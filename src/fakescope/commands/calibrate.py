@@ -32,6 +32,7 @@ def run(args) -> int:
     from fakescope.engine import runtime
     from fakescope.engine.calibrate import calibrate_run
     from fakescope.report.artifacts import write_calibration_files
+    from fakescope.report.model_card import refresh_model_card
 
     res = calibrate_run(args.run, args.data, split=args.split, generators=args.generators,
                         target_fpr=args.target_fpr, method=args.method, limit=args.limit, device=args.device,
@@ -41,6 +42,9 @@ def run(args) -> int:
     paths = write_calibration_files(args.run, res["calibration"])
     if not runtime.is_main():
         return 0
+    card = refresh_model_card(args.run)  # the card shows the calibration (from the run's files only)
+    if card is not None:
+        paths["model_card"] = str(card)
     for w in res["warnings"]:
         print(f"WARNING: {w}", file=sys.stderr)
     c = res["calibration"].to_dict()
@@ -56,5 +60,5 @@ def run(args) -> int:
           f"upper bound {g['fpr_upper_bound']:.4f} ({g['bound_confidence']:g} confidence); TPR {g['tpr']:.4f} "
           f"[{g['tpr_interval'][0]:.4f}, {g['tpr_interval'][1]:.4f}] (95 % interval, {g['n_ai']} AI images)")
     print(f"promise: {g['statement']}")
-    print(f"written: {paths['calibration']}, {paths['model_card']}")
+    print(f"written: {', '.join(paths.values())}")
     return 0

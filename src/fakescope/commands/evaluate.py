@@ -28,7 +28,8 @@ def add_parser(sub):
 def run(args) -> int:
     from fakescope.engine import runtime
     from fakescope.engine.evaluation import evaluate_run
-    from fakescope.report.artifacts import eval_folder, write_evaluation
+    from fakescope.report.artifacts import eval_folder, in_run, write_evaluation
+    from fakescope.report.model_card import refresh_model_card
     from fakescope.report.tables import fmt, markdown_table
 
     result = evaluate_run(
@@ -39,7 +40,10 @@ def run(args) -> int:
         use_cache=not args.no_cache, cache_dir=args.cache_dir, max_pixels=args.max_pixels, compile=args.compile,
         geometry=args.test_geometry,
     )
-    write_evaluation(result, args.out or eval_folder(args.run, args.data, args.split, args.jpeg_align), args.json_out)
+    outputs = write_evaluation(result, args.out or eval_folder(args.run, args.data, args.split, args.jpeg_align),
+                               args.json_out)
+    if runtime.is_main() and in_run(outputs["json"], args.run):
+        refresh_model_card(args.run)  # the card lists the run's evaluations
     if runtime.is_main():
         rows = {"overall": result["overall"], **result["per_generator"]}
         print(markdown_table(rows, first=f"{result['model']['name']} on {args.split}"))
@@ -82,7 +86,7 @@ def run(args) -> int:
             print(f"\n{n_bad - nonfinite} unreadable files skipped (listed in the JSON)" if not nonfinite else
                   f"\n{n_bad} images skipped: {n_bad - nonfinite} unreadable, {nonfinite} scored NaN or inf by the "
                   f"model (listed in the JSON)")
-        print(f"\nresults: {result['outputs']['json']}  figures: {result['outputs']['folder']}")
+        print(f"\nresults: {outputs['json']}  figures: {outputs['folder']}")
     if not result["overall"].get("n"):  # exit code 0 unless nothing could be read
         print(f"fakescope: error: none of the {len(result['bad_files'])} images could be read", file=sys.stderr)
         return 1

@@ -59,7 +59,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=_nonneg_float, default=10.0,
                    help="longest wait for more images before a forward pass starts")
     p.add_argument("--max-queue", type=a.positive_int, default=256,
-                   help="most images (and requests) waiting; beyond it requests get 429 with Retry-After")
+                   help="most requests in progress (being read, decoded, waiting or scored, whatever their "
+                        "number of images); a request beyond it gets 429 with Retry-After")
     p.add_argument("--workers", type=a.positive_int, default=1, help="server processes (each loads the models)")
     p.add_argument("--api-key", default=None,
                    help=f"require this key (Authorization: Bearer KEY or X-API-Key); default: ${API_KEY_ENV}")

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
+
 from fakescope import validate
+from fakescope.choices import LR_SCHEDULES, TASKS
 from fakescope.commands import args as a
+from fakescope.data.transforms import Augment
 from fakescope.errors import FakescopeError
 
 
 def add_parser(sub):
     t = sub.add_parser("train", help="train a detector into a run directory")
-    a.add_model_options(t)
-    a.add_data(t, split_default=None, several=True)
+    a.add_model_options(t, required=False)
+    a.add_data(t, split_default=None, several=True, required=False)
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--epochs", type=a.positive_int, default=10)
     t.add_argument("--lr", type=a.number, default=None, help="Adam's learning rate (default: the model's recipe, "
                                                              "else 1e-3)")
-    t.add_argument("--lr-schedule", default=None, choices=["constant", "cosine", "plateau", "step"],
+    t.add_argument("--lr-schedule", default=None, choices=list(LR_SCHEDULES),
                    help="default: the model's recipe, else constant; plateau: lr / 10 when validation accuracy "
                         "stalls for 5 epochs; step: x 0.9 every 10 epochs")
-    t.add_argument("--task", default="binary", choices=["binary", "attribution"],
+    t.add_argument("--task", default="binary", choices=list(TASKS),
                    help="attribution: one class per generator plus nature (softmax); p_ai = 1 - P(nature)")
     a.add_geometry(t, "the run's test-time geometry (default: the model's); center_crop and crops also train on "
                       "crops at the image's pixel scale")
@@ -33,7 +37,11 @@ def add_parser(sub):
                          "with the same crop, flip and blur/JPEG/scale augmentation (default: the model's recipe)")
     pr.add_argument("--unpaired", dest="paired", action="store_false",
                     help="sample the members of aligned pairs independently (overrides a paired recipe)")
-    t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last complete epoch: every option comes from the run "
+                        "(--model and --data are not needed) except --device and --workers; --epochs and "
+                        "--patience may change (not --epochs under a cosine schedule), any other option given must "
+                        "agree with the run's")
     t.add_argument("--strict", action="store_true", help="any unreadable file is an error before training starts")
     t.add_argument("--preload", default="auto", choices=["auto", "on", "off"],
                    help="decode the split once into memory: auto (images of native size <= 64), on, off")
@@ -55,7 +63,20 @@ def add_parser(sub):
     v.add_argument("--adv-steps", type=a.positive_int, default=7)
     v.add_argument("--adv-mix", type=a.fraction, default=0.0, help="fraction of each batch kept clean")
     a.add_runtime(t)
+    # every option's default is applied in run(): None there means "not given", so a resume knows what the user set
+    for x in t._actions:  # the first action of a dest sets its default, as in argparse (--freeze before --finetune)
+        if x.dest not in _NOT_OPTIONS:
+            _DEFAULTS.setdefault(x.dest, x.default)
+    t.set_defaults(**dict.fromkeys(_DEFAULTS))
     return t
+
+
+_NOT_OPTIONS = {"help", "out", "resume"}
+_DEFAULTS: dict = {}
+_AUG = ("aug_jpeg", "aug_jpeg_quality", "aug_blur", "aug_blur_sigma", "aug_crop", "aug_flip", "aug_native_crop",
+        "aug_scale")
+_MODEL = ("filters", "pretrained_file", "no_pretrained", "freeze")
+_RENAMED = {"workers": "num_workers", "no_cache": "use_cache"}
 
 
 def _range(flag: str, s: str, kind) -> tuple:
@@ -72,38 +93,70 @@ def _scale(s: str | None) -> tuple[float, float]:
     return lo, hi
 
 
+def _augment(args) -> Augment | None:
+    if all(getattr(args, f) is None for f in _AUG):
+        return None  # the model's recipe
+    return Augment(jpeg_prob=args.aug_jpeg or 0.0,
+                   jpeg_quality=_range("--aug-jpeg-quality", args.aug_jpeg_quality or "30,100", int),
+                   blur_prob=args.aug_blur or 0.0,
+                   blur_sigma=_range("--aug-blur-sigma", args.aug_blur_sigma or "0,3", float),
+                   crop=1.0 if args.aug_crop is None else args.aug_crop, flip=bool(args.aug_flip),
+                   native_crop=bool(args.aug_native_crop),
+                   scale=_scale(args.aug_scale))
+
+
+def _given(args) -> dict:
+    """The training options the command line set, by their :class:`TrainOptions` names (device and
+    workers always: a run, resumed or not, runs where this command runs)."""
+    out: dict = {}
+    for dest in _DEFAULTS:
+        v = getattr(args, dest)
+        if v is None or dest in _AUG or dest in _MODEL:
+            continue
+        out[_RENAMED.get(dest, dest)] = (not v) if dest == "no_cache" else v
+    if any(getattr(args, f) is not None for f in _AUG):
+        out["augment"] = _augment(args)
+    if any(getattr(args, f) is not None for f in _MODEL):
+        out["model_options"] = a.model_options(args)
+    if "data" in out:
+        out["data"] = a.data_option(out["data"])  # --data given several times: a list of roots
+    out["device"] = args.device or _DEFAULTS["device"]
+    out["num_workers"] = args.workers
+    return out
+
+
 def run(args) -> int:
-    from fakescope.data.transforms import Augment
+    from fakescope.engine import checkpoint as ckpt
     from fakescope.engine import runtime
     from fakescope.engine.train import TrainOptions, train
     from fakescope.report.tables import markdown_table
 
-    flags = (args.aug_jpeg, args.aug_jpeg_quality, args.aug_blur, args.aug_blur_sigma, args.aug_crop, args.aug_flip,
-             args.aug_native_crop, args.aug_scale)
-    aug = None  # the model's recipe
-    if any(f is not None for f in flags):
-        aug = Augment(jpeg_prob=args.aug_jpeg or 0.0,
-                      jpeg_quality=_range("--aug-jpeg-quality", args.aug_jpeg_quality or "30,100", int),
-                      blur_prob=args.aug_blur or 0.0,
-                      blur_sigma=_range("--aug-blur-sigma", args.aug_blur_sigma or "0,3", float),
-                      crop=1.0 if args.aug_crop is None else args.aug_crop, flip=bool(args.aug_flip),
-                      native_crop=bool(args.aug_native_crop),
-                      scale=_scale(args.aug_scale))
-    opts = TrainOptions(
-        model=args.model, data=a.data_option(args.data), generators=args.generators, paired=args.paired,
-        epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, patience=args.patience,
-        task=args.task, test_geometry=args.test_geometry,
-        seed=args.seed, val_fraction=args.val_fraction, limit=args.limit, native_size=args.native_size,
-        jpeg_align=args.jpeg_align, augment=aug,
-        model_options=a.model_options(args), device=args.device,
-        precision=args.precision, use_cache=not args.no_cache, cache_dir=args.cache_dir, adv_train=args.adv_train,
-        adv_eps=args.adv_eps, adv_steps=args.adv_steps, adv_mix=args.adv_mix, strict=args.strict,
-        num_workers=args.workers, max_pixels=args.max_pixels, compile=args.compile, preload=args.preload,
-    )
-    summary = train(opts, args.out, resume=args.resume)
+    given = _given(args)
+    opts = None
+    if args.model is not None and args.data is not None:
+        full = argparse.Namespace(**{**vars(args), **{k: _DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)
+                                                      for k in _DEFAULTS}})
+        opts = TrainOptions(
+            model=full.model, data=a.data_option(full.data), generators=full.generators, paired=full.paired,
+            epochs=full.epochs,
+            batch_size=full.batch_size, lr=full.lr, lr_schedule=full.lr_schedule, patience=full.patience,
+            task=full.task, test_geometry=full.test_geometry,
+            seed=full.seed, val_fraction=full.val_fraction, limit=full.limit, native_size=full.native_size,
+            jpeg_align=full.jpeg_align, augment=_augment(args),
+            model_options=a.model_options(full), device=full.device,
+            precision=full.precision, use_cache=not full.no_cache, cache_dir=full.cache_dir,
+            adv_train=full.adv_train, adv_eps=full.adv_eps, adv_steps=full.adv_steps, adv_mix=full.adv_mix,
+            strict=full.strict, num_workers=full.workers, max_pixels=full.max_pixels, compile=full.compile,
+            preload=full.preload,
+        )
+    elif not args.resume:
+        raise FakescopeError(f"expected --model and --data for a new run, got "
+                             f"{'neither' if args.model is None and args.data is None else 'only one of them'} "
+                             f"(pass --resume to continue the run in {args.out})")
+    summary = train(opts, args.out, resume=args.resume, changes=given if args.resume else None)
+    model = opts.model if opts is not None else ckpt.read_config(args.out)["model"]["name"]
     if runtime.is_main():
-        print(markdown_table({args.model: summary["validation"]}, first="validation"))
+        print(markdown_table({model: summary["validation"]}, first="validation"))
         print(f"\nbest epoch {summary['best_epoch']} of {summary['epochs_run']}, "
               f"{summary['train_seconds']:.1f} s training ({summary['input_path']} inputs), "
               f"{summary['bad_files']} unreadable files skipped")

@@ -2,7 +2,7 @@
 
 Every image that enters fakescope goes through :func:`read_image`. It returns an RGB
 ``uint8`` tensor of shape ``[3, H, W]`` or raises :class:`~fakescope.errors.ImageReadError`
-with a short reason; it never returns garbage, never lets a decoder warning pass, and never
+with a short reason; it never returns garbage and never
 raises anything else for a bad file (whatever the bytes, the caller sees an ``ImageReadError``).
 Only the errors a decoder raises on malformed data (:data:`DECODE_ERRORS`) make a bad file: a
 ``RuntimeError`` (a bug, torch running out of memory) or a ``MemoryError`` is never turned into
@@ -22,15 +22,13 @@ from __future__ import annotations
 import io
 import os
 import struct
-import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from fakescope.errors import ImageReadError
 
@@ -44,12 +42,13 @@ orientation, compositing, draft scaling): caches of decoded-image results key on
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 _ORIENTATION = 0x0112
 DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, SyntaxError, EOFError, ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, OverflowError,
-    struct.error, Image.DecompressionBombError, Warning,
+    OSError, SyntaxError, EOFError, ValueError, ZeroDivisionError, OverflowError, struct.error,
+    Image.DecompressionBombError,
 )
-"""What Pillow's decoders raise on malformed bytes (``Warning``: a decoder warning, turned into an error
-while decoding). Anything else, ``RuntimeError`` and ``MemoryError`` included, is not a bad file."""
-_PILLOW_LIMIT = threading.Lock()
+"""What Pillow's decoders raise on malformed bytes (truncated data included: ``ImageFile.LOAD_TRUNCATED_IMAGES``
+stays False, so Pillow raises ``OSError`` on it). ``TypeError``, ``KeyError``, ``IndexError``, ``RuntimeError``,
+``MemoryError`` and anything else are not a bad file: they are a bug (in fakescope or in a decoder) and propagate.
+Decoding sets no process-wide state (no warning filters, no Pillow globals), so threads may decode at once."""
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -126,22 +125,45 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
+_NOT_MINE = (SyntaxError, IndexError, TypeError, struct.error)
+"""What a Pillow format plugin raises on a header that is not its format (``Image.open`` moves on to the next)."""
+
+
+def _plugins() -> list[tuple[str, type, object]]:
+    """``(format, image class, accept)`` for :data:`FORMATS` that this Pillow has."""
+    Image.init()
+    found = []
+    for fmt in FORMATS:
+        if fmt not in Image.OPEN:
+            continue
+        factory, accept = Image.OPEN[fmt]
+        if fmt == "JPEG":  # jpeg_factory also probes for MPO and warns when that fails: the base JPEG is the image
+            factory = JpegImagePlugin.JpegImageFile
+        found.append((fmt, factory, accept))
+    return found
+
+
 def _pillow_open(src) -> Image.Image:
-    try:
-        return Image.open(src, formats=FORMATS)
-    except Image.DecompressionBombError:
-        pass
-    # Pillow's own guard (a global, 89 M pixels by default) fired before ours: read the header
-    # again without it, so that ``max_pixels`` alone decides and the message gives the size.
-    with _PILLOW_LIMIT:
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
+    """``Image.open(src, formats=FORMATS)`` without Pillow's process-wide parts: its decompression-bomb
+    guard (a global limit, a warning above it; ``max_pixels`` alone decides here) and its warnings.
+    ``src``: a path or a seekable binary file object."""
+    if hasattr(src, "read"):
+        src.seek(0)
+        prefix = src.read(16)
+    else:
+        with open(src, "rb") as f:
+            prefix = f.read(16)
+    for _fmt, factory, accept in _plugins():
+        ok = accept(prefix) if accept else True
+        if not ok or isinstance(ok, str):
+            continue
+        if hasattr(src, "read"):
+            src.seek(0)
         try:
-            if hasattr(src, "seek"):
-                src.seek(0)
-            return Image.open(src, formats=FORMATS)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
+            return factory(src)
+        except _NOT_MINE:
+            continue
+    raise UnidentifiedImageError(f"cannot identify image file {src if isinstance(src, str) else 'data'!r}")
 
 
 def _reason(e: BaseException) -> str:
@@ -160,9 +182,7 @@ def _open(path: str, max_pixels: int, src=None) -> Image.Image:
     """Open (header only) and check the pixel count before anything is decoded. ``src``: a file
     object to read instead of ``path`` (which then only names the image in messages)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # bomb warnings: our own limit decides; format-guess chatter
-            im = _pillow_open(path if src is None else src)
+        im = _pillow_open(path if src is None else src)
     except UnidentifiedImageError:
         raise ImageReadError(path, _what_is_it(path) if src is None else describe_bytes(src.getvalue())) from None
     except PermissionError:
@@ -333,21 +353,15 @@ def read_image_bytes(
 def _decode(path: str, im: Image.Image, reduce_to: int | None) -> Decoded:
     fmt = (im.format or "unknown").upper()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # e.g. truncated data, bad palette: the image is not trusted
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked above, on the header
-            warnings.simplefilter("ignore", ResourceWarning)
-            for dev in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):  # about our code, not the file
-                warnings.simplefilter("default", dev)
-            if getattr(im, "is_animated", False):
-                im.seek(0)
-            im.load()
-            oriented = _orient(im)
-            width, height = oriented.size
-            arr = np.array(_reduce(_to_rgb(oriented), reduce_to))
+        if getattr(im, "is_animated", False):
+            im.seek(0)
+        im.load()  # truncated data: OSError (ImageFile.LOAD_TRUNCATED_IMAGES is never set)
+        oriented = _orient(im)
+        width, height = oriented.size
+        arr = np.array(_reduce(_to_rgb(oriented), reduce_to))
     except Image.DecompressionBombError as e:
         raise ImageReadError(path, f"decompression bomb ({_reason(e)})") from None
-    except DECODE_ERRORS as e:  # a decoder failure (or warning) on malformed bytes is a bad file
+    except DECODE_ERRORS as e:  # a decoder failure on malformed bytes is a bad file
         raise ImageReadError(path, _failure("cannot decode image", e)) from None
     finally:
         im.close()

@@ -7,14 +7,16 @@ here: it belongs to the model (every model input is an image in [0, 1]).
 
 from __future__ import annotations
 
+import io
 import math
-import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from torchvision.io import decode_jpeg, encode_jpeg
+from PIL import Image, JpegImagePlugin
 
+from fakescope.choices import GEOMETRIES
 from fakescope.data.geometry import GRID_CROPS, center_crop, grid_crops, random_crop
 
 
@@ -31,7 +33,7 @@ def fit(img: torch.Tensor, size: int) -> torch.Tensor:
 
 
 JPEG_MAX_SIDE = 65500
-"""libjpeg's limit; torchvision's encoder crashes the process (not an exception) on a larger side."""
+"""libjpeg's limit on a side."""
 
 
 class TransformError(ValueError):
@@ -43,9 +45,23 @@ def _jpeg_roundtrip(img: torch.Tensor, quality: int) -> torch.Tensor:
     h, w = img.shape[-2:]
     if max(h, w) > JPEG_MAX_SIDE:
         raise TransformError(f"cannot re-encode a {w}x{h} image as JPEG (at most {JPEG_MAX_SIDE} pixels a side)")
-    with warnings.catch_warnings():  # torchvision announces the move of its image codecs to torchcodec
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(encode_jpeg(img.contiguous(), quality=quality))
+    return jpeg_decode(jpeg_encode(img, quality))
+
+
+def jpeg_encode(img: torch.Tensor, quality: int) -> bytes:
+    """An RGB ``uint8 [3, H, W]`` image as JPEG bytes at ``quality`` (Pillow's libjpeg: baseline, 4:2:0
+    chroma subsampling, the standard tables scaled by quality; the bytes torchvision's ``encode_jpeg`` wrote)."""
+    buf = io.BytesIO()
+    Image.fromarray(img.permute(1, 2, 0).contiguous().numpy(), "RGB").save(buf, format="JPEG", quality=int(quality))
+    return buf.getvalue()
+
+
+def jpeg_decode(data: bytes) -> torch.Tensor:
+    """JPEG bytes as an RGB ``uint8 [3, H, W]`` tensor. The plugin is used directly: ``Image.open`` would
+    apply Pillow's process-wide pixel limit (a warning on large images) to an image fakescope made."""
+    with JpegImagePlugin.JpegImageFile(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 def jpeg(img: torch.Tensor, quality: float) -> torch.Tensor:
@@ -146,7 +162,6 @@ class Augment:
                 or tuple(self.scale) != (1.0, 1.0))
 
 
-GEOMETRIES = ("resize", "center_crop", "crops")
 
 
 @dataclass(frozen=True)

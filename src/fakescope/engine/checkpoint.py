@@ -3,7 +3,8 @@
 A run directory holds ``config.json`` (everything needed to rebuild the model and its
 preprocessing), ``model.safetensors`` (best weights), ``last-NNNN.safetensors`` + ``last.json`` (the
 last complete epoch, named by ``last.json``: model, optimizer, scheduler and RNG state, for ``--resume``),
-``log.jsonl``, ``metrics.json`` and ``bad_files.json``.
+``log.jsonl``, ``train_metrics.json`` (the training summary; ``metrics.json`` in runs of earlier versions)
+and ``bad_files.json``.
 """
 
 from __future__ import annotations
@@ -19,15 +20,11 @@ from safetensors.torch import save as st_save
 
 from fakescope import __version__
 from fakescope.errors import CheckpointError
+from fakescope.runfiles import BAD_FILES, CONFIG, LAST_STATE, LOG, TRAIN_METRICS, WEIGHTS
 from fakescope.utils import atomic_write_bytes, write_json
 
 RUN_FORMAT = 1
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-LAST_STATE = "last.json"
-LOG = "log.jsonl"
-METRICS = "metrics.json"
-BAD_FILES = "bad_files.json"
+METRICS = TRAIN_METRICS  # the run's training summary (fakescope.runfiles names every run file)
 
 
 def _sorted_metadata(data: bytes) -> bytes:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -24,12 +25,13 @@ import numpy as np
 import torch
 
 from fakescope import __version__
+from fakescope.choices import TASKS
 from fakescope.data.dataset import typical_size
 from fakescope.data.layout import carve_validation, data_roots, index_root, limit_per_class, pair_groups
 from fakescope.data.transforms import Augment, Pipeline
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
-from fakescope.engine.infer import attribution_labels
+from fakescope.engine.infer import attribution_labels, forward_logits
 from fakescope.engine.recipe import Schedule, apply_recipe
 from fakescope.engine.runtime import Precision
 from fakescope.engine.sources import Source, make_source, on_features, shard_order
@@ -102,14 +104,6 @@ class TrainOptions:
         return cls(augment=Augment(**aug) if aug is not None else None, **d)
 
 
-def _versions() -> dict:
-    import timm
-    import torchvision
-
-    return {"fakescope": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "python": platform.python_version()}
-
-
 def _native_size(option: str | int | None, files: list[str]) -> int | None:
     if option in (None, "off"):
         return None
@@ -128,9 +122,6 @@ def _inf_if_none(x: float | None) -> float:
     return math.inf if x is None else x  # JSON stores an infinite best loss (no finite loss yet) as null
 
 
-TASKS = ("binary", "attribution")
-
-
 def _check_classes(labels: list[int], what: str) -> None:
     for cls, name in ((0, "nature"), (1, "ai")):
         if (cls not in labels) if cls == 0 else not any(y >= 1 for y in labels):
@@ -140,27 +131,90 @@ def _check_classes(labels: list[int], what: str) -> None:
 
 # --- step 1: options ------------------------------------------------------------------------------
 
-def _resolve_options(opts: TrainOptions, out: Path, resume: bool) -> tuple[TrainOptions, dict | None]:
+RESUME_CHANGES = ("epochs", "patience")
+"""Options a resumed run may change: how long it goes on (a cosine schedule spans the run's epochs,
+so under it ``epochs`` is fixed too)."""
+RESUME_RUNTIME = ("device", "num_workers")
+"""Where a resumed run runs: the caller's, never the checkpoint's."""
+_FLAGS = {"num_workers": "--workers", "use_cache": "--no-cache", "augment": "--aug-*",
+          "model_options": "--filters/--pretrained-file/--no-pretrained/--freeze/--finetune"}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _plain(v):
+    """``v`` as JSON would store it (tuples as lists, an :class:`Augment` as its fields)."""
+    if isinstance(v, Augment):
+        v = asdict(v)
+    return json.loads(json.dumps(v))
+
+
+def _apply_changes(stored: TrainOptions, config: dict, changes: dict, out: Path) -> TrainOptions:
+    """The stored options with ``changes`` applied: :data:`RESUME_CHANGES` and :data:`RESUME_RUNTIME`
+    are honoured, any other option that differs from the run's is an error (one line)."""
+    honoured = {}
+    for k, v in changes.items():
+        if k not in TrainOptions.__dataclass_fields__:
+            raise FakescopeError(f"expected a training option, got {k!r}")
+        if k in RESUME_RUNTIME:
+            honoured[k] = v
+            continue
+        if k == "data" and isinstance(v, (str, os.PathLike)) and isinstance(stored.data, (str, os.PathLike)):
+            same = Path(v).resolve() == Path(config.get("data", {}).get("root", stored.data)).resolve()
+        elif k == "data":  # several roots
+            same = [str(Path(x).resolve()) for x in v] == [str(Path(x).resolve()) for x in stored.data]
+        elif k == "model_options":
+            have = _plain(stored.model_options)
+            same = all(have.get(o) == _plain(x) for o, x in v.items())
+        else:
+            same = _plain(v) == _plain(getattr(stored, k))
+        if same:
+            continue
+        if k == "epochs" and stored.lr_schedule == "cosine":
+            raise FakescopeError(f"{_flag(k)}: expected {stored.epochs} for a resumed run with a cosine schedule "
+                                 f"(it spans the run's epochs), got {v}; start a new run instead")
+        if k not in RESUME_CHANGES:
+            was = _plain(getattr(stored, k))
+            raise FakescopeError(f"{_flag(k)}: expected the value of the run in {out} ({was!r}), got {_plain(v)!r}; "
+                                 f"a resumed run may change only --epochs and --patience")
+        honoured[k] = v
+    return replace(stored, **honoured)
+
+
+def _resolve_options(opts: TrainOptions | None, out: Path, resume: bool,
+                     changes: dict | None = None) -> tuple[TrainOptions, dict | None]:
     """The options in force and, when resuming, the run's stored config (None for a fresh run).
 
-    A resumed run takes every option from its config.json except where it runs (device, workers)."""
+    A resumed run takes every option from its config.json except where it runs (device, workers: the
+    caller's ``opts``) and ``changes`` (see :func:`_apply_changes`)."""
     if resume and runtime.is_main() and out.is_dir():
         ckpt.remove_partial_files(out)  # temporary files of writes a crash interrupted
     if resume and not (out / ckpt.CONFIG).exists() and not (out / ckpt.LAST_STATE).exists():
         resume = False  # killed before its config was written: there is nothing to continue
+        if opts is None:
+            raise FakescopeError(f"expected a run to resume in {out} (its config.json), got none; start it with "
+                                 f"--model and --data")
+        opts = replace(opts, **(changes or {}))
     stored = None
     if resume:
         stored = ckpt.read_config(out)
         try:
-            opts = replace(TrainOptions.from_dict(stored["train"]), device=opts.device, num_workers=opts.num_workers)
+            kept = TrainOptions.from_dict(stored["train"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{out / ckpt.CONFIG} holds no usable training options ({type(e).__name__}: {e}); "
                                   f"it cannot be resumed") from None
+        if opts is not None:
+            kept = replace(kept, device=opts.device, num_workers=opts.num_workers)
+        opts = _apply_changes(kept, stored, changes or {}, out)
+    elif opts is None:
+        raise FakescopeError("expected training options (--model and --data) for a new run, got none")
     elif (out / ckpt.CONFIG).exists() and (out / ckpt.LAST_STATE).exists():
         raise FakescopeError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     _check_numbers(opts)
     if opts.task not in TASKS:
-        raise FakescopeError(f"expected --task binary or attribution, got {opts.task!r}")
+        raise FakescopeError(f"expected --task among {', '.join(TASKS)}, got {opts.task!r}")
     if opts.test_geometry is not None:
         check_geometry(opts.test_geometry)
     check_model_name(opts.model)
@@ -374,13 +428,21 @@ class _Progress:
     history: list[dict] = field(default_factory=list)
 
 
-def _restore(out: Path, t: _Trainer, train_src: Source, epochs: int) -> _Progress:
-    """The state of the last complete epoch of an interrupted run (a fresh start when there is none)."""
+def _restore(out: Path, t: _Trainer, train_src: Source, opts: TrainOptions) -> _Progress:
+    """The state of the last complete epoch of an interrupted run (a fresh start when there is none).
+
+    Whether the run had stopped early is decided again under the options in force (a resume may
+    raise ``patience``); a run that already ran more epochs than ``opts.epochs`` is an error."""
     state = ckpt.load_train_state(out, t.model, t.optimizer, t.scheduler)
     if state is None:
         return _Progress()
+    done = len(state["history"])
+    if done > opts.epochs:
+        raise FakescopeError(f"--epochs: expected at least the {done} epochs the run in {out} already ran, "
+                             f"got {opts.epochs}")
     train_src.errors.update({int(k): v for k, v in state.get("train_errors", {}).items()})
-    return _Progress(start=epochs if state.get("stopped") else state["epoch"] + 1,
+    stopped = t.scheduler.done or (opts.patience > 0 and state["bad_epochs"] >= opts.patience)
+    return _Progress(start=opts.epochs if stopped else state["epoch"] + 1,
                      best=_inf_if_none(state["best_val_loss"]), bad_epochs=state["bad_epochs"],
                      best_epoch=state.get("best_epoch"), history=state["history"])
 
@@ -461,6 +523,21 @@ def _evaluate_source(model, forward, src: Source, batch_size: int, device, preci
     return {"loss": loss / n, "accuracy": float(((p >= 0.5) == y).mean()) if len(y) else None, "p": p, "y": y}
 
 
+def _final_validation(model, features: bool, val_src: Source, device: torch.device, precision: Precision) -> dict:
+    """The validation carve scored with the best weights the way ``evaluate`` scores images: the
+    inference precision and memory format (:func:`~fakescope.engine.infer.forward_logits`), the head in
+    fp32 on cached features."""
+    runtime.prepare_model(model, precision)
+    if features:
+        def forward(f):
+            return model.head(f.float()).float()
+    else:
+        def forward(x):
+            return forward_logits(model, x, precision, device)
+    plain = runtime.resolve_precision("fp32", device, inference=True)  # forward applies its own autocast
+    return _evaluate_source(model, forward, val_src, 256, device, plain)
+
+
 def _save_epoch(out: Path, t: _Trainer, train_src: Source, state: _Progress, epoch: int, stopped: bool) -> None:
     """The state of a complete epoch (for --resume) and the log; rank 0 writes, every rank waits."""
     if runtime.is_main():
@@ -508,11 +585,15 @@ def _run_epochs(out: Path, t: _Trainer, train_src: Source, val_src: Source, opts
 
 # --- the run ---------------------------------------------------------------------------------------
 
-def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
-    """Train ``opts.model`` on ``opts.data`` into run directory ``out``; return the final metrics."""
-    runtime.init_distributed(opts.device)
+def train(opts: TrainOptions | None, out: str | Path, *, resume: bool = False, changes: dict | None = None) -> dict:
+    """Train ``opts.model`` on ``opts.data`` into run directory ``out``; return the final metrics.
+
+    With ``resume`` the options come from the run (``opts`` may then be None; when given, only its
+    device and workers are used); ``changes`` (option name -> value, e.g. the flags a user gave) may
+    set ``epochs`` and ``patience``, and must otherwise agree with the run's options."""
+    runtime.init_distributed(opts.device if opts is not None else (changes or {}).get("device", "auto"))
     out = Path(out)
-    opts, stored = _resolve_options(opts, out, resume)
+    opts, stored = _resolve_options(opts, out, resume, changes)
     resume = stored is not None
     device = runtime.resolve_device(opts.device)
     train_precision = runtime.resolve_precision(opts.precision, device, inference=False)
@@ -538,9 +619,16 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
     config = _run_config(opts, model, native, splits, device, train_precision, infer_precision)
     config["train_requested"] = requested
     if runtime.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. a path under a plain file, a read-only folder
+            raise FakescopeError(f"--out: expected a run folder that can be created, got {out} "
+                                 f"({e.strerror or e}); choose another --out") from None
         if not resume:
             ckpt.write_config(out, config)
+        elif any(stored["train"].get(k) != getattr(opts, k) for k in RESUME_CHANGES):
+            stored["train"].update({k: getattr(opts, k) for k in RESUME_CHANGES})  # what a later resume compares
+            ckpt.write_config(out, stored)
     runtime.barrier()
 
     t_data = time.perf_counter()
@@ -557,7 +645,7 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
     _check_readable(readable, out)
 
     t = _make_trainer(model, opts, on_features(model, opts), device, train_precision)
-    state = _restore(out, t, train_src, opts.epochs) if resume else _Progress()
+    state = _restore(out, t, train_src, opts) if resume else _Progress()
     t_train = time.perf_counter()
     seen = _run_epochs(out, t, train_src, val_src, opts, state, readable, splits.partners)
     train_seconds = time.perf_counter() - t_train
@@ -566,7 +654,7 @@ def train(opts: TrainOptions, out: str | Path, *, resume: bool = False) -> dict:
 
     # final validation metrics with the best weights
     ckpt.load_state_into(model, ckpt.load_tensors(out / ckpt.WEIGHTS), str(out / ckpt.WEIGHTS))
-    val = _evaluate_source(model, t.forward_plain, val_src, 256, device, train_precision)
+    val = _final_validation(model, t.on_features, val_src, device, infer_precision)
     bad_files = _bad_files(train_src, val_src, splits)
     summary = {
         "validation": binary_metrics(val["y"], val["p"]),

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from fakescope.choices import GEOMETRIES, LR_SCHEDULES
 from fakescope.errors import FakescopeError
 
-GEOMETRIES = ("resize", "center_crop", "crops")
-LR_SCHEDULES = ("constant", "cosine", "plateau", "step")
+__all__ = ["DEFAULT_RECIPE", "GEOMETRIES", "LR_SCHEDULES", "PLATEAU_DEFAULTS", "STEP_DEFAULTS", "Recipe",
+           "check_geometry"]
 
 
 def check_geometry(name: str) -> str:

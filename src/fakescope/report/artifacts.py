@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fakescope import runfiles as rf
+from fakescope.choices import ONE_CLASS_DIRECTIONS
 from fakescope.engine import runtime
 from fakescope.utils import atomic_write_bytes, slug, write_json
 
@@ -59,12 +61,11 @@ def write_evaluation(result: dict, folder: str | os.PathLike, json_path: str | o
     generators, files and the data root), ``roc.png``, ``confusion.png``, ``reliability.png``,
     ``attribution-confusion.png`` for an attribution run, and one ``degrade-<kind>.png`` per
     degradation (``figures=False``: the JSON and scores only).
-    Sets and returns ``result["outputs"]``. When the folder is inside the evaluated run and the run
-    has a ``MODEL_CARD.md``, the card is rewritten so that it lists this evaluation."""
+    Returns the paths written (``outputs``, also stored in the JSON); ``result`` is not changed and
+    nothing else is written (a caller that keeps a model card refreshes it, see :func:`in_run`)."""
     folder = Path(folder)
-    json_path = Path(json_path) if json_path else folder / "metrics.json"
+    json_path = Path(json_path) if json_path else folder / rf.EVAL_METRICS
     outputs = {"json": str(json_path), "folder": str(folder)}
-    result["outputs"] = outputs
     if not runtime.is_main():
         return outputs
     scores = result.get("scores")
@@ -99,14 +100,14 @@ def write_evaluation(result: dict, folder: str | os.PathLike, json_path: str | o
                 "roc_auc": [r["overall"]["roc_auc"] for r in rows]}, folder / f"degrade-{kind}.png",
                 xlabel=DEGRADE_XLABEL[kind], ylabel="score", title=f"{name} under {kind}",
                 invert_x=kind in ("jpeg", "resize"))
-    write_json(json_path, without_arrays(result))
-    run = Path(result.get("model", {}).get("run", ""))
-    in_run = json_path.name == "metrics.json" and json_path.resolve().parent.parent == run.resolve()
-    if in_run and (run / "MODEL_CARD.md").is_file():
-        from fakescope.report.model_card import write_model_card
-
-        write_model_card(run)  # the card lists the run's evaluations
+    write_json(json_path, {**without_arrays(result), "outputs": outputs})
     return outputs
+
+
+def in_run(json_path: str | os.PathLike, run_dir: str | os.PathLike) -> bool:
+    """True when ``json_path`` is an evaluation the run's model card lists (``RUN/<folder>/metrics.json``)."""
+    json_path = Path(json_path)
+    return json_path.name == rf.EVAL_METRICS and json_path.resolve().parent.parent == Path(run_dir).resolve()
 
 
 def read_scores(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
@@ -154,7 +155,7 @@ def write_attack(result: dict, folder: str | os.PathLike, json_path: str | os.Pa
 
     eps = [r["eps"] for r in result["results"]]
     series = {"robust accuracy": [r["robust_accuracy"] for r in result["results"]]}
-    for d in ("ai-to-real", "real-to-ai"):
+    for d in ONE_CLASS_DIRECTIONS:
         vals = [r.get("per_direction", {}).get(d, {}).get("robust_accuracy") for r in result["results"]]
         if any(v is not None for v in vals):
             series[d] = vals
@@ -168,16 +169,14 @@ def write_attack(result: dict, folder: str | os.PathLike, json_path: str | os.Pa
 
 
 def write_calibration_files(run_dir: str | os.PathLike, calibration) -> dict:
-    """Store a :class:`fakescope.calibration.Calibration` in its run: ``calibration.json`` (atomic) and a
-    rewritten ``MODEL_CARD.md``. Returns their paths (rank 0 writes; the others only get the paths)."""
+    """Store a :class:`fakescope.calibration.Calibration` in its run: ``calibration.json`` (atomic), and
+    nothing else (the caller refreshes the model card, :func:`fakescope.report.model_card.refresh_model_card`,
+    which reads only the run's files). Returns its path (rank 0 writes; the others only get the path)."""
     from fakescope.calibration import calibration_path, write_calibration
-    from fakescope.engine.checkpoint import read_config
-    from fakescope.report.model_card import CARD, inspect_training_data, write_model_card
 
-    paths = {"calibration": str(calibration_path(run_dir)), "model_card": str(Path(run_dir) / CARD)}
+    paths = {"calibration": str(calibration_path(run_dir))}
     if runtime.is_main():
         write_calibration(run_dir, calibration)
-        write_model_card(run_dir, inspect_training_data(read_config(run_dir)))
     return paths
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from fakescope.data.transforms import IDENTITY_LEVEL
 from fakescope.report.artifacts import read_scores
-from fakescope.report.tables import fmt, markdown
+from fakescope.report.tables import fmt, markdown, measured
 from fakescope.utils import atomic_write_text, slug
 
 STUDY_COLUMNS = ("accuracy", "precision", "recall", "f1", "roc_auc", "tpr_at_fpr_5pct")
@@ -246,8 +246,9 @@ def write_report(out: str | os.PathLike, results: dict | None = None,
         doc.table(["model", "params", "trainable", "input", "epochs run", "data s", "train s", "train img/s",
                    "trained on", "eval img/s", "eval precision"],
                   [[label, m.get("params"), m.get("trainable_params"), m.get("input_size"), m.get("epochs_run"),
-                    m.get("data_seconds"), m.get("train_seconds"), m.get("images_per_second"),
-                    str(m.get("input_path")), m.get("eval_images_per_second"), str(m.get("eval_precision"))]
+                    measured(m.get("data_seconds")), measured(m.get("train_seconds")),
+                    measured(m.get("images_per_second")), str(m.get("input_path")),
+                    measured(m.get("eval_images_per_second")), str(m.get("eval_precision"))]
                    for label, m in models.items()])
         doc.para("data s: decoding the images or extracting a frozen backbone's features before the first epoch; "
                  "train s and train img/s: the epochs (on cached features for a frozen backbone).", note=True)

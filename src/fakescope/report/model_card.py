@@ -1,7 +1,7 @@
 """``MODEL_CARD.md`` for a run: Hugging Face model-card style (YAML header + Markdown), built only from
 what the run directory already holds.
 
-Sources: ``config.json`` (model, data, options, versions), ``metrics.json`` (training's validation
+Sources: ``config.json`` (model, data, options, versions), ``train_metrics.json`` (training's validation
 carve), ``calibration.json``, every ``eval-*/metrics.json`` that ``evaluate`` wrote into the run
 (overall, per generator, degradations), ``attack-*/attack.json`` and, when given, the ``data inspect``
 summary of the training root (format and size shortcut warnings). Nothing is measured here; a figure the
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import yaml
 
+from fakescope import runfiles as rf
 from fakescope.report.tables import fmt, markdown_table
 from fakescope.utils import atomic_write_text
 
-CARD = "MODEL_CARD.md"
+CARD = rf.MODEL_CARD
 _KEYS = ("accuracy", "f1", "roc_auc", "real_accuracy", "fake_accuracy", "ece", "brier", "tpr_at_fpr_1pct", "eer", "n")
 
 
@@ -51,10 +52,10 @@ def _results(run: Path, pattern: str, key: str, kind: type) -> dict[str, dict]:
 def build_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) -> str:
     """The card's text (YAML header + Markdown) for ``run_dir``."""
     run = Path(run_dir)
-    cfg = _load(run / "config.json") or {}
-    metrics = _load(run / "metrics.json") or {}
-    cal = _load(run / "calibration.json")
-    evals = _results(run, "eval-*/metrics.json", "overall", dict)
+    cfg = _load(run / rf.CONFIG) or {}
+    metrics = rf.read_train_metrics(run) or {}
+    cal = _load(run / rf.CALIBRATION)
+    evals = _results(run, f"eval-*/{rf.EVAL_METRICS}", "overall", dict)
     attacks = _results(run, "attack-*/attack.json", "results", list)
     model = cfg.get("model", {})
     data = cfg.get("data", {})
@@ -241,6 +242,14 @@ def write_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
     path = run_dir / CARD
     atomic_write_text(path, build_model_card(run_dir, inspect))
     return path
+
+
+def refresh_model_card(run_dir: str | os.PathLike) -> Path | None:
+    """Rewrite the run's model card from its files when it has one (after an evaluation or a calibration
+    was added to the run); None when the run has no card. Reads only the run's own files."""
+    if not (Path(run_dir) / CARD).is_file():
+        return None
+    return write_model_card(run_dir)
 
 
 def inspect_training_data(config: dict, sample: int = 16) -> dict | None:

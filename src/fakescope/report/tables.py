@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 DEFAULT_COLUMNS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision",
@@ -26,6 +27,30 @@ def fmt(v) -> str:
         std = "" if v.get("std") is None else f" ± {v['std']:.4f}"
         return f"{v['mean']:.4f}{std}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     return str(v)
+
+
+def significant(x: float, digits: int = 3) -> str:
+    """``x`` rounded to ``digits`` significant figures, written without an exponent (3905.2469 -> ``3910``,
+    0.012345 -> ``0.0123``)."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    decimals = digits - 1 - math.floor(math.log10(abs(x)))
+    r = round(x, decimals)
+    return f"{r:.{decimals}f}" if decimals > 0 else str(int(r))
+
+
+def measured(v) -> str:
+    """A cell for a timing or throughput (seconds, images/s): 3 significant figures, which is what their
+    run-to-run noise allows (a few per cent on a shared machine); a multi-seed figure as ``mean ± std``."""
+    if isinstance(v, (bool, int)) or v is None:
+        return fmt(v)
+    if isinstance(v, float):
+        return significant(float(v))
+    if isinstance(v, dict) and "mean" in v:
+        if v["mean"] is None:
+            return "—"
+        return significant(v["mean"]) + ("" if v.get("std") is None else f" ± {significant(v['std'])}")
+    return fmt(v)
 
 
 def _cell(v) -> str:

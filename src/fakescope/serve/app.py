@@ -40,6 +40,7 @@ from fakescope.calibration import calibrate_p_ai, resolve_decision
 from fakescope.data.io import sniff_format
 from fakescope.engine.evaluation import Predictor, attribution_fields, verdict
 from fakescope.errors import FakescopeError, ImageReadError
+from fakescope.runfiles import read_train_metrics
 from fakescope.serve.batcher import Batcher, QueueFull
 from fakescope.serve.errors import ApiError, error_response, install_handlers
 from fakescope.serve.uploads import read_uploads
@@ -67,7 +68,7 @@ class ServeOptions:
     provenance: bool = True          # report each upload's provenance metadata (never changes p_ai)
     max_batch: int = 32
     max_wait_ms: float = 10.0
-    max_queue: int = 256
+    max_queue: int = 256            # most requests in progress (read, decoded, waiting or scored); then 429
     max_file_size: int = 20 * 10**6
     max_files: int = 64
     max_pixels: int | None = None
@@ -88,8 +89,6 @@ class ServeOptions:
                 raise FakescopeError(f"expected {name} >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise FakescopeError(f"expected max_wait_ms >= 0, got {self.max_wait_ms}")
-        if self.max_queue < self.max_batch:
-            raise FakescopeError(f"expected --max-queue ({self.max_queue}) >= --max-batch ({self.max_batch})")
 
 
 # --- response schemas (for /openapi.json and /docs) -----------------------------------------------
@@ -182,16 +181,13 @@ class ServedModel:
         self.decision = resolve_decision(run_dir, options.threshold, options.uncalibrated)
         self.buckets = sorted({min(2**k, options.max_batch) for k in range(options.max_batch.bit_length() + 1)})
         self.batcher = Batcher(self.score, executor, max_batch=options.max_batch,
-                               max_wait_ms=options.max_wait_ms, max_queue=options.max_queue)
+                               max_wait_ms=options.max_wait_ms,
+                               max_queue=options.max_queue * options.max_files)  # what max_queue requests can hold
         self.info = self._describe(Path(run_dir), options)
 
     def _describe(self, run_dir: Path, options: ServeOptions) -> dict:
         cfg = self.predictor.config
-        metrics = {}
-        try:
-            metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            pass
+        metrics = read_train_metrics(run_dir) or {}
         data = {k: v for k, v in (cfg.get("data") or {}).items() if k != "root"}  # no server paths
         data["jpeg_align"] = self.predictor.pipeline.jpeg_align
         return {"name": self.name, "default": False, "model": cfg["model"]["name"],

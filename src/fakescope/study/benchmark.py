@@ -6,9 +6,10 @@ import os
 import time
 from pathlib import Path
 
+from fakescope.choices import ONE_CLASS_DIRECTIONS
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
-from fakescope.study.config import BenchmarkConfig, ModelSpec, make_config
+from fakescope.study.config import BenchmarkConfig, ModelSpec, make_config, resolve_data
 from fakescope.study.runs import (
     calibrate_cached,
     ensure_run,
@@ -35,7 +36,8 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
         {"models": {label: {"overall", "per_generator", "seeds", "params", "train_seconds",
                             "images_per_second", "runs", ...}}, "config": {...}}
     """
-    cfg = config if isinstance(config, BenchmarkConfig) and not overrides else make_config(config, **overrides)
+    cfg = resolve_data(config) if isinstance(config, BenchmarkConfig) and not overrides else make_config(config,
+                                                                                                          **overrides)
     out = Path(cfg.out)
     if runtime.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,7 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
                 "clean_accuracy": atk["clean_accuracy"], "precision": atk.get("precision"),
                 "robust_accuracy": [r["robust_accuracy"] for r in atk["results"]],
                 "per_direction": {d: [r.get("per_direction", {}).get(d, {}).get("robust_accuracy")
-                                      for r in atk["results"]] for d in ("ai-to-real", "real-to-ai")},
+                                      for r in atk["results"]] for d in ONE_CLASS_DIRECTIONS},
                 "json": atk["outputs"]["json"]}
         if cfg.real_photos is not None:
             entry["real_photos"] = real_photos_cached(cfg, runs[0]["dir"], what=f"{spec.label} seed {cfg.seeds[0]}")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from fakescope import validate
+from fakescope.attacks import ATTACKS
+from fakescope.choices import ATTACK_DIRECTIONS, GEOMETRIES, LR_SCHEDULES, TASKS
 from fakescope.data.io import list_images
 from fakescope.data.layout import index_root
 from fakescope.data.transforms import Augment, parse_degradations
@@ -28,7 +30,6 @@ TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "patience", "val_frac
               "augment", "precision", "adv_train", "adv_eps", "adv_steps", "adv_mix", "task", "test_geometry",
               "paired")
 ATTACK_KEYS = ("name", "eps", "steps", "limit", "direction", "precision")
-ATTACKS = ("fgsm", "pgd", "pgd-l2", "square")
 SOURCE = "benchmark config"
 
 
@@ -211,8 +212,8 @@ def _scale_range(r: tuple) -> tuple:
 TOP_LEVEL: dict[str, Callable] = {
     "data": _data, "out": _string, "seeds": _seeds, "epochs": validate.positive_int,
     "batch_size": _optional(validate.positive_int), "lr": _optional(_positive_number),
-    "lr_schedule": _optional(_choice("constant", "cosine", "plateau", "step")),
-    "task": _choice("binary", "attribution"), "test_geometry": _optional(_choice("resize", "center_crop", "crops")),
+    "lr_schedule": _optional(_choice(*LR_SCHEDULES)),
+    "task": _choice(*TASKS), "test_geometry": _optional(_choice(*GEOMETRIES)),
     "patience": validate.nonneg_int, "val_fraction": validate.fraction, "limit": _optional(validate.positive_int),
     "native_size": _native_size, "split": _choice("train", "val"), "threshold": _optional(validate.threshold),
     "calibrate": _optional(_target_fpr), "calibrate_confidence": validate.confidence, "gallery": validate.boolean,
@@ -350,14 +351,13 @@ def check_attack(attack) -> dict:
         raise FakescopeError(f"unknown attack option {bad[0]!r}: expected one of {', '.join(ATTACK_KEYS)}")
     from fakescope.attacks import parse_eps
 
-    a["name"] = _check("attack.name", a.get("name", "pgd"), _choice(*ATTACKS))
+    a["name"] = _check("attack.name", a.get("name", "pgd"), _choice(*ATTACKS))  # the attack registry's names
     eps = a.get("eps", "0,1/255,2/255,4/255,8/255")
     a["eps"] = ",".join(str(e) for e in eps) if isinstance(eps, (list, tuple)) else str(eps)
     parse_eps(a["eps"], norm="l2" if a["name"] == "pgd-l2" else "linf")
     a["steps"] = _check("attack.steps", a.get("steps", 10), validate.positive_int)
     a["limit"] = _check("attack.limit", a.get("limit"), _optional(validate.positive_int))
-    a["direction"] = _check("attack.direction", a.get("direction", "both"), _choice("both", "ai-to-real",
-                                                                                     "real-to-ai"))
+    a["direction"] = _check("attack.direction", a.get("direction", "both"), _choice(*ATTACK_DIRECTIONS))
     if "precision" in a:
         a["precision"] = _check("attack.precision", a["precision"], _choice(*PRECISIONS))
     return a
@@ -433,13 +433,21 @@ def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> B
     cfg = BenchmarkConfig(**d)
     if cfg.jpeg_align_train and cfg.jpeg_align is None:
         raise FakescopeError("jpeg_align_train needs jpeg_align: Q (the JPEG quality of the aligned runs)")
-    index = index_root(cfg.data)
-    cfg.generators = index.select(cfg.generators, "train").generator_names
-    index.select(cfg.generators, cfg.split)  # the evaluation split must exist too
     if isinstance(cfg.cross, list):
         for label in cfg.cross:
             cfg.model(label)
-    return cfg
+    return resolve_data(cfg)
+
+
+def resolve_data(cfg: BenchmarkConfig) -> BenchmarkConfig:
+    """``cfg`` with its generators resolved against the data root (None: every generator of the train
+    split) and the evaluation split checked: the one step of building a configuration that reads the
+    data. :func:`make_config` ends with it; ``run_benchmark`` and ``run_cross`` apply it to a
+    :class:`BenchmarkConfig` built directly (its ``generators`` may be None). Returns a new object."""
+    index = index_root(cfg.data)
+    generators = index.select(cfg.generators, "train").generator_names
+    index.select(generators, cfg.split)  # the evaluation split must exist too
+    return replace(cfg, generators=generators)
 
 
 def train_augment(aug: dict | None) -> Augment | None:

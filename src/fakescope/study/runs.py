@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fakescope import __version__
+from fakescope import runfiles as rf
 from fakescope.data.io import DEFAULT_MAX_PIXELS
 from fakescope.data.layout import index_root
 from fakescope.engine import checkpoint as ckpt
@@ -93,14 +94,42 @@ def selection_digest(data: str, generators, split: str) -> dict:
             "files_sha256": h.hexdigest()}
 
 
-def _base_key(cfg: BenchmarkConfig, run_dir, generators, precision: str | None, inference: bool = True) -> dict:
+def result_key(cfg: BenchmarkConfig, run_dir, *, precision: str | None, data: dict | None, **extra) -> dict:
+    """The one key builder of a run's cached results (evaluation, attack, gallery, precision check,
+    calibration, real photos): the fakescope version, the run (weights, config and calibration digests),
+    ``data`` (e.g. :func:`selection_digest`), ``max_pixels``, the device and the *resolved* precision
+    (``auto`` is what it resolves to on this machine), plus the result's own ``extra`` fields."""
     dev = runtime.resolve_device(cfg.device)
-    prec = runtime.resolve_precision(precision or cfg.precision, dev, inference=inference)
+    prec = runtime.resolve_precision(precision or cfg.precision, dev, inference=True)
     return {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
             "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG),
-            "data": selection_digest(cfg.data, generators, cfg.split), "threshold": cfg.threshold,
-            "calibration_sha256": file_digest(Path(run_dir) / "calibration.json"),
-            "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS, "device": dev.type, "precision": prec.name}
+            "calibration_sha256": file_digest(Path(run_dir) / rf.CALIBRATION), "data": data,
+            "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS, "device": dev.type, "precision": prec.name,
+            **extra}
+
+
+def _base_key(cfg: BenchmarkConfig, run_dir, generators, precision: str | None) -> dict:
+    return result_key(cfg, run_dir, precision=precision, data=selection_digest(cfg.data, generators, cfg.split),
+                      threshold=cfg.threshold)
+
+
+TRAIN_REUSE = "train-reuse.json"
+"""Beside a benchmark's run: the :func:`training_key` it was trained for."""
+
+
+def _stored_training_key(run_dir: Path) -> dict | None:
+    try:
+        blob = json.loads((run_dir / TRAIN_REUSE).read_text())
+    except (OSError, ValueError):
+        return None
+    return blob.get("key") if isinstance(blob, dict) else None
+
+
+def training_key(opts) -> dict:
+    """What a finished training run is reused for: its options (less where it runs), the training data
+    (a digest of the selected files) and the fakescope version."""
+    return canonical({"fakescope": __version__, "train": _comparable(opts.to_dict()),
+                      "data": selection_digest(opts.data, opts.generators, "train")})
 
 
 # --- training runs ----------------------------------------------------------------------------------
@@ -141,17 +170,19 @@ def ensure_run(opts, run_dir: Path, *, force: bool = False, what: str = "") -> t
 
     run_dir = Path(run_dir)
     resume = False
+    key = training_key(opts)
     if (run_dir / ckpt.CONFIG).is_file():
         try:
             stored = ckpt.read_config(run_dir)
             asked = stored.get("train_requested", stored.get("train", {}))  # before the model's recipe
-            same = _comparable(asked) == _comparable(opts.to_dict())
+            same = _comparable(asked) == _comparable(opts.to_dict()) and _stored_training_key(run_dir) == key
         except FakescopeError:
             same = False
-        finished = (run_dir / ckpt.METRICS).is_file() and (run_dir / ckpt.WEIGHTS).is_file()
+        summary = rf.read_train_metrics(run_dir)  # train_metrics.json (metrics.json in older runs)
+        finished = summary is not None and (run_dir / ckpt.WEIGHTS).is_file()
         if same and finished and not force:
             log(f"{what}: reusing the finished run {run_dir}")
-            return json.loads((run_dir / ckpt.METRICS).read_text()), False
+            return summary, False
         if same and not force and (run_dir / ckpt.LAST_STATE).is_file():
             resume = True
             log(f"{what}: resuming the interrupted run {run_dir}")
@@ -161,10 +192,12 @@ def ensure_run(opts, run_dir: Path, *, force: bool = False, what: str = "") -> t
             if runtime.is_main():
                 shutil.rmtree(run_dir)
             runtime.barrier()
-    elif run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / ckpt.CONFIG).exists():
+    elif run_dir.exists() and any(p.name != TRAIN_REUSE for p in run_dir.iterdir()):
         raise FakescopeError(f"{run_dir} exists and is not a fakescope run: move it away or choose another --out")
     if not resume:
         log(f"{what}: training into {run_dir}")
+        if runtime.is_main():
+            write_json(run_dir / TRAIN_REUSE, {"key": key})  # before training: a resume checks it too
     t0 = time.perf_counter()
     summary = train(opts, run_dir, resume=resume)
     v = summary["validation"]
@@ -187,6 +220,7 @@ def evaluate_cached(cfg: BenchmarkConfig, run_dir: Path, *, generators: list[str
     """``evaluate_run`` with its files in ``RUN/eval-<root>-<split>[-jpegQ]`` (see
     :func:`fakescope.report.artifacts.eval_folder`), reused while :func:`evaluation_key` is unchanged."""
     from fakescope.report.artifacts import eval_folder, without_arrays, write_evaluation
+    from fakescope.report.model_card import refresh_model_card
 
     folder = eval_folder(run_dir, cfg.data, cfg.split, jpeg_align)
 
@@ -200,8 +234,10 @@ def evaluate_cached(cfg: BenchmarkConfig, run_dir: Path, *, generators: list[str
                               precision=precision or cfg.precision, batch_size=cfg.eval_batch_size,
                               num_workers=cfg.workers, use_cache=cfg.use_cache, cache_dir=cfg.cache_dir,
                               max_pixels=cfg.max_pixels)
-        write_evaluation(result, folder)
-        return without_arrays(result)
+        outputs = write_evaluation(result, folder)
+        if runtime.is_main():
+            refresh_model_card(run_dir)  # the folder is in the run: its card lists the evaluation
+        return {**without_arrays(result), "outputs": outputs}
 
     key = evaluation_key(cfg, run_dir, generators=generators, jpeg_align=jpeg_align, degrade=degrade,
                          precision=precision)
@@ -214,14 +250,13 @@ def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str
     configuration, the target and the confidence are unchanged)."""
     from fakescope.calibration import Calibration, read_calibration
 
-    key = {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
-           "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG), "target_fpr": cfg.calibrate,
-           "confidence": cfg.calibrate_confidence,
-           "precision": cfg.precision, "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS}
+    key = result_key(cfg, run_dir, precision=cfg.precision, data={"split": "holdout"}, target_fpr=cfg.calibrate,
+                     confidence=cfg.calibrate_confidence, calibration_sha256=None)  # the calibration: its output
 
     def compute() -> dict:
         from fakescope.engine.calibrate import calibrate_run
         from fakescope.report.artifacts import write_calibration_files
+        from fakescope.report.model_card import refresh_model_card
 
         log(f"{what}: calibrating on the run's held-out training images (target FPR {cfg.calibrate:g}, confidence "
             f"{cfg.calibrate_confidence:g})")
@@ -230,6 +265,8 @@ def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str
                             precision=cfg.precision, batch_size=cfg.eval_batch_size, num_workers=cfg.workers,
                             use_cache=cfg.use_cache, cache_dir=cfg.cache_dir, max_pixels=cfg.max_pixels)
         write_calibration_files(run_dir, res["calibration"])
+        if runtime.is_main():
+            refresh_model_card(run_dir)
         return res["calibration"].to_dict()
 
     out = reuse_or_compute(Path(run_dir) / "calibration-reuse.json", key, compute, force=cfg.force, what=what,
@@ -239,6 +276,10 @@ def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str
         from fakescope.report.artifacts import write_calibration_files
 
         write_calibration_files(run_dir, Calibration.from_dict(out))
+        if runtime.is_main():
+            from fakescope.report.model_card import refresh_model_card
+
+            refresh_model_card(run_dir)
     return out
 
 
@@ -361,12 +402,9 @@ def real_photos_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: s
     h = hashlib.sha256()
     for f in files:
         h.update(f"{os.path.relpath(f, folder)}\0{file_digest(f)}\n".encode())
-    dev = runtime.resolve_device(cfg.device)
-    key = {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
-           "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG),
-           "calibration_sha256": file_digest(Path(run_dir) / "calibration.json"), "folder": str(folder),
-           "files_sha256": h.hexdigest(), "n_files": len(files), "threshold": cfg.threshold,
-           "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS, "device": dev.type, "precision": cfg.precision}
+    key = result_key(cfg, run_dir, precision=cfg.precision,
+                     data={"folder": str(folder), "files_sha256": h.hexdigest(), "n_files": len(files)},
+                     threshold=cfg.threshold)
 
     def compute() -> dict:
         from fakescope.engine.evaluation import predict_paths

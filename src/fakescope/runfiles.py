@@ -1,0 +1,47 @@
+"""The names of the files in a run directory and in an evaluation folder: defined once, here, in the
+base layer (the engine writes them; the report, the server and the study read them).
+
+A run's training summary is ``train_metrics.json``; an evaluation folder's results are
+``metrics.json`` (two different files, two names). Runs trained before the split hold their training
+summary as ``metrics.json``: :func:`train_metrics_path` and :func:`read_train_metrics` still read it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+LAST_STATE = "last.json"
+LOG = "log.jsonl"
+TRAIN_METRICS = "train_metrics.json"
+"""A run's training summary: final validation metrics (best weights), epochs, timings, input path."""
+LEGACY_TRAIN_METRICS = "metrics.json"
+"""Where runs of earlier versions kept their training summary (read, never written)."""
+BAD_FILES = "bad_files.json"
+CALIBRATION = "calibration.json"
+MODEL_CARD = "MODEL_CARD.md"
+EVAL_METRICS = "metrics.json"
+"""An evaluation folder's results (``evaluate --out``; ``RUN/eval-*/metrics.json`` inside a run)."""
+
+
+def train_metrics_path(run_dir: str | os.PathLike) -> Path | None:
+    """The run's training summary file (the current name, else the legacy one), or None when it has none."""
+    for name in (TRAIN_METRICS, LEGACY_TRAIN_METRICS):
+        path = Path(run_dir) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def read_train_metrics(run_dir: str | os.PathLike) -> dict | None:
+    """The run's training summary, or None when it has none (or it is not readable JSON)."""
+    path = train_metrics_path(run_dir)
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
