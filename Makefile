@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= demo-output
 SHARED_WEIGHTS ?= ../shared/weights/tf_efficientnet_lite0_imagenet.safetensors
 
-.PHONY: venv demo test lint clean browser
+.PHONY: venv demo test lint imports clean browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,12 @@ browser:
 test: venv browser
 	FAKESCOPE_PROGRESS=0 $(PY) -m pytest -q
 
-lint: venv
+lint: venv imports
 	$(VENV)/bin/ruff check src tests benchmarks
+
+# the layers of the package ([tool.importlinter] in pyproject.toml): each layer imports only downwards
+imports: venv
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -166,7 +166,8 @@ def _paired_batch(tmp_path, augment, keyed: bool, **kw):
     opts = TrainOptions(model="cnn32", data=str(root), batch_size=len(order), augment=augment, preload="off",
                         num_workers=0)
     keys = [min(i, partners.get(i, i)) for i in range(len(files))] if keyed else None
-    src = make_source(None, files, index.labels, pipeline, opts, torch.device("cpu"), None, "t", aug_keys=keys)
+    src = make_source(None, files, index.labels, pipeline, opts.source_options(), torch.device("cpu"), None, "t",
+                      aug_keys=keys)
     x, y = next(src.batches(torch.tensor(order), len(order), epoch=3))
     assert y[0::2].tolist() == [0] * (len(order) // 2) and y[1::2].tolist() == [1] * (len(order) // 2)
     return x

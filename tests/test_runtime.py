@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fakescope import ranks
 from fakescope.data import dataset as D
 from fakescope.data.layout import index_root
 from fakescope.data.transforms import Augment, Pipeline
@@ -114,8 +115,8 @@ def test_shard_batches_cover_each_item_once(monkeypatch, n, bs, world):
     seen = []
     shapes = []
     for r in range(world):
-        monkeypatch.setattr(runtime, "rank", lambda r=r: r)
-        monkeypatch.setattr(runtime, "world_size", lambda: world)
+        monkeypatch.setattr(ranks, "rank", lambda r=r: r)
+        monkeypatch.setattr(ranks, "world_size", lambda: world)
         mine = runtime.shard_batches(n, bs)
         shapes += [len(b) for b in mine]
         seen += [i for b in mine for i in b]

@@ -585,3 +585,11 @@ def resolve_decision(run_dir: str | os.PathLike | None, threshold: float | None 
     if cal is not None:
         return Decision(cal.threshold, CALIBRATION_FILE, cal)
     return Decision(float(default), "default", None)
+
+
+def same_set(a: dict, b: dict) -> bool:
+    """Whether two ``{"root", "split"}`` descriptions name the same images' folder and split."""
+    try:
+        return (os.path.realpath(a["root"]) == os.path.realpath(b["root"]) and a.get("split") == b.get("split"))
+    except (KeyError, TypeError):
+        return False

@@ -11,6 +11,12 @@ import json
 import os
 from pathlib import Path
 
+from fakescope import __version__
+from fakescope.errors import CheckpointError
+from fakescope.utils import write_json
+
+RUN_FORMAT = 1
+"""The version of the run-directory layout this fakescope writes and reads (``config.json``'s ``format``)."""
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 LAST_STATE = "last.json"
@@ -45,3 +51,31 @@ def read_train_metrics(run_dir: str | os.PathLike) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def write_config(run_dir: str | os.PathLike, config: dict) -> None:
+    write_json(Path(run_dir) / CONFIG, {"format": RUN_FORMAT, "fakescope_version": __version__, **config})
+
+
+def read_config(run_dir: str | os.PathLike) -> dict:
+    """The run's config.json, checked: a fakescope run, of the run format this version reads."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory not found: {run_dir}")
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a fakescope run: it has no {CONFIG}")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror or e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or not isinstance(
+            cfg["model"].get("name"), str):
+        raise CheckpointError(f"{path} is not a fakescope run config (no 'model' entry with a 'name')")
+    if cfg.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{run_dir} was written by fakescope {cfg.get('fakescope_version', '?')} "
+                              f"(run format {cfg.get('format')}); this fakescope {__version__} reads run format "
+                              f"{RUN_FORMAT}: retrain, or use the fakescope version that wrote it")
+    return cfg

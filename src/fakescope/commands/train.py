@@ -129,6 +129,7 @@ def run(args) -> int:
     from fakescope.engine import checkpoint as ckpt
     from fakescope.engine import runtime
     from fakescope.engine.train import TrainOptions, train
+    from fakescope.report.model_card import write_training_card
     from fakescope.report.tables import markdown_table
 
     given = _given(args)
@@ -156,6 +157,7 @@ def run(args) -> int:
     summary = train(opts, args.out, resume=args.resume, changes=given if args.resume else None)
     model = opts.model if opts is not None else ckpt.read_config(args.out)["model"]["name"]
     if runtime.is_main():
+        write_training_card(args.out)
         print(markdown_table({model: summary["validation"]}, first="validation"))
         print(f"\nbest epoch {summary['best_epoch']} of {summary['epochs_run']}, "
               f"{summary['train_seconds']:.1f} s training ({summary['input_path']} inputs), "

@@ -16,7 +16,10 @@ import numpy as np
 from fakescope.calibration import DEFAULT_CONFIDENCE, allowed_false_positives, fit_calibration
 from fakescope.data.io import DEFAULT_MAX_PIXELS
 from fakescope.data.layout import Index, carve_validation, index_root, limit_per_class
+from fakescope.engine.evaluation import prepare
+from fakescope.engine.infer import score_files
 from fakescope.errors import FakescopeError
+from fakescope.runfiles import read_config
 
 HOLDOUT = "holdout"
 
@@ -37,14 +40,6 @@ def holdout_index(config: dict) -> Index:
     return full.subset([i for i, p in enumerate(full.paths) if p not in trained])
 
 
-def same_set(a: dict, b: dict) -> bool:
-    """Whether two ``{"root", "split"}`` descriptions name the same images' folder and split."""
-    try:
-        return (os.path.realpath(a["root"]) == os.path.realpath(b["root"]) and a.get("split") == b.get("split"))
-    except (KeyError, TypeError):
-        return False
-
-
 def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = None, *, split: str = "val",
                   generators=None, target_fpr: float = 0.01, method: str = "temperature", limit: int | None = None,
                   device: str = "auto", precision: str = "auto", batch_size: int | None = None,
@@ -57,10 +52,6 @@ def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = N
     probability ``confidence`` (:mod:`fakescope.calibration`; ``confidence=0``: the empirical quantile,
     no promise). A set with too few real images for that is an error naming the smallest number, raised
     before anything is scored."""
-    from fakescope.engine.checkpoint import read_config
-    from fakescope.engine.evaluation import prepare
-    from fakescope.engine.infer import score_files
-
     if not 0.0 <= float(target_fpr) < 1.0:
         raise FakescopeError(f"expected --target-fpr in [0, 1), got {target_fpr}")
     if not 0.0 <= float(confidence) < 1.0:

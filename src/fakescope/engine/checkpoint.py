@@ -20,10 +20,19 @@ from safetensors.torch import save as st_save
 
 from fakescope import __version__
 from fakescope.errors import CheckpointError
-from fakescope.runfiles import BAD_FILES, CONFIG, LAST_STATE, LOG, TRAIN_METRICS, WEIGHTS
+from fakescope.runfiles import (  # noqa: F401  (run-file names and config I/O live in the base layer)
+    BAD_FILES,
+    CONFIG,
+    LAST_STATE,
+    LOG,
+    RUN_FORMAT,
+    TRAIN_METRICS,
+    WEIGHTS,
+    read_config,
+    write_config,
+)
 from fakescope.utils import atomic_write_bytes, write_json
 
-RUN_FORMAT = 1
 METRICS = TRAIN_METRICS  # the run's training summary (fakescope.runfiles names every run file)
 
 
@@ -95,34 +104,6 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as e:  # the parser's own errors on corrupt data (SafetensorError, ValueError...)
         msg = " ".join(str(e).split())[:200]
         raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupt: {msg})") from None
-
-
-def write_config(run_dir: str | os.PathLike, config: dict) -> None:
-    write_json(Path(run_dir) / CONFIG, {"format": RUN_FORMAT, "fakescope_version": __version__, **config})
-
-
-def read_config(run_dir: str | os.PathLike) -> dict:
-    """The run's config.json, checked: a fakescope run, of the run format this version reads."""
-    run_dir = Path(run_dir)
-    path = run_dir / CONFIG
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory not found: {run_dir}")
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a fakescope run: it has no {CONFIG}")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path} ({e.strerror or e})") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or not isinstance(
-            cfg["model"].get("name"), str):
-        raise CheckpointError(f"{path} is not a fakescope run config (no 'model' entry with a 'name')")
-    if cfg.get("format") != RUN_FORMAT:
-        raise CheckpointError(f"{run_dir} was written by fakescope {cfg.get('fakescope_version', '?')} "
-                              f"(run format {cfg.get('format')}); this fakescope {__version__} reads run format "
-                              f"{RUN_FORMAT}: retrain, or use the fakescope version that wrote it")
-    return cfg
 
 
 def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -11,6 +11,14 @@ import numpy as np
 import torch
 
 from fakescope import validate
+from fakescope.calibration import (
+    INTERVAL_CONFIDENCE,
+    calibration_metrics,
+    check_promise,
+    error_rates,
+    resolve_decision,
+    same_set,
+)
 from fakescope.data.dataset import cpu_threads
 from fakescope.data.io import DEFAULT_MAX_PIXELS, Decoded, list_images, read_image_bytes
 from fakescope.data.layout import index_root
@@ -18,6 +26,7 @@ from fakescope.data.transforms import Pipeline, parse_degradations
 from fakescope.engine import runtime
 from fakescope.engine.checkpoint import load_run
 from fakescope.engine.infer import evaluate_index, score_variants, stage_scores
+from fakescope.engine.onnx_backend import OnnxDetector, onnx_crop_mean, score_files_onnx
 from fakescope.errors import FakescopeError
 from fakescope.validate import checked
 
@@ -85,9 +94,6 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     ``rates`` holds the false- and true-positive rates with two-sided 95 % Clopper–Pearson intervals,
     overall and per generator. At the run's own calibrated threshold, ``guarantee_check`` compares the
     real images with the calibration's false-positive target (:func:`promise_check`; None otherwise)."""
-    from fakescope.calibration import INTERVAL_CONFIDENCE, calibration_metrics, error_rates, resolve_decision
-    from fakescope.engine.calibrate import same_set
-
     if threshold is not None:
         threshold = checked("threshold", threshold, validate.threshold, source="evaluate_run")
     decision = resolve_decision(run_dir, threshold, uncalibrated)
@@ -145,8 +151,6 @@ def promise_check(cal, result: dict, warnings: list[str]) -> dict:
     generator (:func:`fakescope.calibration.check_promise`); a warning for each set (overall, and each
     generator when there are several) whose whole 95 % FPR interval lies above the target. Where the
     target does hold, each set is flagged with probability at most 2.5 % (the interval's lower end)."""
-    from fakescope.calibration import check_promise
-
     root = (result.get("data") or {}).get("root")
     out = {"target_fpr": cal.target_fpr, "confidence": cal.confidence, "promise": cal.promise,
            "calibration_set": cal.guarantee.get("calibration_set"),
@@ -185,8 +189,6 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
     (:meth:`fakescope.calibration.Decision.guarantee`). ``backend="onnxruntime"`` scores with the
     exported model (``onnx_path``, default ``RUN/model.onnx``) instead of PyTorch. ``provenance`` is the
     file's own metadata evidence (:func:`fakescope.provenance.inspect_provenance`); it never changes ``p_ai``."""
-    from fakescope.calibration import resolve_decision
-
     if threshold is not None:
         threshold = checked("threshold", threshold, validate.threshold, source="predict_paths")
     if backend not in ("torch", "onnxruntime"):
@@ -196,8 +198,6 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
     files = list_images([p for p in paths if os.path.lexists(p)])
     probs = None
     if backend == "onnxruntime":
-        from fakescope.export import score_files_onnx
-
         det, config, pipeline = prepare_onnx(run_dir, onnx_path, native_size=native_size, geometry=geometry)
         p, errors = score_files_onnx(det, files, pipeline, batch_size=batch_size or 64, num_workers=num_workers,
                                      max_pixels=max_pixels, max_file_size=max_file_size, raw=True)
@@ -247,7 +247,6 @@ def prepare_onnx(run_dir, onnx_path=None, *, native_size=None, geometry: str | N
     default ``RUN/model.onnx``): the export must be of this run's model; images are prepared exactly
     as for the PyTorch backend (native size, JPEG alignment)."""
     from fakescope.engine.checkpoint import read_config
-    from fakescope.export import OnnxDetector
 
     config = read_config(run_dir)
     det = OnnxDetector(onnx_path or Path(run_dir) / "model.onnx")
@@ -337,8 +336,6 @@ class Predictor:
         """``[B, W]`` (float64): P(ai), then an attribution run's class probabilities (see
         :func:`~fakescope.engine.infer.stage_scores`; P(ai) only with the ONNX backend), in one forward pass."""
         if self.onnx is not None:
-            from fakescope.export import onnx_crop_mean
-
             p = onnx_crop_mean(self.onnx.raw_p_ai, self.pipeline.finish(torch.stack(stages)).float().div_(255))
             return np.asarray(p, dtype=np.float64)[:, None]
         with cpu_threads(self.threads):

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from fakescope.engine.bulk_rows import KillHook, Scoring, decode_input, empty_row
 from fakescope.errors import FakescopeError
 
 WINDOW_ROWS = 1_000_000
@@ -44,8 +45,6 @@ def decode_batch(batch: dict, *, pipeline, stage_shape: tuple[int, ...], max_pix
                  max_file_size: int | None, provenance: bool) -> dict:
     """Ray Data CPU task: ``{"shard", "pos", "path"}`` -> the same plus ``stage`` (``uint8``, zeros for a
     bad file) and the file's fields (:func:`~fakescope.engine.bulk.decode_input`; -1 and "" stand for none)."""
-    from fakescope.engine.bulk import decode_input
-
     torch.set_num_threads(1)
     n = len(batch["path"])
     stage = np.zeros((n, *stage_shape), dtype=np.uint8)
@@ -89,7 +88,6 @@ class Scorer:
                  precision: str = "auto", native_size=None, geometry: str | None = None, backend: str = "torch",
                  onnx_path=None, max_pixels: int | None = None, keep_images: bool = False) -> None:
         from fakescope.calibration import resolve_decision
-        from fakescope.engine.bulk import Scoring
         from fakescope.engine.evaluation import Predictor
 
         self.predictor = Predictor(run_dir, device=device, precision=precision, native_size=native_size,
@@ -152,8 +150,6 @@ def _windows(pending, limit: int) -> Iterator[list[tuple[int, list[str], dict]]]
 
 def _rows(b: dict, attribution: bool) -> list[dict]:
     """Rows (``Parquet`` columns, None for none) of one output batch."""
-    from fakescope.engine.bulk import empty_row
-
     rows = []
     for i in range(len(b["path"])):
         err = str(b["error"][i])
@@ -214,7 +210,6 @@ def _run(ray, job, *, run_dir, pipeline, actors, gpus_per_actor, batch_size, max
          device, precision, native_size, geometry, threshold, uncalibrated, backend, onnx_path, window_rows) -> dict:
     import pyarrow as pa
 
-    from fakescope.engine.bulk import KillHook
     from fakescope.engine.infer import default_batch_size
     from fakescope.progress import _enabled
 

@@ -18,20 +18,34 @@ leaves out the same files, deals the same shards and runs the same number of bat
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 
 from fakescope.data.dataset import ImageDataset, cpu_threads, make_loader, plan_loader, preload, should_preload
-from fakescope.data.transforms import Pipeline
+from fakescope.data.transforms import Augment, Pipeline
 from fakescope.engine import runtime
 from fakescope.engine.features import extract_features
 from fakescope.engine.runtime import Precision
 from fakescope.errors import FakescopeError
 from fakescope.progress import progress
 
-if TYPE_CHECKING:
-    from fakescope.engine.train import TrainOptions
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """The training options a source reads (:meth:`fakescope.engine.train.TrainOptions.source_options`
+    picks them out of a run's options): batch size, decoding, caching and what decides the input path."""
+
+    batch_size: int
+    num_workers: int | None = None
+    use_cache: bool = True
+    cache_dir: str | None = None
+    max_pixels: int | None = None
+    seed: int = 42
+    preload: str = "auto"
+    strict: bool = False
+    augment: Augment = field(default_factory=Augment)
+    adv_train: str | None = None
 
 
 class Source:
@@ -138,13 +152,13 @@ def shard_order(order: torch.Tensor, unit: int = 1) -> torch.Tensor:
     return padded[runtime.rank():: w]
 
 
-def on_features(model, opts: TrainOptions) -> bool:
+def on_features(model, opts: SourceOptions) -> bool:
     """Whether training runs on cached backbone features: a frozen backbone that sees every image
     exactly as evaluation does (no augmentation, no adversarial examples)."""
     return bool(model.frozen and not opts.augment.active and not opts.adv_train)
 
 
-def make_source(model, files: list[str], labels: list[int], pipeline: Pipeline, opts: TrainOptions,
+def make_source(model, files: list[str], labels: list[int], pipeline: Pipeline, opts: SourceOptions,
                 device: torch.device, infer_precision: Precision, desc: str, *,
                 aug_keys: list[int] | None = None) -> Source:
     """The source for ``files`` under ``opts``: features, memory or stream (see the module doc).

@@ -18,7 +18,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from fakescope.engine import runtime
 from fakescope.engine.infer import attribution_labels, forward_logits
 from fakescope.engine.recipe import Schedule, apply_recipe
 from fakescope.engine.runtime import Precision
-from fakescope.engine.sources import Source, make_source, on_features, shard_order
+from fakescope.engine.sources import Source, SourceOptions, make_source, on_features, shard_order
 from fakescope.errors import CheckpointError, DataError, FakescopeError
 from fakescope.metrics import binary_metrics
 from fakescope.models import check_model_name, create_model, set_num_outputs
@@ -89,6 +89,10 @@ class TrainOptions:
     ``data``: one root or a list of roots (their generators together). ``paired`` (None: the recipe's,
     else off): both members of each aligned pair in the same batch, with the same crop, flip and
     augmentation (Rajan et al.'s "Sync"); the root must hold pairs (``fakescope data align``)."""
+
+    def source_options(self) -> SourceOptions:
+        """The options a training source reads (batch size, decoding, caching, augmentation)."""
+        return SourceOptions(**{f.name: getattr(self, f.name) for f in fields(SourceOptions)})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -634,9 +638,10 @@ def train(opts: TrainOptions | None, out: str | Path, *, resume: bool = False, c
     t_data = time.perf_counter()
     # a pair's twins draw their augmentation from one generator: the same crop, flip, blur, JPEG and scale
     aug_keys = [min(i, splits.partners.get(i, i)) for i in range(len(splits.train_files))] if splits.partners else None
-    train_src = make_source(model, splits.train_files, splits.train_labels, pipeline, opts, device, infer_precision,
-                            "train data", aug_keys=aug_keys)
-    val_src = make_source(model, splits.val_files, splits.val_labels, replace(pipeline, augment=Augment()), opts,
+    src_opts = opts.source_options()
+    train_src = make_source(model, splits.train_files, splits.train_labels, pipeline, src_opts, device,
+                            infer_precision, "train data", aug_keys=aug_keys)
+    val_src = make_source(model, splits.val_files, splits.val_labels, replace(pipeline, augment=Augment()), src_opts,
                           device, infer_precision, "val data")
     data_seconds = time.perf_counter() - t_data
     if opts.strict and (train_src.errors or val_src.errors):
@@ -644,7 +649,7 @@ def train(opts: TrainOptions | None, out: str | Path, *, resume: bool = False, c
     readable = [(train_src, splits.train_files, "training split"), (val_src, splits.val_files, "validation carve")]
     _check_readable(readable, out)
 
-    t = _make_trainer(model, opts, on_features(model, opts), device, train_precision)
+    t = _make_trainer(model, opts, on_features(model, src_opts), device, train_precision)
     state = _restore(out, t, train_src, opts) if resume else _Progress()
     t_train = time.perf_counter()
     seen = _run_epochs(out, t, train_src, val_src, opts, state, readable, splits.partners)
@@ -670,8 +675,5 @@ def train(opts: TrainOptions | None, out: str | Path, *, resume: bool = False, c
     if runtime.is_main():
         write_json(out / ckpt.METRICS, summary)
         write_json(out / ckpt.BAD_FILES, bad_files)
-        from fakescope.report.model_card import inspect_training_data, write_model_card
-
-        write_model_card(out, inspect_training_data(config))
     runtime.barrier()
     return summary

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fakescope import ranks
 from fakescope import runfiles as rf
 from fakescope.choices import ONE_CLASS_DIRECTIONS
-from fakescope.engine import runtime
 from fakescope.utils import atomic_write_bytes, slug, write_json
 
 DEGRADE_XLABEL = {"jpeg": "JPEG quality", "blur": "blur sigma", "resize": "scale factor"}
@@ -66,7 +66,7 @@ def write_evaluation(result: dict, folder: str | os.PathLike, json_path: str | o
     folder = Path(folder)
     json_path = Path(json_path) if json_path else folder / rf.EVAL_METRICS
     outputs = {"json": str(json_path), "folder": str(folder)}
-    if not runtime.is_main():
+    if not ranks.is_main():
         return outputs
     scores = result.get("scores")
     if scores is not None:
@@ -125,7 +125,7 @@ def write_examples(examples: list[dict], folder: str | os.PathLike) -> list[str]
     from PIL import Image
 
     paths: list[str] = []
-    if not runtime.is_main():
+    if not ranks.is_main():
         return paths
     folder = Path(folder)
     for ex in examples:
@@ -149,7 +149,7 @@ def write_attack(result: dict, folder: str | os.PathLike, json_path: str | os.Pa
     if examples_dir is not None:
         outputs["examples"] = str(examples_dir)
     result["outputs"] = outputs
-    if not runtime.is_main():
+    if not ranks.is_main():
         return outputs
     from fakescope.report.plots import curve_plot
 
@@ -175,7 +175,7 @@ def write_calibration_files(run_dir: str | os.PathLike, calibration) -> dict:
     from fakescope.calibration import calibration_path, write_calibration
 
     paths = {"calibration": str(calibration_path(run_dir))}
-    if runtime.is_main():
+    if ranks.is_main():
         write_calibration(run_dir, calibration)
     return paths
 

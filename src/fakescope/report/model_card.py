@@ -244,6 +244,13 @@ def write_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) ->
     return path
 
 
+def write_training_card(run_dir: str | os.PathLike) -> Path:
+    """Write the card of a run that training just finished: inspects the training root named in the run's
+    ``config.json`` (kept in ``data_inspect.json``) and writes ``MODEL_CARD.md``. The train command and the
+    study call it after :func:`fakescope.engine.train.train` (the engine writes weights and JSON only)."""
+    return write_model_card(run_dir, inspect_training_data(rf.read_config(run_dir)))
+
+
 def refresh_model_card(run_dir: str | os.PathLike) -> Path | None:
     """Rewrite the run's model card from its files when it has one (after an evaluation or a calibration
     was added to the run); None when the run has no card. Reads only the run's own files."""

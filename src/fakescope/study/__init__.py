@@ -49,7 +49,8 @@ every evaluation, attack and precision check whose key is unchanged (:mod:`fakes
 ``force: true`` recomputes everything.
 """
 
-from fakescope.study.benchmark import CONFIG_FILE, RESULTS, run_benchmark, write_benchmark_report
+from fakescope.study.benchmark import CONFIG_FILE, run_benchmark
+from fakescope.study.benchmark_report import RESULTS, write_benchmark_report
 from fakescope.study.config import BenchmarkConfig, ModelSpec, load_config_file, make_config, model_options
 from fakescope.study.cross import run_cross
 from fakescope.study.stats import aggregate, summarize

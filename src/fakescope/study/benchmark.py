@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from fakescope.choices import ONE_CLASS_DIRECTIONS
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
+from fakescope.study.benchmark_report import RESULTS, write_benchmark_report
 from fakescope.study.config import BenchmarkConfig, ModelSpec, make_config, resolve_data
+from fakescope.study.cross import run_cross
 from fakescope.study.runs import (
     calibrate_cached,
     ensure_run,
@@ -25,7 +26,6 @@ from fakescope.study.runs import (
 from fakescope.study.stats import aggregate_eval, summarize
 from fakescope.utils import write_json
 
-RESULTS = "results.json"
 CONFIG_FILE = "benchmark-config.json"
 
 
@@ -98,8 +98,6 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
     everyone = [m.label for m in cfg.models]
     crossed = cfg.cross if isinstance(cfg.cross, list) else (everyone if cfg.cross else [])
     if crossed or cfg.leave_one_out:
-        from fakescope.study.cross import run_cross
-
         # --cross: the one-vs-all matrix; --leave-one-out: the leave-one-generator-out runs ("Unseen
         # generators"); both together: both, for the models --cross names (every model by default)
         results["cross"], results["leave_one_out"] = {}, {}
@@ -116,38 +114,6 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
             write_json(out / RESULTS, results)
             log(f"report: {paths['html']}")
     return results
-
-
-def write_benchmark_report(out: str | os.PathLike, results: dict | None = None) -> dict:
-    """The report of the benchmark in ``out`` (``results``: its results, else ``out/results.json``),
-    with the sample grid of its data (rank 0 only; see :func:`fakescope.report.html.write_report`)."""
-    import json
-
-    from fakescope.report.html import write_report
-
-    out = Path(out)
-    if results is None:
-        results = json.loads((out / RESULTS).read_text())
-    return write_report(out, results, samples=_samples(results))
-
-
-def _samples(results: dict) -> list | None:
-    """The study's Fig. 1: sample images per generator and class of the evaluation split."""
-    from fakescope.data.inspect import sample_images
-    from fakescope.data.layout import index_root
-    from fakescope.errors import FakescopeError
-
-    cfg = results.get("config", {})
-    n = int(cfg.get("sample_per_class", 6) or 0)
-    if not cfg.get("data") or not n:
-        return None
-    data = results.get("data", {})
-    try:
-        index = index_root(cfg["data"]).select(data.get("generators") or cfg.get("generators") or None,
-                                               data.get("split", cfg.get("split", "val")))
-    except FakescopeError:
-        return None
-    return sample_images(index, n) or None
 
 
 def _f(v) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 
 from fakescope.engine import runtime
 from fakescope.errors import FakescopeError
+from fakescope.study.benchmark_report import RESULTS, write_benchmark_report
 from fakescope.study.config import BenchmarkConfig, make_config, resolve_data
 from fakescope.study.runs import canonical, ensure_run, evaluate_cached, log, train_options
 from fakescope.study.stats import aggregate, mean_of
@@ -80,7 +81,6 @@ def run_cross(config: dict | BenchmarkConfig, model: str | None = None, *, leave
         result["mean_cross"] = float(np.nanmean(off)) if off.size else None
     if runtime.is_main():
         from fakescope.report.html import write_cross
-        from fakescope.study.benchmark import RESULTS, write_benchmark_report
 
         stem = folder / (spec.slug + ("-loo" if leave_one_out else ""))
         result["outputs"] = write_cross(result, stem)

@@ -167,6 +167,7 @@ def ensure_run(opts, run_dir: Path, *, force: bool = False, what: str = "") -> t
     Returns ``(training summary, trained)``. An interrupted run with the same configuration is
     resumed; a run with another configuration (or any run, with ``force``) is replaced."""
     from fakescope.engine.train import train
+    from fakescope.report.model_card import write_training_card
 
     run_dir = Path(run_dir)
     resume = False
@@ -200,6 +201,8 @@ def ensure_run(opts, run_dir: Path, *, force: bool = False, what: str = "") -> t
             write_json(run_dir / TRAIN_REUSE, {"key": key})  # before training: a resume checks it too
     t0 = time.perf_counter()
     summary = train(opts, run_dir, resume=resume)
+    if runtime.is_main():
+        write_training_card(run_dir)  # the engine writes weights and JSON; the card is the caller's step
     v = summary["validation"]
     log(f"{what}: trained in {time.perf_counter() - t0:.1f} s (best epoch {summary['best_epoch']} of "
         f"{summary['epochs_run']}, validation accuracy {v['accuracy']:.4f})")
