@@ -13,7 +13,9 @@ import html
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -188,215 +190,310 @@ def _threshold_text(cfg: dict) -> str:
     return "each run's calibrated one where it has a calibration.json, else 0.5"
 
 
+@dataclass(frozen=True)
+class _Report:
+    """What every section of the report reads: the document it adds to and the benchmark's results."""
+
+    doc: Doc
+    out: Path
+    figs: Path
+    results: dict
+    models: dict
+    cfg: dict
+    gens: list
+    split: str
+    multi: bool
+    plots: ModuleType
+
+
 def write_report(out: str | os.PathLike, results: dict | None = None,
                  samples: list[tuple[str, list[np.ndarray]]] | None = None) -> dict:
     """Write ``out/report.md`` and ``out/report.html`` (and ``out/figures/*.png``); return their paths.
 
     ``samples``: the sample grid's rows ``(label, [HxWx3 uint8 images])``, handed over by the study
     (the report reads no dataset itself)."""
-    from fakescope.report import plots as P
-
     out = Path(out)
     if results is None:
         results = json.loads((out / "results.json").read_text())
+    r = _report(out, results)
+    _header(r)
+    if r.models:
+        _results_tables(r)
+        _real_photos(r)
+        _costs(r)
+        _per_generator(r)
+        _curves(r)
+    _samples(r, samples)
+    _galleries(r)
+    _shortcut(r)
+    _degradations(r)
+    cross = _cross_results(out, results)
+    _cross(r, cross)
+    _unseen(r, cross)
+    _robustness(r)
+    _precision_check(r)
+    if r.models:
+        _run_dirs(r)
+    md, page = out / "report.md", out / "report.html"
+    atomic_write_text(md, r.doc.markdown())
+    atomic_write_text(page, r.doc.html("fakescope benchmark"))
+    return {"markdown": str(md), "html": str(page), "figures": str(r.figs)}
+
+
+def _report(out: Path, results: dict) -> _Report:
+    from fakescope.report import plots
+
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    models: dict = results.get("models", {})
     cfg = results.get("config", {})
-    gens = results.get("data", {}).get("generators") or cfg.get("generators") or []
-    split = results.get("data", {}).get("split", cfg.get("split", "val"))
-    multi = len(cfg.get("seeds", [0])) > 1
+    return _Report(doc=Doc(out), out=out, figs=figs, results=results, models=results.get("models", {}), cfg=cfg,
+                   gens=results.get("data", {}).get("generators") or cfg.get("generators") or [],
+                   split=results.get("data", {}).get("split", cfg.get("split", "val")),
+                   multi=len(cfg.get("seeds", [0])) > 1, plots=plots)
 
-    doc = Doc(out)
+
+def _header(r: _Report) -> None:
+    """Title, data, seeds, epochs and threshold; with several seeds, how to read the intervals."""
+    cfg, doc = r.cfg, r.doc
     doc.heading(1, "fakescope benchmark")
     seeds = ", ".join(map(str, cfg.get("seeds", [])))
     roots = cfg.get("data")
-    roots = " + ".join(f"`{r}`" for r in roots) if isinstance(roots, list) else f"`{roots}`"
-    doc.para(f"Data: {roots} — generators: {', '.join(gens)}; trained on the train split of all "
-             f"selected generators, evaluated on the {split} split. Seeds: {seeds}; "
+    roots = " + ".join(f"`{x}`" for x in roots) if isinstance(roots, list) else f"`{roots}`"
+    doc.para(f"Data: {roots} — generators: {', '.join(r.gens)}; trained on the train split of all "
+             f"selected generators, evaluated on the {r.split} split. Seeds: {seeds}; "
              f"epochs: {cfg.get('epochs')}; threshold "
              f"{cfg.get('threshold') if cfg.get('threshold') is not None else _threshold_text(cfg)}.")
-    if multi:
+    if r.multi:
         n = len(cfg.get("seeds", []))
         doc.para(f"With several seeds each figure is mean ± sample std [95 % Student t-interval of the mean over "
                  f"the {n} seeds]" + (f"; with n = {n} < 5 seeds the interval is wide and assumes normally "
                                       f"distributed per-seed figures" if n < 5 else "") + ".", note=True)
 
-    if models:
-        doc.heading(2, "Results")
-        doc.table(["model", *(_TITLES[c] for c in STUDY_COLUMNS)],
-                  [[label, *(m["overall"].get(c) for c in STUDY_COLUMNS)] for label, m in models.items()])
-        doc.table(["model", "ECE", "Brier", "TPR at FPR 1 %", "TPR at FPR 5 %", "EER"],
-                  [[label, *(m["overall"].get(c) for c in ("ece", "brier", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct",
-                                                           "eer"))] for label, m in models.items()])
-        doc.para("Calibration (ECE over 15 equal-mass bins, Brier score) and operating points: the share of AI "
-                 "images caught when at most 1 % / 5 % of real images may be called AI, and the equal error rate.",
-                 note=True)
-        photos = {label: m["real_photos"] for label, m in models.items() if m.get("real_photos")}
-        if photos:
-            folder = next(iter(photos.values()))["folder"]
-            doc.heading(3, "False alarms on real photos")
-            doc.para(f"Every image of `{folder}` (real photos only, any size) scored as `predict` scores it: the "
-                     f"run's test geometry and its own threshold (first seed). A detector that learned a shortcut "
-                     f"of its training data (image size, subject) calls many of them AI however well it scores "
-                     f"above.")
-            doc.table(["model", "test geometry", "threshold", "called AI", "n", "false-positive rate", "unreadable"],
-                      [[label, r["test_geometry"], r["threshold"], r["called_ai"], r["n"], r["fpr"],
-                        len(r["errors"])] for label, r in photos.items()])
-        doc.table(["model", "params", "trainable", "input", "epochs run", "data s", "train s", "train img/s",
-                   "trained on", "eval img/s", "eval precision"],
-                  [[label, m.get("params"), m.get("trainable_params"), m.get("input_size"), m.get("epochs_run"),
-                    measured(m.get("data_seconds")), measured(m.get("train_seconds")),
-                    measured(m.get("images_per_second")), str(m.get("input_path")),
-                    measured(m.get("eval_images_per_second")), str(m.get("eval_precision"))]
-                   for label, m in models.items()])
-        doc.para("data s: decoding the images or extracting a frozen backbone's features before the first epoch; "
-                 "train s and train img/s: the epochs (on cached features for a frozen backbone).", note=True)
 
-        doc.heading(2, "Per generator")
-        for metric in ("accuracy", "roc_auc", "real_accuracy", "fake_accuracy"):
-            doc.para(f"{_TITLES[metric]} per generator:")
-            doc.table(["model", *gens], [[label, *(m["per_generator"].get(g, {}).get(metric) for g in gens)]
-                                         for label, m in models.items()])
+def _results_tables(r: _Report) -> None:
+    """The headline metrics, then calibration and operating points, one row per model."""
+    doc, models = r.doc, r.models
+    doc.heading(2, "Results")
+    doc.table(["model", *(_TITLES[c] for c in STUDY_COLUMNS)],
+              [[label, *(m["overall"].get(c) for c in STUDY_COLUMNS)] for label, m in models.items()])
+    doc.table(["model", "ECE", "Brier", "TPR at FPR 1 %", "TPR at FPR 5 %", "EER"],
+              [[label, *(m["overall"].get(c) for c in ("ece", "brier", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct",
+                                                       "eer"))] for label, m in models.items()])
+    doc.para("Calibration (ECE over 15 equal-mass bins, Brier score) and operating points: the share of AI "
+             "images caught when at most 1 % / 5 % of real images may be called AI, and the equal error rate.",
+             note=True)
 
-        curves = {}
-        for label, m in models.items():
-            s = read_scores(m["runs"][0].get("figures", "")) if m.get("runs") else None
-            if s is not None:
-                curves[label] = s
-        roc = P.roc_plot(curves, figs / "roc.png", title=f"ROC on {split}") if curves else None
-        conf = [(P.confusion_plot(_confusion(m["overall"]["confusion"]), figs / f"confusion-{slug(label)}.png",
-                                  title=label + (" (seeds summed)" if multi else "")), f"confusion matrix: {label}")
-                for label, m in models.items()]
-        doc.heading(2, "ROC curves and confusion matrices")
-        doc.figures([(roc, "ROC curves of all models" + (" (first seed)" if multi else ""))])
-        doc.figures(conf)
 
-    sample = P.image_grid(samples, figs / "samples.png", title="samples") if samples else None
+def _real_photos(r: _Report) -> None:
+    """False alarms on the real-photo folder, where the benchmark scored one."""
+    photos = {label: m["real_photos"] for label, m in r.models.items() if m.get("real_photos")}
+    if not photos:
+        return
+    doc = r.doc
+    folder = next(iter(photos.values()))["folder"]
+    doc.heading(3, "False alarms on real photos")
+    doc.para(f"Every image of `{folder}` (real photos only, any size) scored as `predict` scores it: the "
+             f"run's test geometry and its own threshold (first seed). A detector that learned a shortcut "
+             f"of its training data (image size, subject) calls many of them AI however well it scores "
+             f"above.")
+    doc.table(["model", "test geometry", "threshold", "called AI", "n", "false-positive rate", "unreadable"],
+              [[label, p["test_geometry"], p["threshold"], p["called_ai"], p["n"], p["fpr"],
+                len(p["errors"])] for label, p in photos.items()])
+
+
+def _costs(r: _Report) -> None:
+    """Model sizes, timings and throughput."""
+    r.doc.table(["model", "params", "trainable", "input", "epochs run", "data s", "train s", "train img/s",
+                 "trained on", "eval img/s", "eval precision"],
+                [[label, m.get("params"), m.get("trainable_params"), m.get("input_size"), m.get("epochs_run"),
+                  measured(m.get("data_seconds")), measured(m.get("train_seconds")),
+                  measured(m.get("images_per_second")), str(m.get("input_path")),
+                  measured(m.get("eval_images_per_second")), str(m.get("eval_precision"))]
+                 for label, m in r.models.items()])
+    r.doc.para("data s: decoding the images or extracting a frozen backbone's features before the first epoch; "
+               "train s and train img/s: the epochs (on cached features for a frozen backbone).", note=True)
+
+
+def _per_generator(r: _Report) -> None:
+    """One table per metric: models by generator."""
+    r.doc.heading(2, "Per generator")
+    for metric in ("accuracy", "roc_auc", "real_accuracy", "fake_accuracy"):
+        r.doc.para(f"{_TITLES[metric]} per generator:")
+        r.doc.table(["model", *r.gens], [[label, *(m["per_generator"].get(g, {}).get(metric) for g in r.gens)]
+                                         for label, m in r.models.items()])
+
+
+def _curves(r: _Report) -> None:
+    """The ROC curves of all models (first seed's scores) and each model's confusion matrix."""
+    P, figs, multi = r.plots, r.figs, r.multi
+    curves = {}
+    for label, m in r.models.items():
+        s = read_scores(m["runs"][0].get("figures", "")) if m.get("runs") else None
+        if s is not None:
+            curves[label] = s
+    roc = P.roc_plot(curves, figs / "roc.png", title=f"ROC on {r.split}") if curves else None
+    conf = [(P.confusion_plot(_confusion(m["overall"]["confusion"]), figs / f"confusion-{slug(label)}.png",
+                              title=label + (" (seeds summed)" if multi else "")), f"confusion matrix: {label}")
+            for label, m in r.models.items()]
+    r.doc.heading(2, "ROC curves and confusion matrices")
+    r.doc.figures([(roc, "ROC curves of all models" + (" (first seed)" if multi else ""))])
+    r.doc.figures(conf)
+
+
+def _samples(r: _Report, samples: list[tuple[str, list[np.ndarray]]] | None) -> None:
+    """The sample grid the study handed over."""
+    sample = r.plots.image_grid(samples, r.figs / "samples.png", title="samples") if samples else None
     if sample:
-        doc.heading(2, "Sample images")
-        doc.figures([(sample, f"samples of the {split} split per generator and class")])
+        r.doc.heading(2, "Sample images")
+        r.doc.figures([(sample, f"samples of the {r.split} split per generator and class")])
 
+
+def _galleries(r: _Report) -> None:
+    """Each model's Grad-CAM gallery of right and wrong calls."""
     galleries = [(m.get("gallery"), f"{label}: correct and wrong examples per class, Grad-CAM overlay")
-                 for label, m in models.items() if m.get("gallery")]
+                 for label, m in r.models.items() if m.get("gallery")]
     if galleries:
-        doc.heading(2, "What the model looks at")
-        doc.para("Grad-CAM on each model's last convolutional stage (first seed): red regions pushed the score "
-                 "toward AI. A few of the most confident right and wrong calls per class, at the threshold used "
-                 "for the results above.")
-        doc.figures(galleries)
+        r.doc.heading(2, "What the model looks at")
+        r.doc.para("Grad-CAM on each model's last convolutional stage (first seed): red regions pushed the score "
+                   "toward AI. A few of the most confident right and wrong calls per class, at the threshold used "
+                   "for the results above.")
+        r.doc.figures(galleries)
 
+
+def _shortcut(r: _Report) -> None:
+    """Accuracy with every image JPEG-aligned: evaluated aligned and, where run, trained aligned too."""
+    models = r.models
     shortcut = {label: m["shortcut"] for label, m in models.items() if m.get("shortcut")}
-    if shortcut:
-        q = next(iter(shortcut.values()))["jpeg_align"]
-        doc.heading(2, "Shortcut control: JPEG alignment")
-        doc.para(f"Every image of both classes re-encoded as JPEG at quality {q} before the model sees it. A large "
-                 f"drop from the first column to the second means the detector relied on the file format "
-                 f"(e.g. GenImage's JPEG real vs PNG AI images) rather than on the generator's traces.")
-        trained = any("train_aligned" in s for s in shortcut.values())
-        header = ["model", "accuracy", f"accuracy, evaluated aligned (Q={q})", "difference"]
+    if not shortcut:
+        return
+    q = next(iter(shortcut.values()))["jpeg_align"]
+    r.doc.heading(2, "Shortcut control: JPEG alignment")
+    r.doc.para(f"Every image of both classes re-encoded as JPEG at quality {q} before the model sees it. A large "
+               f"drop from the first column to the second means the detector relied on the file format "
+               f"(e.g. GenImage's JPEG real vs PNG AI images) rather than on the generator's traces.")
+    trained = any("train_aligned" in s for s in shortcut.values())
+    header = ["model", "accuracy", f"accuracy, evaluated aligned (Q={q})", "difference"]
+    if trained:
+        header += [f"accuracy, trained + evaluated aligned (Q={q})"]
+    rows = []
+    for label, s in shortcut.items():
+        a, b = _mean(models[label]["overall"]["accuracy"]), _mean(s["eval_aligned"]["overall"]["accuracy"])
+        row = [label, models[label]["overall"]["accuracy"], s["eval_aligned"]["overall"]["accuracy"],
+               None if a is None or b is None else b - a]
         if trained:
-            header += [f"accuracy, trained + evaluated aligned (Q={q})"]
-        rows = []
-        for label, s in shortcut.items():
-            a, b = _mean(models[label]["overall"]["accuracy"]), _mean(s["eval_aligned"]["overall"]["accuracy"])
-            row = [label, models[label]["overall"]["accuracy"], s["eval_aligned"]["overall"]["accuracy"],
-                   None if a is None or b is None else b - a]
-            if trained:
-                row.append(s.get("train_aligned", {}).get("overall", {}).get("accuracy"))
-            rows.append(row)
-        doc.table(header, rows)
+            row.append(s.get("train_aligned", {}).get("overall", {}).get("accuracy"))
+        rows.append(row)
+    r.doc.table(header, rows)
 
-    kinds = {}
-    for label, m in models.items():
+
+def _degradations(r: _Report) -> None:
+    """Accuracy under each degradation kind: a table and a curve per kind."""
+    kinds: dict[str, dict] = {}
+    for label, m in r.models.items():
         for kind, rows in (m.get("degradations") or {}).items():
             kinds.setdefault(kind, {})[label] = rows
-    if kinds:
-        doc.heading(2, "Degradations")
-        doc.para("Accuracy under each degradation of the evaluation images (JPEG re-compression, Gaussian blur, "
-                 "down-scaling); the per-run figures also show ROC-AUC.")
-        items = []
-        for kind, per_model in kinds.items():
-            levels = [r["level"] for r in next(iter(per_model.values()))]
-            doc.para(f"{_KIND_LABEL.get(kind, kind)}:")
-            doc.table(["model", "clean", *(f"{kind} {lv:g}" for lv in levels)],
-                      [[label, models[label]["overall"]["accuracy"], *(r["overall"]["accuracy"] for r in rows)]
-                       for label, rows in per_model.items()])
-            xs, series = list(levels), {label: [_mean(r["overall"]["accuracy"]) for r in rows]
-                                        for label, rows in per_model.items()}
-            clean = IDENTITY_LEVEL.get(kind)
-            if clean is not None and clean not in xs:  # the clean images as the identity level
-                xs = [clean, *xs]
-                series = {label: [_mean(models[label]["overall"]["accuracy"]), *ys] for label, ys in series.items()}
-            path = P.curve_plot(xs, series, figs / f"degrade-{kind}.png",
-                                xlabel=_KIND_LABEL.get(kind, kind), ylabel="accuracy", title=f"accuracy under {kind}",
-                                invert_x=kind in ("jpeg", "resize"))
-            items.append((path, f"accuracy under {kind}"))
-        doc.figures(items)
+    if not kinds:
+        return
+    r.doc.heading(2, "Degradations")
+    r.doc.para("Accuracy under each degradation of the evaluation images (JPEG re-compression, Gaussian blur, "
+               "down-scaling); the per-run figures also show ROC-AUC.")
+    r.doc.figures([_degradation(r, kind, per_model) for kind, per_model in kinds.items()])
 
-    cross = _cross_results(out, results)
-    if cross:
-        doc.heading(2, "Cross-generator generalisation")
-        doc.para("GenImage's protocol: train on each generator alone and test on every generator (rows: training "
-                 "generator, columns: test generator, last column: row average); leave-one-out: train on all "
-                 "generators but one, test on every generator (the diagonal is the generator left out).")
-        for key, r in cross.items():
-            doc.heading(3, f"{r['model']} ({r['protocol']})")
-            header, rows = cross_tables(r)
-            doc.table(header, rows)
-            if "mean_held_out" in r:
-                doc.para(f"mean accuracy on the generator left out: {fmt(r['mean_held_out'])}")
-            else:
-                doc.para(f"mean in-distribution (diagonal): {fmt(r.get('mean_in_distribution'))}; mean "
-                         f"cross-generator (off-diagonal): {fmt(r.get('mean_cross'))}")
-            doc.figures([(r.get("outputs", {}).get("png") or str(out / "cross" / f"{key}.png"),
-                          f"cross-generator accuracy: {r['model']}")])
 
+def _degradation(r: _Report, kind: str, per_model: dict[str, list]) -> tuple[str, str]:
+    """One degradation kind's table (added to the report) and its curve (returned as a figure)."""
+    models = r.models
+    levels = [row["level"] for row in next(iter(per_model.values()))]
+    r.doc.para(f"{_KIND_LABEL.get(kind, kind)}:")
+    r.doc.table(["model", "clean", *(f"{kind} {lv:g}" for lv in levels)],
+                [[label, models[label]["overall"]["accuracy"], *(row["overall"]["accuracy"] for row in rows)]
+                 for label, rows in per_model.items()])
+    xs, series = list(levels), {label: [_mean(row["overall"]["accuracy"]) for row in rows]
+                                for label, rows in per_model.items()}
+    clean = IDENTITY_LEVEL.get(kind)
+    if clean is not None and clean not in xs:  # the clean images as the identity level
+        xs = [clean, *xs]
+        series = {label: [_mean(models[label]["overall"]["accuracy"]), *ys] for label, ys in series.items()}
+    path = r.plots.curve_plot(xs, series, r.figs / f"degrade-{kind}.png",
+                              xlabel=_KIND_LABEL.get(kind, kind), ylabel="accuracy", title=f"accuracy under {kind}",
+                              invert_x=kind in ("jpeg", "resize"))
+    return path, f"accuracy under {kind}"
+
+
+def _cross(r: _Report, cross: dict[str, dict]) -> None:
+    """Each cross-generator or leave-one-out matrix: table, summary line and heatmap."""
+    if not cross:
+        return
+    doc = r.doc
+    doc.heading(2, "Cross-generator generalisation")
+    doc.para("GenImage's protocol: train on each generator alone and test on every generator (rows: training "
+             "generator, columns: test generator, last column: row average); leave-one-out: train on all "
+             "generators but one, test on every generator (the diagonal is the generator left out).")
+    for key, c in cross.items():
+        doc.heading(3, f"{c['model']} ({c['protocol']})")
+        header, rows = cross_tables(c)
+        doc.table(header, rows)
+        if "mean_held_out" in c:
+            doc.para(f"mean accuracy on the generator left out: {fmt(c['mean_held_out'])}")
+        else:
+            doc.para(f"mean in-distribution (diagonal): {fmt(c.get('mean_in_distribution'))}; mean "
+                     f"cross-generator (off-diagonal): {fmt(c.get('mean_cross'))}")
+        doc.figures([(c.get("outputs", {}).get("png") or str(r.out / "cross" / f"{key}.png"),
+                      f"cross-generator accuracy: {c['model']}")])
+
+
+def _unseen(r: _Report, cross: dict[str, dict]) -> None:
+    """The leave-one-out summary: accuracy on the generator each model never saw."""
     unseen = unseen_generators_table(cross) if cross else None
     if unseen:
-        doc.heading(2, "Unseen generators")
-        doc.para("Leave one generator out: each model is trained on every generator but one and tested on the one "
-                 "left out (accuracy / ROC-AUC on that generator's images; mean over the N runs). This is what to "
-                 "expect against a generator the detector has never seen.")
-        doc.table(*unseen)
+        r.doc.heading(2, "Unseen generators")
+        r.doc.para("Leave one generator out: each model is trained on every generator but one and tested on the one "
+                   "left out (accuracy / ROC-AUC on that generator's images; mean over the N runs). This is what to "
+                   "expect against a generator the detector has never seen.")
+        r.doc.table(*unseen)
 
-    robust = {label: m["robustness"] for label, m in models.items() if m.get("robustness")}
-    if robust:
-        first = next(iter(robust.values()))
-        doc.heading(2, "Adversarial robustness")
-        doc.para(f"Robust accuracy under {first['attack']} (white-box unless Square; every image counts, a clean "
-                 f"mistake stays wrong; first seed, {first['n']} images). Compare normally and adversarially "
-                 f"trained models (models with `adv_train: pgd`).")
-        eps_labels = [f"{e * 255:g}/255" for e in first["eps"]]
-        doc.table(["model", *(f"ε {e}" for e in eps_labels)],
-                  [[label, *r["robust_accuracy"]] for label, r in robust.items()])
-        doc.para("AI images pushed to look real (evasion), robust accuracy:")
-        doc.table(["model", *(f"ε {e}" for e in eps_labels)],
-                  [[label, *r["per_direction"]["ai-to-real"]] for label, r in robust.items()])
-        path = P.curve_plot([e * 255 for e in first["eps"]],
-                            {label: r["robust_accuracy"] for label, r in robust.items()}, figs / "robustness.png",
-                            xlabel="eps (x 1/255)", ylabel="robust accuracy",
-                            title=f"{first['attack']}: robust accuracy")
-        doc.figures([(path, "robust accuracy versus eps")])
 
-    checks = {label: m["precision_check"] for label, m in models.items() if m.get("precision_check")}
+def _robustness(r: _Report) -> None:
+    """Robust accuracy per eps, overall and for evasion (AI images pushed to look real), and its curve."""
+    robust = {label: m["robustness"] for label, m in r.models.items() if m.get("robustness")}
+    if not robust:
+        return
+    doc = r.doc
+    first = next(iter(robust.values()))
+    doc.heading(2, "Adversarial robustness")
+    doc.para(f"Robust accuracy under {first['attack']} (white-box unless Square; every image counts, a clean "
+             f"mistake stays wrong; first seed, {first['n']} images). Compare normally and adversarially "
+             f"trained models (models with `adv_train: pgd`).")
+    eps_labels = [f"{e * 255:g}/255" for e in first["eps"]]
+    doc.table(["model", *(f"ε {e}" for e in eps_labels)],
+              [[label, *a["robust_accuracy"]] for label, a in robust.items()])
+    doc.para("AI images pushed to look real (evasion), robust accuracy:")
+    doc.table(["model", *(f"ε {e}" for e in eps_labels)],
+              [[label, *a["per_direction"]["ai-to-real"]] for label, a in robust.items()])
+    path = r.plots.curve_plot([e * 255 for e in first["eps"]],
+                              {label: a["robust_accuracy"] for label, a in robust.items()}, r.figs / "robustness.png",
+                              xlabel="eps (x 1/255)", ylabel="robust accuracy",
+                              title=f"{first['attack']}: robust accuracy")
+    doc.figures([(path, "robust accuracy versus eps")])
+
+
+def _precision_check(r: _Report) -> None:
+    """fp32 against bf16 scores of the same run."""
+    checks = {label: m["precision_check"] for label, m in r.models.items() if m.get("precision_check")}
     if checks:
-        doc.heading(2, "Numerical precision: fp32 vs bf16")
-        doc.para("The same run scores the evaluation images in fp32 and in bf16 (first seed): share of identical "
-                 "verdicts and the largest change of P(ai).")
-        doc.table(["model", "agreement", "max abs Δp", "mean abs Δp", "n"],
-                  [[label, c.get("agreement"), c.get("max_abs_diff"), c.get("mean_abs_diff"), c.get("n")]
-                   if "skipped" not in c else [label, "—", "—", "—", c["skipped"]] for label, c in checks.items()])
+        r.doc.heading(2, "Numerical precision: fp32 vs bf16")
+        r.doc.para("The same run scores the evaluation images in fp32 and in bf16 (first seed): share of identical "
+                   "verdicts and the largest change of P(ai).")
+        r.doc.table(["model", "agreement", "max abs Δp", "mean abs Δp", "n"],
+                    [[label, c.get("agreement"), c.get("max_abs_diff"), c.get("mean_abs_diff"), c.get("n")]
+                     if "skipped" not in c else [label, "—", "—", "—", c["skipped"]] for label, c in checks.items()])
 
-    if models:
-        doc.heading(2, "Run directories")
-        doc.para("Each is a normal run: `fakescope evaluate RUN --data ROOT` and `fakescope predict RUN FILES` "
-                 "accept it.")
-        doc.table(["model", "seed", "run", "evaluation"],
-                  [[label, str(r["seed"]), os.path.relpath(r["dir"], out), os.path.relpath(r["eval"], out)]
-                   for label, m in models.items() for r in m.get("runs", [])])
 
-    md, page = out / "report.md", out / "report.html"
-    atomic_write_text(md, doc.markdown())
-    atomic_write_text(page, doc.html("fakescope benchmark"))
-    return {"markdown": str(md), "html": str(page), "figures": str(figs)}
+def _run_dirs(r: _Report) -> None:
+    """Where each model's runs and their evaluations are."""
+    r.doc.heading(2, "Run directories")
+    r.doc.para("Each is a normal run: `fakescope evaluate RUN --data ROOT` and `fakescope predict RUN FILES` "
+               "accept it.")
+    r.doc.table(["model", "seed", "run", "evaluation"],
+                [[label, str(x["seed"]), os.path.relpath(x["dir"], r.out), os.path.relpath(x["eval"], r.out)]
+                 for label, m in r.models.items() for x in m.get("runs", [])])
