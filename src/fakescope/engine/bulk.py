@@ -50,7 +50,7 @@ from fakescope.engine.bulk_rows import (  # noqa: F401  (what one input becomes;
 from fakescope.engine.ray_bulk import run_ray
 from fakescope.errors import FakescopeError
 from fakescope.progress import progress
-from fakescope.utils import atomic_write_text
+from fakescope.utils import atomic_write_text, fsync_dir
 
 SHARD_DIR = "shards"
 """Where the shards go, under ``--out`` (so ``pyarrow.parquet.read_table(DIR/shards)`` reads them all)."""
@@ -220,14 +220,7 @@ class ShardWriter:
         finally:
             os.close(fd)
         os.replace(self.tmp, self.final)
-        try:
-            dfd = os.open(self.final.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        fsync_dir(self.final.parent)
         return stats
 
     def abort(self) -> None:
