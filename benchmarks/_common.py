@@ -146,3 +146,15 @@ def emit(name: str, rows: list[dict], columns: list[str], summary: dict) -> None
 def median(xs):
     xs = sorted(xs)
     return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+
+
+def seconds(fn, device) -> float:
+    """Wall seconds of ``fn()`` on ``device``, waiting for queued CUDA work before and after."""
+    import torch
+
+    sync = torch.cuda.synchronize if getattr(device, "type", str(device)) == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t

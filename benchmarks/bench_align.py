@@ -12,10 +12,9 @@ alike; the 1-minute load average is printed with the figures (the CPU here is sh
 from __future__ import annotations
 
 import os
-import time
 
 import torch
-from _common import SHARED, emit, like_the_cli, median, need, parser
+from _common import SHARED, emit, like_the_cli, median, need, parser, seconds
 
 MODES = ("fp32", "fp32+channels_last", "bf16+channels_last")
 
@@ -25,13 +24,7 @@ def timed(ae, x: torch.Tensor, mode: str, dev: torch.device) -> float:
     ae.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
     x = x.contiguous(memory_format=torch.channels_last) if cl else x.contiguous()
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mode.startswith("bf16")):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        ae.reconstruct(x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return seconds(lambda: ae.reconstruct(x), dev)
 
 
 def main() -> None:

@@ -11,10 +11,8 @@ machine whose load changes affects both alike.
 
 from __future__ import annotations
 
-import time
-
 import torch
-from _common import emit, like_the_cli, median, parser
+from _common import emit, like_the_cli, median, parser, seconds
 
 MODELS = {"resnet50": "resnet50", "convnext_small": "convnext_small",
           "tf_efficientnet_lite0": "timm:tf_efficientnet_lite0"}
@@ -34,14 +32,7 @@ def modes(device: torch.device) -> list[str]:
 def timed(net, x: torch.Tensor, prec, dev: torch.device, n: int) -> float:
     """Seconds for ``n`` forward passes of ``net`` on ``x``."""
     with torch.no_grad(), prec.autocast(dev):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            net(x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return seconds(lambda: [net(x) for _ in range(n)], dev)
 
 
 def main() -> None:
