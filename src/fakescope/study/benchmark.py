@@ -9,7 +9,7 @@ from fakescope.choices import ONE_CLASS_DIRECTIONS
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
 from fakescope.study.benchmark_report import RESULTS, write_benchmark_report
-from fakescope.study.config import BenchmarkConfig, ModelSpec, make_config, resolve_data
+from fakescope.study.config import BenchmarkConfig, ModelSpec, run_config
 from fakescope.study.cross import run_cross
 from fakescope.study.runs import (
     calibrate_cached,
@@ -36,8 +36,7 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
         {"models": {label: {"overall", "per_generator", "seeds", "params", "train_seconds",
                             "images_per_second", "runs", ...}}, "config": {...}}
     """
-    cfg = resolve_data(config) if isinstance(config, BenchmarkConfig) and not overrides else make_config(config,
-                                                                                                          **overrides)
+    cfg = run_config(config, **overrides)
     out = Path(cfg.out)
     if runtime.is_main():
         out.mkdir(parents=True, exist_ok=True)

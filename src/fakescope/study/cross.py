@@ -10,7 +10,7 @@ import numpy as np
 from fakescope.engine import runtime
 from fakescope.errors import FakescopeError
 from fakescope.study.benchmark_report import RESULTS, write_benchmark_report
-from fakescope.study.config import BenchmarkConfig, make_config, resolve_data
+from fakescope.study.config import BenchmarkConfig, run_config
 from fakescope.study.runs import canonical, ensure_run, evaluate_cached, log, train_options
 from fakescope.study.stats import aggregate, mean_of
 from fakescope.utils import write_json
@@ -26,8 +26,7 @@ def run_cross(config: dict | BenchmarkConfig, model: str | None = None, *, leave
     generators. ``leave_one_out``: run ``i`` trains on every generator but ``train[i]``;
     ``held_out[g]`` is its accuracy on the generator left out. Writes ``out/cross/<model>[-loo]``
     ``.json``, ``.md`` and ``.png`` (heatmap); the runs live in ``out/cross/<model>-.../``."""
-    cfg = resolve_data(config) if isinstance(config, BenchmarkConfig) and not overrides else make_config(config,
-                                                                                                          **overrides)
+    cfg = run_config(config, **overrides)
     if model is None:
         if len(cfg.models) != 1:
             raise FakescopeError(f"expected one model for the cross-generator protocol, got "
