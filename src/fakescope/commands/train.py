@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fakescope import validate
+from fakescope import parsing
 from fakescope.choices import LR_SCHEDULES, TASKS
 from fakescope.commands import args as a
 from fakescope.data.transforms import Augment
@@ -81,7 +81,7 @@ _RENAMED = {"workers": "num_workers", "no_cache": "use_cache"}
 
 def _range(flag: str, s: str, kind) -> tuple:
     try:
-        return validate.value_range(s, kind)
+        return parsing.value_range(s, kind)
     except ValueError as e:
         raise FakescopeError(f"{flag}: {e}") from None
 
