@@ -107,11 +107,11 @@ def add_backbone_options(g) -> None:
     fr.add_argument("--finetune", dest="freeze", action="store_false", help="train the backbone too")
 
 
-def model_options(args: argparse.Namespace) -> dict:
+def model_options_from_args(args: argparse.Namespace) -> dict:
     """The model options the command line set (only those: a configuration file's own options stay
-    unless a flag overrides them), normalised by :func:`fakescope.study.config.model_options`, the one
+    unless a flag overrides them), normalised by :func:`fakescope.study.config.normalise_model_options`, the one
     helper that configuration files use too (``pretrained_file`` made absolute, ``~`` expanded)."""
-    from fakescope.study.config import model_options as normalise
+    from fakescope.study.config import normalise_model_options as normalise
 
     return normalise(pretrained=False if getattr(args, "no_pretrained", False) else None,
                      pretrained_file=getattr(args, "pretrained_file", None), freeze=getattr(args, "freeze", None),

@@ -255,7 +255,7 @@ def check_augment(aug, key: str = "augment") -> dict | None:
     return {k: _check(f"{key}.{k}", v, _AUGMENT[k]) for k, v in aug.items()}
 
 
-def model_options(options: dict | None = None, key: str | None = "model_options", **given) -> dict:
+def normalise_model_options(options: dict | None = None, key: str | None = "model_options", **given) -> dict:
     """Model options, checked, with ``None`` values dropped and ``pretrained_file`` resolved to an
     absolute path (``~`` expanded) the same way for ``train``, ``cross``, ``benchmark`` and
     configuration files: the one place where model options from a user are normalised. Errors name
@@ -318,13 +318,12 @@ def _model_specs(models, global_options: dict) -> list[ModelSpec]:
         given = {k: opts[k] for k in MODEL_KEYS if k in opts}
         if is_timm(name):
             given = {**global_options, **given}
-        options = model_options(given, key=f"models.{label}")
+        options = normalise_model_options(given, key=f"models.{label}")
         train = {k: _check(f"models.{label}.{k}", opts[k], TRAINING[k]) for k in TRAINING if k in opts}
         if "augment" in opts:
             train["augment"] = check_augment(opts["augment"], key=f"models.{label}.augment")
         specs.append(ModelSpec(label, name, options, train))
-    from fakescope.models import list_models
-    from fakescope.models import model_options as accepted_options
+    from fakescope.models import accepted_options, list_models
 
     known = set(list_models())
     for s in specs:
@@ -414,7 +413,7 @@ def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> B
     gopts = d.pop("model_options", None) or {}
     if not isinstance(gopts, dict):
         raise FakescopeError(f"{SOURCE}: model_options: expected a mapping, got {gopts!r}")
-    gopts = model_options(gopts)
+    gopts = normalise_model_options(gopts)
     d["models"] = _model_specs(d.get("models"), gopts)
     d["model_options"] = gopts
     d.setdefault("seeds", [42])
