@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fakescope.attacks.base import Attack, AttackError, check_eps, check_threshold, eval_mode, l2_norms
+from fakescope import parsing
+from fakescope.attacks.base import Attack, AttackError, check_eps, eval_mode, l2_norms
 from fakescope.choices import ATTACK_DIRECTIONS, ONE_CLASS_DIRECTIONS
 from fakescope.progress import progress
 
@@ -167,7 +168,7 @@ def robustness(model: nn.Module, batches: Iterable[tuple], *, attack: str,
     if direction not in DIRECTIONS:
         raise AttackError(f"expected direction to be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     eps_values = _eps_values(eps_list, cls.norm)
-    threshold = check_threshold(threshold)
+    threshold = parsing.check_threshold(threshold)
     if isinstance(max_examples, bool) or not isinstance(max_examples, numbers.Integral) or max_examples < 0:
         raise AttackError(f"expected max_examples to be an integer >= 0, got {max_examples!r}")
     options = _attack_options(cls.name, attack_options, steps, step_size)

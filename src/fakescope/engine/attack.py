@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fakescope import validate
+from fakescope import parsing
 from fakescope.data.dataset import ImageDataset, make_loader
 from fakescope.data.layout import index_root, limit_per_class
 from fakescope.engine.evaluation import prepare
 from fakescope.engine.infer import forward_logits
 from fakescope.engine.runtime import Precision, resolve_precision
 from fakescope.errors import FakescopeError
-from fakescope.validate import checked
+from fakescope.parsing import checked
 
 
 class _Judged(nn.Module):
@@ -108,7 +108,7 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
     from fakescope.calibration import resolve_decision
 
     if threshold is not None:
-        threshold = checked("threshold", threshold, validate.threshold, source="attack_run")
+        threshold = checked("threshold", threshold, parsing.threshold, source="attack_run")
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     raw_threshold = decision.raw_threshold()
     model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision, geometry=geometry)
