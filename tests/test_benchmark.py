@@ -21,6 +21,7 @@ from fakescope.engine import runtime
 from fakescope.engine.evaluation import evaluate_run
 from fakescope.errors import FakescopeError
 from fakescope.metrics import METRIC_KEYS
+from fakescope.study.config import resolve_data
 from fakescope.study.runs import train_options
 
 from synth import make_pattern_root
@@ -228,7 +229,8 @@ def test_config_files_yaml_toml_and_model_options(env, tmp_path):
     b = B.make_config(B.load_config_file(tmp_path / "c.toml"))
     assert a.resolved() == b.resolved()
     small = a.model("small")
-    opts = train_options(a, small, 1, a.generators)
+    assert a.generators is None and resolve_data(a).generators == ["checker", "stripes"]  # make_config reads no data
+    opts = train_options(a, small, 1, resolve_data(a).generators)
     assert (opts.model, opts.model_options, opts.lr, opts.epochs) == ("cnn32", {"filters": [4, 8, 8]}, 0.01, 3)
     assert opts.augment.flip and opts.augment.blur_prob == 0.5 and opts.augment.active
     g = B.make_config({"data": str(env["data"]), "models": ["cnn32", "timm:resnet10t"],
@@ -240,8 +242,9 @@ def test_config_files_yaml_toml_and_model_options(env, tmp_path):
         B.make_config({"data": str(env["data"]), "augment": {"rotate": 1}})
     with pytest.raises(FakescopeError, match="augmentation option 'rotate'"):
         B.make_config({"data": str(env["data"]), "models": {"cnn32": {"augment": {"rotate": 1}}}})
+    nope = B.make_config({"data": str(env["data"]), "generators": ["nope"]})  # checked against the data when run
     with pytest.raises(FakescopeError, match="unknown generator"):
-        B.make_config({"data": str(env["data"]), "generators": ["nope"]})
+        resolve_data(nope)
 
 
 def test_aligned_training_and_cross_inside_the_benchmark(env):
@@ -406,3 +409,40 @@ def test_a_directly_built_benchmark_config_runs(tmp_path, monkeypatch):
     res = run_benchmark(cfg)
     assert res["data"]["generators"] == ["g", "h"] and res["models"]["cnn32"]["overall"]["n"] == 16
     assert cfg.generators is None  # the caller's object is left as it was
+
+
+def test_make_config_reads_no_data_the_run_reads_it_first(tmp_path, monkeypatch):
+    """make_config only checks values: a data root that does not exist yet (and a real_photos folder
+    with no image yet) is accepted, nothing is listed, indexed or written. run_benchmark reads the
+    data first (resolve_data), before it writes anything: the same configuration fails there until
+    the data exists, then runs, writing the index cache."""
+    from dataclasses import replace
+
+    from fakescope.errors import DataError
+    from fakescope.study import config as C
+
+    from synth import make_dataset
+
+    cache, data, photos, out = tmp_path / "cache", tmp_path / "later" / "data", tmp_path / "photos", tmp_path / "out"
+    monkeypatch.setenv("FAKESCOPE_CACHE_DIR", str(cache))
+    photos.mkdir()
+    options = {"data": str(data), "out": str(out), "epochs": 1, "precision_check": False, "gallery": False,
+               "report": False, "models": {"cnn32": {"filters": [4, 8, 8], "hidden": 8}}}
+    with monkeypatch.context() as m:
+        for name in ("index_root", "list_images"):  # make_config must not reach the data readers
+            m.setattr(C, name, lambda *a, **k: pytest.fail("make_config read the data"))
+        cfg = B.make_config(options)
+        with_photos = B.make_config({**options, "real_photos": str(photos)})
+    assert cfg.data == str(data) and cfg.generators is None and with_photos.real_photos == str(photos)
+    assert not (tmp_path / "later").exists() and not cache.exists() and not out.exists()
+    with pytest.raises(DataError, match="data root not found"):
+        B.run_benchmark(cfg)
+    assert not out.exists() and not cache.exists()  # the data is read before anything is written
+    make_dataset(data, generators=("g",), n_train=8, n_val=4)
+    with pytest.raises(FakescopeError, match="real_photos: expected a folder .* holding real photos"):
+        B.run_benchmark(with_photos)
+    assert not out.exists()
+    res = B.run_benchmark(cfg)
+    assert res["data"]["generators"] == ["g"] and res["models"]["cnn32"]["overall"]["n"] == 8
+    assert any((cache / "index").iterdir())  # the run indexed the root
+    assert C.resolve_data(replace(cfg, generators=["g"])).generators == ["g"]

@@ -246,16 +246,16 @@ def test_two_roots_with_one_generator_name_fail_in_one_line(tmp_path, capsys):
 
 
 def test_benchmark_config_takes_a_list_of_roots(tmp_path):
-    from fakescope.study.config import make_config
+    from fakescope.study.config import make_config, resolve_data
 
     a = make_dataset(tmp_path / "a", generators=("alpha",), n_train=4, n_val=2)
     b = make_dataset(tmp_path / "b", generators=("beta",), n_train=4, n_val=2)
-    cfg = make_config({"data": [str(a), str(b)], "models": ["cnn32"], "paired": False})
+    cfg = resolve_data(make_config({"data": [str(a), str(b)], "models": ["cnn32"], "paired": False}))
     assert cfg.data == [str(a), str(b)] and cfg.generators == ["alpha", "beta"]
     assert make_config({"data": str(a), "models": ["cnn32"]}).data == str(a)  # one string still works
     c = make_dataset(tmp_path / "c", generators=("alpha",), n_train=4, n_val=2)
     with pytest.raises(DataError, match="defined by two data roots"):
-        make_config({"data": [str(a), str(c)], "models": ["cnn32"]})
+        resolve_data(make_config({"data": [str(a), str(c)], "models": ["cnn32"]}))
 
 
 def test_cross_and_benchmark_accept_several_data_flags(tmp_path):

@@ -14,6 +14,7 @@ from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
 from fakescope.errors import FakescopeError
 from fakescope.study import load_config_file, make_config, normalise_model_options
+from fakescope.study.config import resolve_data
 from fakescope.study.runs import ensure_run, evaluate_cached, robustness_cached, train_options
 
 from synth import make_dataset, quiet_single_thread
@@ -44,7 +45,7 @@ def test_yaml_numbers_written_as_strings_are_numbers(env, tmp_path):
     assert make_config({"data": str(env["data"]), "models": ["cnn32"]}).calibrate_confidence == 0.95
     assert cfg.augment == {"flip": True, "jpeg_quality": (50, 90)}
     assert cfg.model("cnn32").train["lr"] == 0.0005
-    opts = train_options(cfg, cfg.model("cnn32"), 1, cfg.generators)
+    opts = train_options(cfg, cfg.model("cnn32"), 1, resolve_data(cfg).generators)
     assert opts.lr == 0.0005 and opts.augment.jpeg_quality == (50, 90) and opts.augment.flip is True
 
 
@@ -109,9 +110,9 @@ def test_one_model_options_helper_resolves_paths_alike(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def trained(env):
-    cfg = make_config({"data": str(env["data"]), "out": str(env["tmp"] / "out"), "models": {"cnn32": TINY},
-                       "epochs": 1, "workers": 0, "precision": "fp32", "eval_batch_size": 8,
-                       "attack": {"name": "fgsm", "eps": "0,2/255", "limit": 2, "precision": "fp32"}})
+    cfg = resolve_data(make_config({"data": str(env["data"]), "out": str(env["tmp"] / "out"), "models": {"cnn32": TINY},
+                                    "epochs": 1, "workers": 0, "precision": "fp32", "eval_batch_size": 8,
+                                    "attack": {"name": "fgsm", "eps": "0,2/255", "limit": 2, "precision": "fp32"}}))
     spec = cfg.model("cnn32")
     run = Path(cfg.out) / "runs" / "cnn32-seed42"
     ensure_run(train_options(cfg, spec, 42, cfg.generators), run)
@@ -225,8 +226,8 @@ def test_one_key_builder_resolves_precision_and_training_reuse_follows_the_data(
 
     monkeypatch.setenv("FAKESCOPE_CACHE_DIR", str(tmp_path / "cache"))
     data = make_dataset(tmp_path / "data", generators=("g",), n_train=8, n_val=2)
-    cfg = make_config({"data": str(data), "out": str(tmp_path / "out"), "epochs": 1,
-                       "models": {"cnn32": {"filters": [4, 8, 8], "hidden": 8}}})
+    cfg = resolve_data(make_config({"data": str(data), "out": str(tmp_path / "out"), "epochs": 1,
+                                    "models": {"cnn32": {"filters": [4, 8, 8], "hidden": 8}}}))
     spec = cfg.model("cnn32")
     opts = R.train_options(cfg, spec, 42, cfg.generators)
     run = R.run_dir_for(cfg, spec, 42)

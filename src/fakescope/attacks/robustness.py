@@ -75,6 +75,34 @@ class _EpsResult:
         self.psnr_sum = 0.0
         self.psnr_n = 0
 
+    def count(self, clean_ok: torch.Tensor, adv_ok: torch.Tensor, y: torch.Tensor, in_scope: torch.Tensor,
+              generators: list[str]) -> None:
+        """Adds one batch's right and wrong answers, before and after the attack: over the images in
+        scope, per direction (each class, in scope or not) and per generator (the images in scope,
+        ``generators`` naming them in order)."""
+        self.all.add(clean_ok[in_scope], adv_ok[in_scope])
+        for d, label in _LABEL_OF_DIRECTION.items():
+            sel = y == label
+            self.per_direction[d].add(clean_ok[sel], adv_ok[sel])
+        ok_c, ok_a = clean_ok[in_scope].tolist(), adv_ok[in_scope].tolist()
+        for g, c_ok, a_ok in zip(generators, ok_c, ok_a, strict=True):
+            t = self.per_generator.setdefault(g, _Tally())
+            t.n += 1
+            t.clean_correct += int(c_ok)
+            t.adv_correct += int(a_ok)
+            t.flipped += int(c_ok and not a_ok)
+        self.n_attacked += len(generators)
+
+    def measure(self, delta: torch.Tensor) -> None:
+        """Adds the perturbations ``delta`` (one per attacked image) to the norm and PSNR sums."""
+        delta = delta.double()
+        self.sum_linf += float(delta.flatten(1).abs().amax(dim=1).sum())
+        self.sum_l2 += float(l2_norms(delta).sum())
+        mse = delta.flatten(1).pow(2).mean(dim=1)
+        changed = mse > 0
+        self.psnr_sum += float((10 * torch.log10(1.0 / mse[changed])).sum())
+        self.psnr_n += int(changed.sum())
+
     def as_dict(self, direction: str) -> dict:
         per_direction = {}
         for d, tally in self.per_direction.items():
@@ -133,102 +161,129 @@ def robustness(model: nn.Module, batches: Iterable[tuple], *, attack: str,
     ``{"index", "eps", "clean", "adv"}`` with the images as ``S x S x 3`` uint8 arrays
     (:func:`fakescope.report.artifacts.write_examples` saves them as PNGs).
     """
-    from fakescope.attacks import attack_class, create_attack
+    from fakescope.attacks import attack_class
 
     cls = attack_class(attack)
-    for role, m in (("model", model), ("source_model", source_model)):
-        if m is not None and not (callable(getattr(m, "ai_logit", None)) and callable(getattr(m, "p_ai", None))):
-            raise AttackError(f"expected {role} to be a fakescope Detector (with ai_logit and p_ai), "
-                              f"got {type(m).__name__}")
+    _check_models(model, source_model)
     if direction not in DIRECTIONS:
         raise AttackError(f"expected direction to be one of {', '.join(DIRECTIONS)}, got {direction!r}")
-    if isinstance(eps_list, (str, bytes)) or not isinstance(eps_list, Iterable):
-        raise AttackError(f"expected eps_list to be a list of numbers, got {eps_list!r}")
-    eps_values = [check_eps(e, cls.norm) for e in eps_list]
-    if not eps_values:
-        raise AttackError("expected at least one eps in eps_list, got an empty list")
+    eps_values = _eps_values(eps_list, cls.norm)
     threshold = parsing.check_threshold(threshold)
     if isinstance(max_examples, bool) or not isinstance(max_examples, numbers.Integral) or max_examples < 0:
         raise AttackError(f"expected max_examples to be an integer >= 0, got {max_examples!r}")
-    options = dict(attack_options or {})
-    reserved = {"eps", "seed", "threshold", "steps", "step_size"} & set(options)
-    if reserved:
-        raise AttackError(f"expected attack_options without {', '.join(sorted(reserved))} (pass them as arguments), "
-                          f"got {sorted(options)}")
-    if cls.name in ("pgd", "pgd-l2"):
-        options.update(steps=steps, step_size=step_size)
-    crafter = source_model if source_model is not None else crafter if crafter is not None else model
-    if source_model is not None and _input_size(source_model) != _input_size(model):
-        raise AttackError(f"expected source_model to take the same input size as model ({_input_size(model)}), "
-                          f"got {_input_size(source_model)}")
-    attacks = [create_attack(attack, crafter, eps=e, seed=seed, threshold=threshold, **options) if e > 0 else None
-               for e in eps_values]
-
-    examples: list[dict] = []
-    n_saved = 0
-    clean = _Tally()
-    results = [_EpsResult(e) for e in eps_values]
+    options = _attack_options(cls.name, attack_options, steps, step_size)
+    crafter = _crafter(model, source_model, crafter)
+    run = _Run(model, eps_values, [_attack_at(attack, crafter, e, seed, threshold, options) for e in eps_values],
+               direction=direction, threshold=threshold, max_examples=max_examples)
     total = len(batches) if hasattr(batches, "__len__") else None
     with eval_mode(model):
         for batch in progress(batches, desc=f"attack {attack}", total=total):
-            x, y, generators = batch[:3]
-            x_craft = batch[3] if len(batch) > 3 and source_model is not None else x
-            if not isinstance(x, torch.Tensor) or x.dim() != 4:
-                raise AttackError(f"expected each batch's images as a tensor [B, 3, S, S], got {type(x).__name__} "
-                                  f"{list(getattr(x, 'shape', []))}")
-            y = torch.as_tensor(y, device=x.device).long()
-            generators = list(generators)
-            if y.shape != (x.shape[0],) or len(generators) != x.shape[0]:
-                raise AttackError(f"expected {x.shape[0]} labels and {x.shape[0]} generator names, "
-                                  f"got {list(y.shape)} labels and {len(generators)} names")
-            in_scope = scope_mask(y, direction)
-            clean_ok = _predict_ai(model, x, threshold) == y.bool()
-            clean.add(clean_ok[in_scope], clean_ok[in_scope])
-            keep = in_scope.nonzero().squeeze(1).tolist()
-            gens = [generators[i] for i in keep]
-            to_save = keep[:max(0, max_examples - n_saved)]
-            for res, att in zip(results, attacks, strict=True):
-                if att is None:
-                    x_adv, adv_ok = x, clean_ok
-                else:
-                    x_adv = perturb_batch(att, x_craft, y, direction)
-                    if x_craft is not x:  # the source's perturbation, on the target's view of the images
-                        x_adv = (x + (x_adv - x_craft)).clamp_(0, 1)
-                    adv_ok = _predict_ai(model, x_adv, threshold) == y.bool()
-                res.all.add(clean_ok[in_scope], adv_ok[in_scope])
-                for d, label in _LABEL_OF_DIRECTION.items():
-                    sel = y == label
-                    res.per_direction[d].add(clean_ok[sel], adv_ok[sel])
-                ok_c, ok_a = clean_ok[in_scope].tolist(), adv_ok[in_scope].tolist()
-                for g, c_ok, a_ok in zip(gens, ok_c, ok_a, strict=True):
-                    t = res.per_generator.setdefault(g, _Tally())
-                    t.n += 1
-                    t.clean_correct += int(c_ok)
-                    t.adv_correct += int(a_ok)
-                    t.flipped += int(c_ok and not a_ok)
-                if att is None or not keep:
-                    res.n_attacked += len(keep)
-                    continue
-                delta = (x_adv[in_scope] - x[in_scope]).double()
-                res.n_attacked += len(keep)
-                res.sum_linf += float(delta.flatten(1).abs().amax(dim=1).sum())
-                res.sum_l2 += float(l2_norms(delta).sum())
-                mse = delta.flatten(1).pow(2).mean(dim=1)
-                changed = mse > 0
-                res.psnr_sum += float((10 * torch.log10(1.0 / mse[changed])).sum())
-                res.psnr_n += int(changed.sum())
-                for j, i in enumerate(to_save):
-                    examples.append({"index": n_saved + j, "eps": res.eps, "clean": _uint8(x[i]),
-                                     "adv": _uint8(x_adv[i])})
-            n_saved += len(to_save)
-    n = clean.n
+            run.add(*_batch_tensors(batch, source_model))
+    n = run.clean.n
     return {
         "attack": attack,
         "direction": direction,
         "threshold": float(threshold),
         "transfer": source_model is not None,
-        "clean_accuracy": clean.adv_correct / n if n else None,
+        "clean_accuracy": run.clean.adv_correct / n if n else None,
         "n": n,
-        "results": [r.as_dict(direction) for r in results],
-        **({"examples": examples} if max_examples else {}),
+        "results": [r.as_dict(direction) for r in run.results],
+        **({"examples": run.examples} if max_examples else {}),
     }
+
+
+def _check_models(model: nn.Module, source_model: nn.Module | None) -> None:
+    for role, m in (("model", model), ("source_model", source_model)):
+        if m is not None and not (callable(getattr(m, "ai_logit", None)) and callable(getattr(m, "p_ai", None))):
+            raise AttackError(f"expected {role} to be a fakescope Detector (with ai_logit and p_ai), "
+                              f"got {type(m).__name__}")
+
+
+def _eps_values(eps_list, norm: str) -> list[float]:
+    if isinstance(eps_list, (str, bytes)) or not isinstance(eps_list, Iterable):
+        raise AttackError(f"expected eps_list to be a list of numbers, got {eps_list!r}")
+    eps_values = [check_eps(e, norm) for e in eps_list]
+    if not eps_values:
+        raise AttackError("expected at least one eps in eps_list, got an empty list")
+    return eps_values
+
+
+def _attack_options(name: str, attack_options: dict | None, steps: int, step_size: float | None) -> dict:
+    """The attack's keyword arguments beyond eps, seed and threshold (``steps``/``step_size`` for pgd and pgd-l2)."""
+    options = dict(attack_options or {})
+    reserved = {"eps", "seed", "threshold", "steps", "step_size"} & set(options)
+    if reserved:
+        raise AttackError(f"expected attack_options without {', '.join(sorted(reserved))} (pass them as arguments), "
+                          f"got {sorted(options)}")
+    if name in ("pgd", "pgd-l2"):
+        options.update(steps=steps, step_size=step_size)
+    return options
+
+
+def _crafter(model: nn.Module, source_model: nn.Module | None, crafter: nn.Module | None) -> nn.Module:
+    """The model whose gradients or queries craft the examples: the transfer source, else ``crafter``,
+    else ``model``."""
+    if source_model is not None and _input_size(source_model) != _input_size(model):
+        raise AttackError(f"expected source_model to take the same input size as model ({_input_size(model)}), "
+                          f"got {_input_size(source_model)}")
+    return source_model if source_model is not None else crafter if crafter is not None else model
+
+
+def _attack_at(attack: str, crafter: nn.Module, eps: float, seed: int, threshold: float,
+               options: dict) -> Attack | None:
+    """The attack at ``eps``; None at eps = 0 (never attacked: the clean predictions are reused)."""
+    from fakescope.attacks import create_attack
+
+    return create_attack(attack, crafter, eps=eps, seed=seed, threshold=threshold, **options) if eps > 0 else None
+
+
+def _batch_tensors(batch: tuple, source_model: nn.Module | None) -> tuple:
+    """``(x, x_craft, y, generators)`` of one batch, checked: ``x_craft`` is what the attack is crafted on
+    (the source model's view of the images in a transfer attack that brings one, else ``x``)."""
+    x, y, generators = batch[:3]
+    x_craft = batch[3] if len(batch) > 3 and source_model is not None else x
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise AttackError(f"expected each batch's images as a tensor [B, 3, S, S], got {type(x).__name__} "
+                          f"{list(getattr(x, 'shape', []))}")
+    y = torch.as_tensor(y, device=x.device).long()
+    generators = list(generators)
+    if y.shape != (x.shape[0],) or len(generators) != x.shape[0]:
+        raise AttackError(f"expected {x.shape[0]} labels and {x.shape[0]} generator names, "
+                          f"got {list(y.shape)} labels and {len(generators)} names")
+    return x, x_craft, y, generators
+
+
+class _Run:
+    """The counts of one :func:`robustness` call, batch after batch: the clean tally, one
+    :class:`_EpsResult` per eps and the example images kept so far."""
+
+    def __init__(self, model: nn.Module, eps_values: list[float], attacks: list[Attack | None], *, direction: str,
+                 threshold: float, max_examples: int) -> None:
+        self.model, self.attacks = model, attacks
+        self.direction, self.threshold, self.max_examples = direction, threshold, max_examples
+        self.clean = _Tally()
+        self.results = [_EpsResult(e) for e in eps_values]
+        self.examples: list[dict] = []
+        self.n_saved = 0
+
+    def add(self, x: torch.Tensor, x_craft: torch.Tensor, y: torch.Tensor, generators: list[str]) -> None:
+        """Predicts the clean batch, then attacks it at every eps and counts what changed."""
+        in_scope = scope_mask(y, self.direction)
+        clean_ok = _predict_ai(self.model, x, self.threshold) == y.bool()
+        self.clean.add(clean_ok[in_scope], clean_ok[in_scope])
+        keep = in_scope.nonzero().squeeze(1).tolist()
+        gens = [generators[i] for i in keep]
+        to_save = keep[:max(0, self.max_examples - self.n_saved)]
+        for res, att in zip(self.results, self.attacks, strict=True):
+            if att is None:
+                res.count(clean_ok, clean_ok, y, in_scope, gens)
+                continue
+            x_adv = perturb_batch(att, x_craft, y, self.direction)
+            if x_craft is not x:  # the source's perturbation, on the target's view of the images
+                x_adv = (x + (x_adv - x_craft)).clamp_(0, 1)
+            res.count(clean_ok, _predict_ai(self.model, x_adv, self.threshold) == y.bool(), y, in_scope, gens)
+            if keep:
+                res.measure(x_adv[in_scope] - x[in_scope])
+                self.examples += [{"index": self.n_saved + j, "eps": res.eps, "clean": _uint8(x[i]),
+                                   "adv": _uint8(x_adv[i])} for j, i in enumerate(to_save)]
+        self.n_saved += len(to_save)

@@ -603,72 +603,115 @@ def train(opts: TrainOptions | None, out: str | Path, *, resume: bool = False, c
     train_precision = runtime.resolve_precision(opts.precision, device, inference=False)
     infer_precision = runtime.resolve_precision(opts.precision, device, inference=True)
     splits = _load_splits(opts)
-
-    seed_everything(opts.seed)
-    model = create_model(opts.model, **opts.model_options)
-    if splits.classes is not None:
-        set_num_outputs(model, len(splits.classes))
-    model.to(device)
-    requested = opts.to_dict()  # what the caller asked for, before the recipe filled the rest
-    opts = apply_recipe(opts, model.recipe)
-    _check_numbers(opts)
-    _check_paired(opts, splits)
-    runtime.prepare_model(model, train_precision, compile=opts.compile)  # memory format; torch.compile
+    model, opts, requested = _build_model(opts, splits, device, train_precision)
     # a resumed run keeps the native size its first epochs were trained with (the data may have changed since)
     native = stored["native_size"] if resume and "native_size" in stored else _native_size(opts.native_size,
                                                                                           splits.train_files)
-    # crop geometries train on one input-size square at the image's pixel scale (random with augment.native_crop)
-    geometry = "resize" if (opts.test_geometry or model.test_geometry) == "resize" else "center_crop"
-    pipeline = Pipeline(model.preprocess.input_size, native, opts.jpeg_align, None, opts.augment, geometry=geometry)
+    pipeline = _train_pipeline(model, opts, native)
     config = _run_config(opts, model, native, splits, device, train_precision, infer_precision)
     config["train_requested"] = requested
-    if runtime.is_main():
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # e.g. a path under a plain file, a read-only folder
-            raise FakescopeError(f"--out: expected a run folder that can be created, got {out} "
-                                 f"({e.strerror or e}); choose another --out") from None
-        if not resume:
-            ckpt.write_config(out, config)
-        elif any(stored["train"].get(k) != getattr(opts, k) for k in RESUME_CHANGES):
-            stored["train"].update({k: getattr(opts, k) for k in RESUME_CHANGES})  # what a later resume compares
-            ckpt.write_config(out, stored)
-    runtime.barrier()
+    _write_run_config(out, config, opts, stored)
 
     t_data = time.perf_counter()
-    # a pair's twins draw their augmentation from one generator: the same crop, flip, blur, JPEG and scale
-    aug_keys = [min(i, splits.partners.get(i, i)) for i in range(len(splits.train_files))] if splits.partners else None
-    src_opts = opts.source_options()
-    train_src = make_source(model, splits.train_files, splits.train_labels, pipeline, src_opts, device,
-                            infer_precision, "train data", aug_keys=aug_keys)
-    val_src = make_source(model, splits.val_files, splits.val_labels, replace(pipeline, augment=Augment()), src_opts,
-                          device, infer_precision, "val data")
+    train_src, val_src = _make_sources(model, opts, splits, pipeline, device, infer_precision)
     data_seconds = time.perf_counter() - t_data
-    if opts.strict and (train_src.errors or val_src.errors):
-        _fail_strict(train_src, val_src, splits, out)
-    readable = [(train_src, splits.train_files, "training split"), (val_src, splits.val_files, "validation carve")]
-    _check_readable(readable, out)
+    readable = _check_sources(out, opts, splits, train_src, val_src)
 
-    t = _make_trainer(model, opts, on_features(model, src_opts), device, train_precision)
+    t = _make_trainer(model, opts, on_features(model, opts.source_options()), device, train_precision)
     state = _restore(out, t, train_src, opts) if resume else _Progress()
     t_train = time.perf_counter()
     seen = _run_epochs(out, t, train_src, val_src, opts, state, readable, splits.partners)
     train_seconds = time.perf_counter() - t_train
     if runtime.is_main():  # also when a resumed run had no epoch left (killed before its log was written)
         _write_log(out, state.history)
+    timing = {"train_seconds": train_seconds, "data_seconds": data_seconds,
+              "train_images_per_second": seen / train_seconds if train_seconds > 0 and seen else None}
+    return _finish(out, opts, t, splits, train_src, val_src, state, timing, infer_precision)
 
-    # final validation metrics with the best weights
+
+def _build_model(opts: TrainOptions, splits: _Splits, device: torch.device,
+                 precision: Precision) -> tuple[torch.nn.Module, TrainOptions, dict]:
+    """``(model, options, requested)``: the seeded model on ``device`` (one output per class for an
+    attribution run), the options completed by its recipe and checked, and the options as asked
+    for, before the recipe filled the rest (the run's ``train_requested``)."""
+    seed_everything(opts.seed)
+    model = create_model(opts.model, **opts.model_options)
+    if splits.classes is not None:
+        set_num_outputs(model, len(splits.classes))
+    model.to(device)
+    requested = opts.to_dict()
+    opts = apply_recipe(opts, model.recipe)
+    _check_numbers(opts)
+    _check_paired(opts, splits)
+    runtime.prepare_model(model, precision, compile=opts.compile)  # memory format; torch.compile
+    return model, opts, requested
+
+
+def _write_run_config(out: Path, config: dict, opts: TrainOptions, stored: dict | None) -> None:
+    """Creates the run folder and writes config.json: the new run's, or for a resumed run the stored
+    one with the options a resume may change updated. Rank 0 writes, every rank waits."""
+    if runtime.is_main():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. a path under a plain file, a read-only folder
+            raise FakescopeError(f"--out: expected a run folder that can be created, got {out} "
+                                 f"({e.strerror or e}); choose another --out") from None
+        if stored is None:
+            ckpt.write_config(out, config)
+        elif any(stored["train"].get(k) != getattr(opts, k) for k in RESUME_CHANGES):
+            stored["train"].update({k: getattr(opts, k) for k in RESUME_CHANGES})  # what a later resume compares
+            ckpt.write_config(out, stored)
+    runtime.barrier()
+
+
+def _train_pipeline(model, opts: TrainOptions, native: int | None) -> Pipeline:
+    """The training preprocessing (with the options' augmentation)."""
+    # crop geometries train on one input-size square at the image's pixel scale (random with augment.native_crop)
+    geometry = "resize" if (opts.test_geometry or model.test_geometry) == "resize" else "center_crop"
+    pipeline = Pipeline(model.preprocess.input_size, native, opts.jpeg_align, None, opts.augment, geometry=geometry)
+    return pipeline
+
+
+def _make_sources(model, opts: TrainOptions, splits: _Splits, pipeline: Pipeline, device: torch.device,
+                  precision: Precision) -> tuple[Source, Source]:
+    """The training and validation inputs (:func:`~fakescope.engine.sources.make_source`), validation
+    without augmentation."""
+    # a pair's twins draw their augmentation from one generator: the same crop, flip, blur, JPEG and scale
+    aug_keys = [min(i, splits.partners.get(i, i)) for i in range(len(splits.train_files))] if splits.partners else None
+    src_opts = opts.source_options()
+    train_src = make_source(model, splits.train_files, splits.train_labels, pipeline, src_opts, device,
+                            precision, "train data", aug_keys=aug_keys)
+    val_src = make_source(model, splits.val_files, splits.val_labels, replace(pipeline, augment=Augment()), src_opts,
+                          device, precision, "val data")
+    return train_src, val_src
+
+
+def _check_sources(out: Path, opts: TrainOptions, splits: _Splits, train_src: Source,
+                   val_src: Source) -> list[tuple[Source, list[str], str]]:
+    """Stops on unreadable files under ``strict`` and on a split left without readable images; returns
+    the ``(source, files, what)`` list that streamed inputs check again after their first epoch."""
+    if opts.strict and (train_src.errors or val_src.errors):
+        _fail_strict(train_src, val_src, splits, out)
+    readable = [(train_src, splits.train_files, "training split"), (val_src, splits.val_files, "validation carve")]
+    _check_readable(readable, out)
+    return readable
+
+
+def _finish(out: Path, opts: TrainOptions, t: _Trainer, splits: _Splits, train_src: Source, val_src: Source,
+            state: _Progress, timing: dict, precision: Precision) -> dict:
+    """The final validation metrics with the best weights, written with the bad files' list; the summary."""
+    model = t.model
     ckpt.load_state_into(model, ckpt.load_tensors(out / ckpt.WEIGHTS), str(out / ckpt.WEIGHTS))
-    val = _final_validation(model, t.on_features, val_src, device, infer_precision)
+    val = _final_validation(model, t.on_features, val_src, t.device, precision)
     bad_files = _bad_files(train_src, val_src, splits)
     summary = {
         "validation": binary_metrics(val["y"], val["p"]),
         "task": opts.task,
         "best_epoch": (state.best_epoch + 1) if state.best_epoch is not None else None,
         "epochs_run": len(state.history),
-        "train_seconds": train_seconds,
-        "data_seconds": data_seconds,
-        "train_images_per_second": seen / train_seconds if train_seconds > 0 and seen else None,
+        "train_seconds": timing["train_seconds"],
+        "data_seconds": timing["data_seconds"],
+        "train_images_per_second": timing["train_images_per_second"],
         "bad_files": len(bad_files),
         "input_path": train_src.kind,
     }

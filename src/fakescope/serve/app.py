@@ -15,6 +15,7 @@ one inference thread, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, Query, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -296,141 +297,197 @@ def _decode(model: ServedModel, data: bytes, name: str, provenance: bool = False
 
 
 # --- the application ------------------------------------------------------------------------------
+#
+# The routes are module-level functions on three routers; the one piece of state they share, the
+# :class:`ServerState` that create_app builds (runs, batchers, limits), is ``app.state.fakescope``
+# and reaches them through the :func:`server_state` dependency.
 
-def create_app(runs: list[str | os.PathLike], options: ServeOptions | None = None) -> FastAPI:
-    """The FastAPI application serving ``runs`` (the first is the default model). Loads the runs now
-    (a bad run directory raises :class:`FakescopeError`); the warm-up forward runs at start-up."""
-    options = options or ServeOptions()
-    state = ServerState(runs, options)
+bearer = HTTPBearer(auto_error=False, description="the server's API key as a bearer token")
+header_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        task = asyncio.create_task(state.start())  # /health answers while the models warm up
-        try:
-            yield
-        finally:
-            task.cancel()
-            await state.stop()
 
-    app = FastAPI(title="fakescope", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Detect AI-generated images with trained fakescope runs.")
-    app.state.fakescope = state
-    install_handlers(app)
+def server_state(request: Request) -> ServerState:
+    """The :class:`ServerState` of the application serving ``request`` (a FastAPI dependency)."""
+    return request.app.state.fakescope
 
-    bearer = HTTPBearer(auto_error=False, description="the server's API key as a bearer token")
-    header_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
 
-    async def require_key(credentials: HTTPAuthorizationCredentials | None = Security(bearer),
-                          key: str | None = Security(header_key)) -> None:
-        if options.api_key is None:
-            return
-        given = key if key is not None else (credentials.credentials if credentials is not None else None)
-        if given is None:
-            raise ApiError(401, "unauthorized", "this server needs an API key: send 'Authorization: Bearer KEY' "
-                           "or 'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), options.api_key.encode("utf-8")):
-            raise ApiError(401, "unauthorized", "wrong API key", headers={"WWW-Authenticate": "Bearer"})
+async def require_key(state: ServerState = Depends(server_state),
+                      credentials: HTTPAuthorizationCredentials | None = Security(bearer),
+                      key: str | None = Security(header_key)) -> None:
+    """Refuses a request without the server's API key (when it has one): ``Authorization: Bearer KEY``
+    or ``X-API-Key: KEY``, compared in constant time."""
+    api_key = state.options.api_key
+    if api_key is None:
+        return
+    given = key if key is not None else (credentials.credentials if credentials is not None else None)
+    if given is None:
+        raise ApiError(401, "unauthorized", "this server needs an API key: send 'Authorization: Bearer KEY' "
+                       "or 'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.encode("utf-8", "replace"), api_key.encode("utf-8")):
+        raise ApiError(401, "unauthorized", "wrong API key", headers={"WWW-Authenticate": "Bearer"})
 
-    @app.get("/health", tags=["status"], summary="The process is up")
-    async def health() -> dict:
-        return {"status": "ok", "version": __version__}
 
-    @app.get("/ready", tags=["status"], summary="Models loaded and warmed up",
-             responses={503: {"model": ErrorResponse, "description": "still loading (Retry-After)"}})
-    async def ready():
-        if not state.ready:
-            return error_response(503, "not_ready", "the models are loading or warming up",
-                                  {"Retry-After": RETRY_AFTER_LOADING})
-        return {"status": "ready", "models": list(state.models)}
+status_routes = APIRouter(tags=["status"])
+v1_routes = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(require_key)])
+page_routes = APIRouter(include_in_schema=False)
 
-    @app.get("/v1/models", tags=["v1"], response_model=ModelsResponse, dependencies=[Depends(require_key)],
-             summary="The served runs", responses=_errors(401))
-    async def models() -> dict:
-        return {"models": [m.info for m in state.models.values()]}
 
-    @app.post("/v1/predict", tags=["v1"], response_model=PredictResponse, dependencies=[Depends(require_key)],
-              summary="P(ai) for one or more images", openapi_extra=PREDICT_BODY,
-              responses=_errors(400, 401, 404, 413, 415, 422, 429, 503))
-    async def predict(request: Request,
-                      model: str | None = Query(None, description="a served model name (default: the first run)"),
-                      threshold: float | None = Query(None, ge=0, le=1,
-                                                      description="verdict threshold (default: the server's)")):
-        served = state.pick(model)
-        if not state.ready:
-            raise ApiError(503, "not_ready", "the models are loading or warming up: retry shortly",
-                           headers={"Retry-After": RETRY_AFTER_LOADING})
-        if state.in_flight >= options.max_queue:
-            raise ApiError(429, "queue_full", f"too many requests in progress ({state.in_flight}): retry shortly",
-                           headers={"Retry-After": RETRY_AFTER_BUSY})
-        state.in_flight += 1
-        try:
-            return await _predict(request, served, threshold)
-        finally:
-            state.in_flight -= 1
+@status_routes.get("/health", summary="The process is up")
+async def health() -> dict:
+    return {"status": "ok", "version": __version__}
 
-    async def _predict(request: Request, served: ServedModel, threshold: float | None):
-        # a ?threshold applies to the served scores (calibrated when the run is); else the model's own
-        source = served.decision.source if threshold is None else "?threshold"
-        threshold = served.decision.threshold if threshold is None else threshold
-        with served.batcher.expect() as expectation:  # a forward pass may wait for this request's images
-            uploads = await read_uploads(request.headers, request.stream(), max_file_size=options.max_file_size,
-                                         max_files=options.max_files)
-            if sum(len(u.data) for u in uploads) <= INLINE_DECODE_BYTES:  # tiny images: a thread hop costs more
-                decoded = [_decode(served, u.data, u.filename, options.provenance) for u in uploads]
-            else:
-                loop = asyncio.get_running_loop()
-                decoded = await asyncio.gather(*(loop.run_in_executor(state.decoders, _decode, served, u.data,
-                                                                      u.filename, options.provenance)
-                                                 for u in uploads))
-            rows = [row for row, _ in decoded]
-            good = [i for i, (_, stage) in enumerate(decoded) if stage is not None]
-            if good:
-                try:
-                    scores = await served.batcher.submit([decoded[i][1] for i in good], expectation)
-                except QueueFull as e:
-                    raise ApiError(429, "queue_full", str(e), headers={"Retry-After": RETRY_AFTER_BUSY}) from None
-                for i, (p, attribution) in zip(good, scores):
-                    if math.isfinite(p):
-                        rows[i].update(verdict(p, threshold), **attribution)
-                    else:  # a model that returns NaN/inf for this input: an error row, never NaN in JSON
-                        rows[i]["error"] = {"code": "nonfinite_score",
-                                            "message": f"the model returned a non-finite score ({p})"}
-        body = {"model": served.name, "threshold": threshold, "threshold_source": source,
-                "calibrated": served.decision.calibrated, "results": rows}
-        if any(r["p_ai"] is not None for r in rows):
-            return JSONResponse(body)
-        codes = {r["error"]["code"] for r in rows}
-        status = 415 if codes == {"unsupported_media_type"} else 422
-        first = rows[0]["error"]["message"]
-        message = (f"{rows[0]['filename']}: {first}" if len(rows) == 1
-                   else f"none of the {len(rows)} files could be scored (first: {rows[0]['filename']}: {first})")
-        code = "unsupported_media_type" if status == 415 else "unreadable_image"
-        return error_response(status, code, message, extra=body)
 
-    page = resources.files("fakescope.serve").joinpath("page.html").read_text(encoding="utf-8")
-    html_headers = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
-                    "Referrer-Policy": "no-referrer"}
+@status_routes.get("/ready", summary="Models loaded and warmed up",
+                   responses={503: {"model": ErrorResponse, "description": "still loading (Retry-After)"}})
+async def ready(state: ServerState = Depends(server_state)):
+    if not state.ready:
+        return error_response(503, "not_ready", "the models are loading or warming up",
+                              {"Retry-After": RETRY_AFTER_LOADING})
+    return {"status": "ready", "models": list(state.models)}
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(page, headers=html_headers)
 
-    import fastapi_offline  # ships Swagger UI's JavaScript and CSS: /docs works without a CDN
+@v1_routes.get("/models", response_model=ModelsResponse, summary="The served runs", responses=_errors(401))
+async def models(state: ServerState = Depends(server_state)) -> dict:
+    return {"models": [m.info for m in state.models.values()]}
+
+
+@v1_routes.post("/predict", response_model=PredictResponse, summary="P(ai) for one or more images",
+                openapi_extra=PREDICT_BODY, responses=_errors(400, 401, 404, 413, 415, 422, 429, 503))
+async def predict(request: Request,
+                  model: str | None = Query(None, description="a served model name (default: the first run)"),
+                  threshold: float | None = Query(None, ge=0, le=1,
+                                                  description="verdict threshold (default: the server's)"),
+                  state: ServerState = Depends(server_state)):
+    served = state.pick(model)
+    if not state.ready:
+        raise ApiError(503, "not_ready", "the models are loading or warming up: retry shortly",
+                       headers={"Retry-After": RETRY_AFTER_LOADING})
+    if state.in_flight >= state.options.max_queue:
+        raise ApiError(429, "queue_full", f"too many requests in progress ({state.in_flight}): retry shortly",
+                       headers={"Retry-After": RETRY_AFTER_BUSY})
+    state.in_flight += 1
+    try:
+        return await _predict(request, state, served, threshold)
+    finally:
+        state.in_flight -= 1
+
+
+async def _predict(request: Request, state: ServerState, served: ServedModel, threshold: float | None):
+    """One admitted request: read and decode its uploads, score the readable ones, answer."""
+    # a ?threshold applies to the served scores (calibrated when the run is); else the model's own
+    source = served.decision.source if threshold is None else "?threshold"
+    threshold = served.decision.threshold if threshold is None else threshold
+    options = state.options
+    with served.batcher.expect() as expectation:  # a forward pass may wait for this request's images
+        uploads = await read_uploads(request.headers, request.stream(), max_file_size=options.max_file_size,
+                                     max_files=options.max_files)
+        decoded = await _decode_uploads(state, served, uploads)
+        rows = [row for row, _ in decoded]
+        await _score_rows(served, decoded, expectation, threshold)
+    body = {"model": served.name, "threshold": threshold, "threshold_source": source,
+            "calibrated": served.decision.calibrated, "results": rows}
+    return _predict_response(body)
+
+
+async def _decode_uploads(state: ServerState, served: ServedModel, uploads: list) -> list[tuple[dict, Any]]:
+    """:func:`_decode` of every upload: on the event loop when they are tiny (a thread hop costs more),
+    else in the decoding threads."""
+    provenance = state.options.provenance
+    if sum(len(u.data) for u in uploads) <= INLINE_DECODE_BYTES:
+        return [_decode(served, u.data, u.filename, provenance) for u in uploads]
+    loop = asyncio.get_running_loop()
+    return list(await asyncio.gather(*(loop.run_in_executor(state.decoders, _decode, served, u.data, u.filename,
+                                                            provenance) for u in uploads)))
+
+
+async def _score_rows(served: ServedModel, decoded: list[tuple[dict, Any]], expectation, threshold: float) -> None:
+    """Scores the decoded images through the model's batcher and fills in their rows (in place)."""
+    good = [i for i, (_, stage) in enumerate(decoded) if stage is not None]
+    if not good:
+        return
+    try:
+        scores = await served.batcher.submit([decoded[i][1] for i in good], expectation)
+    except QueueFull as e:
+        raise ApiError(429, "queue_full", str(e), headers={"Retry-After": RETRY_AFTER_BUSY}) from None
+    for i, (p, attribution) in zip(good, scores):
+        row = decoded[i][0]
+        if math.isfinite(p):
+            row.update(verdict(p, threshold), **attribution)
+        else:  # a model that returns NaN/inf for this input: an error row, never NaN in JSON
+            row["error"] = {"code": "nonfinite_score", "message": f"the model returned a non-finite score ({p})"}
+
+
+def _predict_response(body: dict):
+    """200 when at least one file was scored; else 415 (none was an image) or 422, the rows attached."""
+    rows = body["results"]
+    if any(r["p_ai"] is not None for r in rows):
+        return JSONResponse(body)
+    codes = {r["error"]["code"] for r in rows}
+    status = 415 if codes == {"unsupported_media_type"} else 422
+    first = rows[0]["error"]["message"]
+    message = (f"{rows[0]['filename']}: {first}" if len(rows) == 1
+               else f"none of the {len(rows)} files could be scored (first: {rows[0]['filename']}: {first})")
+    code = "unsupported_media_type" if status == 415 else "unreadable_image"
+    return error_response(status, code, message, extra=body)
+
+
+HTML_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+@functools.cache
+def page_html() -> str:
+    """The web page (``page.html``), read once."""
+    return resources.files("fakescope.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+
+@page_routes.get("/")
+async def index() -> HTMLResponse:
+    return HTMLResponse(page_html(), headers=HTML_HEADERS)
+
+
+@page_routes.get("/docs")
+async def docs(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "")
+    html = get_swagger_ui_html(openapi_url=f"{root}{request.app.openapi_url}", title="fakescope API",
+                               swagger_js_url=f"{root}/docs-assets/swagger-ui-bundle.js",
+                               swagger_css_url=f"{root}/docs-assets/swagger-ui.css",
+                               swagger_favicon_url=f"{root}/docs-assets/favicon.png",
+                               swagger_ui_parameters={"validatorUrl": None, "tryItOutEnabled": True})
+    return HTMLResponse(html.body, headers=HTML_HEADERS)
+
+
+def _mount_docs_assets(app: FastAPI) -> None:
+    """Swagger UI's JavaScript and CSS, shipped by ``fastapi_offline``: /docs works without a CDN."""
+    import fastapi_offline
     from fastapi.staticfiles import StaticFiles
 
     assets = Path(fastapi_offline.__file__).parent / "static"
     app.mount("/docs-assets", StaticFiles(directory=str(assets)), name="docs-assets")
 
-    @app.get("/docs", include_in_schema=False)
-    async def docs(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
-        html = get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title="fakescope API",
-                                   swagger_js_url=f"{root}/docs-assets/swagger-ui-bundle.js",
-                                   swagger_css_url=f"{root}/docs-assets/swagger-ui.css",
-                                   swagger_favicon_url=f"{root}/docs-assets/favicon.png",
-                                   swagger_ui_parameters={"validatorUrl": None, "tryItOutEnabled": True})
-        return HTMLResponse(html.body, headers=html_headers)
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    state: ServerState = app.state.fakescope
+    task = asyncio.create_task(state.start())  # /health answers while the models warm up
+    try:
+        yield
+    finally:
+        task.cancel()
+        await state.stop()
+
+
+def create_app(runs: list[str | os.PathLike], options: ServeOptions | None = None) -> FastAPI:
+    """The FastAPI application serving ``runs`` (the first is the default model). Loads the runs now
+    (a bad run directory raises :class:`FakescopeError`); the warm-up forward runs at start-up."""
+    state = ServerState(runs, options or ServeOptions())
+    page_html()  # a broken installation fails here, not on the first visit
+    app = FastAPI(title="fakescope", version=__version__, lifespan=_lifespan, docs_url=None, redoc_url=None,
+                  description="Detect AI-generated images with trained fakescope runs.")
+    app.state.fakescope = state
+    install_handlers(app)
+    for router in (status_routes, v1_routes, page_routes):
+        app.include_router(router)
+    _mount_docs_assets(app)
     return app
 
 

@@ -9,7 +9,7 @@ from fakescope.choices import ONE_CLASS_DIRECTIONS
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
 from fakescope.study.benchmark_report import RESULTS, write_benchmark_report
-from fakescope.study.config import BenchmarkConfig, ModelSpec, make_config, resolve_data
+from fakescope.study.config import BenchmarkConfig, ModelSpec, run_config
 from fakescope.study.cross import run_cross
 from fakescope.study.runs import (
     calibrate_cached,
@@ -35,9 +35,10 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
 
         {"models": {label: {"overall", "per_generator", "seeds", "params", "train_seconds",
                             "images_per_second", "runs", ...}}, "config": {...}}
-    """
-    cfg = resolve_data(config) if isinstance(config, BenchmarkConfig) and not overrides else make_config(config,
-                                                                                                          **overrides)
+
+    The data is read (indexed, the generators resolved: :func:`~fakescope.study.config.resolve_data`)
+    here, before anything is written."""
+    cfg = run_config(config, **overrides)
     out = Path(cfg.out)
     if runtime.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -47,64 +48,12 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
         f"(generators: {', '.join(cfg.generators)}; device {dev.type}); writing to {out}")
     results: dict = {"models": {}, "config": cfg.resolved(), "data": {"root": cfg.data, "generators": cfg.generators,
                                                                       "split": cfg.split}}
-    total = len(cfg.models) * len(cfg.seeds)
-    k = 0
     t_start = time.perf_counter()
-    for spec in cfg.models:
-        evals, summaries, runs = [], [], []
-        for seed in cfg.seeds:
-            k += 1
-            what = f"[{k}/{total}] {spec.label} seed {seed}"
-            rd = run_dir_for(cfg, spec, seed)
-            summary, _ = ensure_run(train_options(cfg, spec, seed, cfg.generators), rd, force=cfg.force, what=what)
-            if cfg.calibrate is not None:
-                calibrate_cached(cfg, rd, what)
-            ev = evaluate_cached(cfg, rd, generators=cfg.generators, degrade=cfg.degrade, force=cfg.force, what=what)
-            log(f"{what}: {cfg.split} accuracy {ev['overall']['accuracy']:.4f}, F1 {_f(ev['overall']['f1'])}, "
-                f"ROC-AUC {_f(ev['overall']['roc_auc'])}")
-            evals.append(ev)
-            summaries.append(summary)
-            runs.append({"seed": seed, "dir": str(rd), "eval": ev["outputs"]["json"],
-                         "figures": ev["outputs"]["folder"]})
-        run_cfg = ckpt.read_config(run_dir_for(cfg, spec, cfg.seeds[0]))
-        entry = {**aggregate_eval(evals), "seeds": list(cfg.seeds), "model": spec.model,
-                 "options": {k: v for k, v in spec.options.items() if k != "pretrained_file"},
-                 "params": run_cfg.get("params"), "trainable_params": run_cfg.get("trainable_params"),
-                 "input_size": run_cfg.get("preprocess", {}).get("input_size"),
-                 "native_size": run_cfg.get("native_size"), "test_geometry": run_cfg.get("test_geometry") or "resize",
-                 "eval_precision": evals[0].get("precision"),
-                 **_timing(summaries, evals), "runs": runs}
-        if cfg.gallery:
-            entry["gallery"] = gallery_cached(cfg, runs[0]["dir"], what=f"{spec.label} seed {cfg.seeds[0]}")
-        if cfg.jpeg_align is not None:
-            entry["shortcut"] = _shortcut(cfg, spec, runs)
-        if cfg.attack:
-            atk = robustness_cached(cfg, runs[0]["dir"], what=f"{spec.label} seed {cfg.seeds[0]}")
-            entry["robustness"] = {
-                "attack": atk["attack"], "eps": [r["eps"] for r in atk["results"]], "n": atk["n"],
-                "clean_accuracy": atk["clean_accuracy"], "precision": atk.get("precision"),
-                "robust_accuracy": [r["robust_accuracy"] for r in atk["results"]],
-                "per_direction": {d: [r.get("per_direction", {}).get(d, {}).get("robust_accuracy")
-                                      for r in atk["results"]] for d in ONE_CLASS_DIRECTIONS},
-                "json": atk["outputs"]["json"]}
-        if cfg.real_photos is not None:
-            entry["real_photos"] = real_photos_cached(cfg, runs[0]["dir"], what=f"{spec.label} seed {cfg.seeds[0]}")
-        if cfg.precision_check:
-            entry["precision_check"] = precision_agreement(runs[0]["dir"], cfg, cfg.generators,
-                                                           what=f"{spec.label} seed {cfg.seeds[0]}")
-        results["models"][spec.label] = entry
+    for i, spec in enumerate(cfg.models):
+        results["models"][spec.label] = _model_entry(cfg, spec, done=i * len(cfg.seeds))
         if runtime.is_main():
             write_json(out / RESULTS, results)  # partial results survive an interruption
-    everyone = [m.label for m in cfg.models]
-    crossed = cfg.cross if isinstance(cfg.cross, list) else (everyone if cfg.cross else [])
-    if crossed or cfg.leave_one_out:
-        # --cross: the one-vs-all matrix; --leave-one-out: the leave-one-generator-out runs ("Unseen
-        # generators"); both together: both, for the models --cross names (every model by default)
-        results["cross"], results["leave_one_out"] = {}, {}
-        for label in crossed if cfg.cross else []:
-            results["cross"][label] = run_cross(cfg, label, report=False)
-        for label in (crossed or everyone) if cfg.leave_one_out else []:
-            results["leave_one_out"][label] = run_cross(cfg, label, leave_one_out=True, report=False)
+    _cross_protocols(cfg, results)
     results["seconds"] = time.perf_counter() - t_start
     if runtime.is_main():
         write_json(out / RESULTS, results)
@@ -114,6 +63,78 @@ def run_benchmark(config: dict | BenchmarkConfig, **overrides) -> dict:
             write_json(out / RESULTS, results)
             log(f"report: {paths['html']}")
     return results
+
+
+def _model_entry(cfg: BenchmarkConfig, spec: ModelSpec, done: int) -> dict:
+    """One model's row of the results: its seeds' runs trained and evaluated (``done``: the runs of the
+    models before it, for the progress count), then the extra studies on its first seed's run."""
+    evals, summaries, runs = _train_and_evaluate(cfg, spec, done)
+    run_cfg = ckpt.read_config(run_dir_for(cfg, spec, cfg.seeds[0]))
+    entry = {**aggregate_eval(evals), "seeds": list(cfg.seeds), "model": spec.model,
+             "options": {k: v for k, v in spec.options.items() if k != "pretrained_file"},
+             "params": run_cfg.get("params"), "trainable_params": run_cfg.get("trainable_params"),
+             "input_size": run_cfg.get("preprocess", {}).get("input_size"),
+             "native_size": run_cfg.get("native_size"), "test_geometry": run_cfg.get("test_geometry") or "resize",
+             "eval_precision": evals[0].get("precision"),
+             **_timing(summaries, evals), "runs": runs}
+    first, what = runs[0]["dir"], f"{spec.label} seed {cfg.seeds[0]}"
+    if cfg.gallery:
+        entry["gallery"] = gallery_cached(cfg, first, what=what)
+    if cfg.jpeg_align is not None:
+        entry["shortcut"] = _shortcut(cfg, spec, runs)
+    if cfg.attack:
+        entry["robustness"] = _robustness_entry(robustness_cached(cfg, first, what=what))
+    if cfg.real_photos is not None:
+        entry["real_photos"] = real_photos_cached(cfg, first, what=what)
+    if cfg.precision_check:
+        entry["precision_check"] = precision_agreement(first, cfg, cfg.generators, what=what)
+    return entry
+
+
+def _train_and_evaluate(cfg: BenchmarkConfig, spec: ModelSpec, done: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """``(evaluations, training summaries, runs)`` of ``spec``, one per seed: each run trained (or
+    reused), calibrated when the configuration asks, and evaluated."""
+    evals, summaries, runs = [], [], []
+    total = len(cfg.models) * len(cfg.seeds)
+    for k, seed in enumerate(cfg.seeds, start=done + 1):
+        what = f"[{k}/{total}] {spec.label} seed {seed}"
+        rd = run_dir_for(cfg, spec, seed)
+        summary, _ = ensure_run(train_options(cfg, spec, seed, cfg.generators), rd, force=cfg.force, what=what)
+        if cfg.calibrate is not None:
+            calibrate_cached(cfg, rd, what)
+        ev = evaluate_cached(cfg, rd, generators=cfg.generators, degrade=cfg.degrade, force=cfg.force, what=what)
+        log(f"{what}: {cfg.split} accuracy {ev['overall']['accuracy']:.4f}, F1 {_f(ev['overall']['f1'])}, "
+            f"ROC-AUC {_f(ev['overall']['roc_auc'])}")
+        evals.append(ev)
+        summaries.append(summary)
+        runs.append({"seed": seed, "dir": str(rd), "eval": ev["outputs"]["json"], "figures": ev["outputs"]["folder"]})
+    return evals, summaries, runs
+
+
+def _robustness_entry(atk: dict) -> dict:
+    """The results table's summary of an attack result: robust accuracy per eps, overall and per direction."""
+    return {"attack": atk["attack"], "eps": [r["eps"] for r in atk["results"]], "n": atk["n"],
+            "clean_accuracy": atk["clean_accuracy"], "precision": atk.get("precision"),
+            "robust_accuracy": [r["robust_accuracy"] for r in atk["results"]],
+            "per_direction": {d: [r.get("per_direction", {}).get(d, {}).get("robust_accuracy")
+                                  for r in atk["results"]] for d in ONE_CLASS_DIRECTIONS},
+            "json": atk["outputs"]["json"]}
+
+
+def _cross_protocols(cfg: BenchmarkConfig, results: dict) -> None:
+    """``results["cross"]`` and ``results["leave_one_out"]`` when the configuration asks for them.
+
+    --cross: the one-vs-all matrix; --leave-one-out: the leave-one-generator-out runs ("Unseen
+    generators"); both together: both, for the models --cross names (every model by default)."""
+    everyone = [m.label for m in cfg.models]
+    crossed = cfg.cross if isinstance(cfg.cross, list) else (everyone if cfg.cross else [])
+    if not (crossed or cfg.leave_one_out):
+        return
+    results["cross"], results["leave_one_out"] = {}, {}
+    for label in crossed if cfg.cross else []:
+        results["cross"][label] = run_cross(cfg, label, report=False)
+    for label in (crossed or everyone) if cfg.leave_one_out else []:
+        results["leave_one_out"][label] = run_cross(cfg, label, leave_one_out=True, report=False)
 
 
 def _f(v) -> str:

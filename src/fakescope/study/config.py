@@ -392,7 +392,11 @@ def load_config_file(path: str | os.PathLike) -> dict:
 
 
 def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> BenchmarkConfig:
-    """A validated :class:`BenchmarkConfig` from a mapping (a config file's content) and overrides."""
+    """A validated :class:`BenchmarkConfig` from a mapping (a config file's content) and overrides.
+
+    It checks values only and reads no data: the data root need not exist yet (paths are made
+    absolute, nothing is listed, indexed or written). Its ``generators`` stay as given (None: all);
+    :func:`resolve_data`, the first step of ``run_benchmark`` and ``run_cross``, reads the data."""
     if isinstance(options, BenchmarkConfig):
         options = options.resolved()
     d = {**(options or {}), **{k: v for k, v in overrides.items() if v is not None}}
@@ -407,9 +411,6 @@ def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> B
     d["out"] = str(d.get("out") or "runs/benchmark")
     if d.get("real_photos") is not None:
         d["real_photos"] = str(Path(d["real_photos"]).expanduser().resolve())
-        if not list_images([d["real_photos"]]):
-            raise FakescopeError(f"{SOURCE}: real_photos: expected a folder (or file) holding real photos, "
-                                 f"got {d['real_photos']} with no image in it")
     gopts = d.pop("model_options", None) or {}
     if not isinstance(gopts, dict):
         raise FakescopeError(f"{SOURCE}: model_options: expected a mapping, got {gopts!r}")
@@ -435,18 +436,31 @@ def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> B
     if isinstance(cfg.cross, list):
         for label in cfg.cross:
             cfg.model(label)
-    return resolve_data(cfg)
+    return cfg
 
 
 def resolve_data(cfg: BenchmarkConfig) -> BenchmarkConfig:
-    """``cfg`` with its generators resolved against the data root (None: every generator of the train
-    split) and the evaluation split checked: the one step of building a configuration that reads the
-    data. :func:`make_config` ends with it; ``run_benchmark`` and ``run_cross`` apply it to a
-    :class:`BenchmarkConfig` built directly (its ``generators`` may be None). Returns a new object."""
+    """``cfg`` checked against its data: the data root indexed (which writes or refreshes the index
+    cache), the generators resolved (None: every generator of the train split; an unknown one is an
+    error), the evaluation split checked, and ``real_photos`` required to hold images. The one step
+    of a benchmark that reads the data, and its first: a :class:`BenchmarkConfig` from
+    :func:`make_config` or built directly (``generators`` None) goes through it. Returns a new object."""
     index = index_root(cfg.data)
     generators = index.select(cfg.generators, "train").generator_names
     index.select(generators, cfg.split)  # the evaluation split must exist too
+    if cfg.real_photos is not None and not list_images([cfg.real_photos]):
+        raise FakescopeError(f"{SOURCE}: real_photos: expected a folder (or file) holding real photos, "
+                             f"got {cfg.real_photos} with no image in it")
     return replace(cfg, generators=generators)
+
+
+def run_config(config: dict | BenchmarkConfig, **overrides) -> BenchmarkConfig:
+    """The configuration ``run_benchmark`` and ``run_cross`` run: ``config`` checked by
+    :func:`make_config` (a :class:`BenchmarkConfig` without overrides is taken as it is), then
+    :func:`resolve_data`."""
+    if not isinstance(config, BenchmarkConfig) or overrides:
+        config = make_config(config, **overrides)
+    return resolve_data(config)
 
 
 def train_augment(aug: dict | None) -> Augment | None:

@@ -10,7 +10,7 @@ import numpy as np
 from fakescope.engine import runtime
 from fakescope.errors import FakescopeError
 from fakescope.study.benchmark_report import RESULTS, write_benchmark_report
-from fakescope.study.config import BenchmarkConfig, make_config, resolve_data
+from fakescope.study.config import BenchmarkConfig, ModelSpec, run_config
 from fakescope.study.runs import canonical, ensure_run, evaluate_cached, log, train_options
 from fakescope.study.stats import aggregate, mean_of
 from fakescope.utils import write_json
@@ -26,15 +26,8 @@ def run_cross(config: dict | BenchmarkConfig, model: str | None = None, *, leave
     generators. ``leave_one_out``: run ``i`` trains on every generator but ``train[i]``;
     ``held_out[g]`` is its accuracy on the generator left out. Writes ``out/cross/<model>[-loo]``
     ``.json``, ``.md`` and ``.png`` (heatmap); the runs live in ``out/cross/<model>-.../``."""
-    cfg = resolve_data(config) if isinstance(config, BenchmarkConfig) and not overrides else make_config(config,
-                                                                                                          **overrides)
-    if model is None:
-        if len(cfg.models) != 1:
-            raise FakescopeError(f"expected one model for the cross-generator protocol, got "
-                                 f"{', '.join(m.label for m in cfg.models)}: name one")
-        spec = cfg.models[0]
-    else:
-        spec = cfg.model(model)
+    cfg = run_config(config, **overrides)
+    spec = _model_spec(cfg, model)
     gens = cfg.generators
     if leave_one_out and len(gens) < 2:
         raise FakescopeError(f"expected at least 2 generators for --leave-one-out (train on the others, test on the "
@@ -44,7 +37,36 @@ def run_cross(config: dict | BenchmarkConfig, model: str | None = None, *, leave
     folder = Path(cfg.out) / "cross"
     kind = "leave-one-out" if leave_one_out else "one-vs-all"
     log(f"cross-generator ({kind}) for {spec.label}: {len(gens)} runs x {len(cfg.seeds)} seed(s)")
-    rows, per_gen, runs = [], {}, {}
+    per_gen, runs = _train_and_test(cfg, spec, folder, leave_one_out)
+    result = _matrix_result(cfg, spec, per_gen, runs, leave_one_out)
+    if runtime.is_main():
+        from fakescope.report.html import write_cross
+
+        stem = folder / (spec.slug + ("-loo" if leave_one_out else ""))
+        result["outputs"] = write_cross(result, stem)
+        write_json(stem.with_suffix(".json"), result)
+        log(f"cross-generator matrix: {stem.with_suffix('.md')}")
+        if report and (Path(cfg.out) / RESULTS).is_file():
+            write_benchmark_report(cfg.out)
+    return canonical(result)
+
+
+def _model_spec(cfg: BenchmarkConfig, model: str | None) -> ModelSpec:
+    """The model named ``model``, or the configuration's one model when it names none."""
+    if model is not None:
+        return cfg.model(model)
+    if len(cfg.models) != 1:
+        raise FakescopeError(f"expected one model for the cross-generator protocol, got "
+                             f"{', '.join(m.label for m in cfg.models)}: name one")
+    return cfg.models[0]
+
+
+def _train_and_test(cfg: BenchmarkConfig, spec: ModelSpec, folder: Path,
+                    leave_one_out: bool) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """``(per_gen, runs)``: for each generator ``g``, the runs trained on it alone (or on all others)
+    for every seed, and their metrics on every generator aggregated over seeds (``per_gen[g][test]``)."""
+    gens = cfg.generators
+    per_gen, runs = {}, {}
     total, k = len(gens) * len(cfg.seeds), 0
     for g in gens:
         train_gens = [x for x in gens if x != g] if leave_one_out else [g]
@@ -58,12 +80,19 @@ def run_cross(config: dict | BenchmarkConfig, model: str | None = None, *, leave
             evals.append(evaluate_cached(cfg, rd, generators=gens, force=cfg.force, what=what))
             dirs.append(str(rd))
         per_gen[g] = {t: aggregate([e["per_generator"][t] for e in evals]) for t in gens}
-        rows.append([mean_of(per_gen[g][t]["accuracy"]) for t in gens])
         runs[g] = dirs
+    return per_gen, runs
+
+
+def _matrix_result(cfg: BenchmarkConfig, spec: ModelSpec, per_gen: dict[str, dict], runs: dict[str, list[str]],
+                   leave_one_out: bool) -> dict:
+    """The accuracy matrix with its averages, and the protocol's own summary figures."""
+    gens = cfg.generators
+    rows = [[mean_of(per_gen[g][t]["accuracy"]) for t in gens] for g in gens]
     matrix = np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64)
     result = {
-        "model": spec.label, "protocol": kind, "metric": "accuracy", "split": cfg.split,
-        "train": [f"all but {g}" if leave_one_out else g for g in gens], "test": list(gens),
+        "model": spec.label, "protocol": "leave-one-out" if leave_one_out else "one-vs-all", "metric": "accuracy",
+        "split": cfg.split, "train": [f"all but {g}" if leave_one_out else g for g in gens], "test": list(gens),
         "matrix": matrix.tolist(), "row_average": np.nanmean(matrix, axis=1).tolist(),
         "column_average": np.nanmean(matrix, axis=0).tolist(), "seeds": list(cfg.seeds),
         "per_generator": per_gen, "runs": runs,
@@ -79,13 +108,4 @@ def run_cross(config: dict | BenchmarkConfig, model: str | None = None, *, leave
         off = matrix[~np.eye(len(gens), dtype=bool)]
         result["mean_in_distribution"] = float(np.nanmean(np.diag(matrix)))
         result["mean_cross"] = float(np.nanmean(off)) if off.size else None
-    if runtime.is_main():
-        from fakescope.report.html import write_cross
-
-        stem = folder / (spec.slug + ("-loo" if leave_one_out else ""))
-        result["outputs"] = write_cross(result, stem)
-        write_json(stem.with_suffix(".json"), result)
-        log(f"cross-generator matrix: {stem.with_suffix('.md')}")
-        if report and (Path(cfg.out) / RESULTS).is_file():
-            write_benchmark_report(cfg.out)
-    return canonical(result)
+    return result
