@@ -15,11 +15,10 @@ from pathlib import Path
 
 from fakescope import validate
 from fakescope.attacks import ATTACKS
-from fakescope.choices import ATTACK_DIRECTIONS, GEOMETRIES, LR_SCHEDULES, TASKS
+from fakescope.choices import ATTACK_DIRECTIONS, GEOMETRIES, LR_SCHEDULES, PRECISIONS, TASKS
 from fakescope.data.io import list_images
 from fakescope.data.layout import index_root
 from fakescope.data.transforms import Augment, parse_degradations
-from fakescope.engine.runtime import PRECISIONS
 from fakescope.errors import FakescopeError
 from fakescope.utils import slug
 
