@@ -23,8 +23,9 @@ from fakescope.choices import DEVICES, PRECISIONS
 from fakescope.errors import FakescopeError
 
 PREDICT_MAX_FILE_SIZE = 50 * 2**20
-"""``predict``'s default file-size limit in bytes (``--max-file-size``; :func:`~fakescope.engine.evaluation.predict_paths`
-and :func:`~fakescope.engine.bulk.predict_to_folder` use it when given no runtime options)."""
+"""``predict``'s default file-size limit in bytes (``--max-file-size``), which
+:func:`~fakescope.engine.evaluation.predict_paths` and :func:`~fakescope.engine.bulk.predict_to_folder`
+use when given no runtime options."""
 
 
 def check_device(device) -> str:

@@ -31,6 +31,7 @@ from fakescope.ranks import (  # noqa: F401  (torchrun's helpers live in the bas
     world_size,
 )
 
+
 def resolve_device(device: str = "auto") -> torch.device:
     check_device(device)
     if device == "auto":
