@@ -6,23 +6,18 @@ from sklearn.metrics import roc_auc_score
 
 from fakescope.calibration import (
     Calibration,
-    brier,
     calibrate_p_ai,
-    calibration_metrics,
-    ece,
-    eer,
     fit_calibration,
     fit_temperature,
     logit,
     read_calibration,
-    reliability_bins,
     resolve_decision,
     sigmoid,
     threshold_for_fpr,
-    tpr_at_fpr,
     write_calibration,
 )
 from fakescope.errors import FakescopeError
+from fakescope.metrics import brier, calibration_metrics, ece, eer, reliability_bins, tpr_at_fpr
 
 
 def overconfident(n=4000, scale=4.0, seed=0):

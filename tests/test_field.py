@@ -12,7 +12,7 @@ from sklearn.metrics import precision_recall_fscore_support
 
 from fakescope.data.geometry import center_crop, grid_crops, grid_positions, random_crop
 from fakescope.data.transforms import Augment, Pipeline
-from fakescope.engine.recipe import Schedule, apply_recipe
+from fakescope.engine.hyperparams import Schedule, apply_recipe
 from fakescope.errors import FakescopeError
 from fakescope.metrics import attribution_metrics
 from fakescope.models import create_model

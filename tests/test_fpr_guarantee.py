@@ -8,18 +8,14 @@ from scipy import stats
 from fakescope.calibration import (
     Calibration,
     allowed_false_positives,
-    binom_cdf,
     check_promise,
-    clopper_pearson,
-    cp_lower,
-    cp_upper,
-    error_rates,
     fit_calibration,
     min_calibration_size,
     sigmoid,
     threshold_for_fpr,
 )
 from fakescope.errors import FakescopeError
+from fakescope.intervals import binom_cdf, clopper_pearson, cp_lower, cp_upper, error_rates
 
 REPS, FRESH = 200, 20_000
 

@@ -13,7 +13,7 @@ from fakescope.cli import main
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
 from fakescope.errors import FakescopeError
-from fakescope.study import load_config_file, make_config, model_options
+from fakescope.study import load_config_file, make_config, normalise_model_options
 from fakescope.study.runs import ensure_run, evaluate_cached, robustness_cached, train_options
 
 from synth import make_dataset, quiet_single_thread
@@ -89,18 +89,18 @@ def test_one_model_options_helper_resolves_paths_alike(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     want = str((tmp_path / "w.safetensors").resolve())
-    assert model_options(pretrained_file="w.safetensors") == {"pretrained_file": want}  # the command line
-    assert model_options({"pretrained_file": "w.safetensors"}) == {"pretrained_file": want}  # a config file
-    assert model_options({"pretrained_file": "~/w.safetensors"})["pretrained_file"] == str(tmp_path / "home" /
+    assert normalise_model_options(pretrained_file="w.safetensors") == {"pretrained_file": want}  # the command line
+    assert normalise_model_options({"pretrained_file": "w.safetensors"}) == {"pretrained_file": want}  # a config file
+    assert normalise_model_options({"pretrained_file": "~/w.safetensors"})["pretrained_file"] == str(tmp_path / "home" /
                                                                                             "w.safetensors")
-    assert model_options(freeze=None, filters="8,16") == {"filters": [8, 16]}
+    assert normalise_model_options(freeze=None, filters="8,16") == {"filters": [8, 16]}
     with pytest.raises(FakescopeError, match="command line: --filters: expected a positive integer, got 'x'"):
-        model_options(filters=["8", "x"], key=None)
+        normalise_model_options(filters=["8", "x"], key=None)
     with pytest.raises(FakescopeError, match="unknown model option 'colour'"):
-        model_options({"colour": 1})
+        normalise_model_options({"colour": 1})
     from argparse import Namespace
 
-    from fakescope.commands.args import model_options as from_args
+    from fakescope.commands.args import model_options_from_args as from_args
     ns = Namespace(no_pretrained=False, pretrained_file="w.safetensors", freeze=True, filters=None)
     assert from_args(ns) == {"pretrained_file": want, "freeze": True}
 

@@ -1,10 +1,13 @@
-"""Calibrated scores and operating thresholds.
+"""Fitting a calibration (temperature and operating threshold) and applying it: the :class:`Calibration`
+record and the :class:`Decision` a command makes with it.
 
-Pure functions of labels (nature=0, ai=1) and scores: :func:`ece` (15 equal-mass bins), :func:`brier`,
-:func:`tpr_at_fpr`, :func:`eer`, :func:`fit_temperature` (temperature scaling of the ai-logit) and
-:func:`threshold_for_fpr` (the operating point that wrongly accuses at most a given share of real
-images). :func:`fit_calibration` puts them together into a :class:`Calibration`, stored in a run as
-``calibration.json`` beside ``config.json``.
+Pure functions of labels (nature=0, ai=1) and scores: :func:`fit_temperature` (temperature scaling of
+the ai-logit) and :func:`threshold_for_fpr` (the operating point that wrongly accuses at most a given
+share of real images). :func:`fit_calibration` puts them together into a :class:`Calibration`, stored
+in a run as ``calibration.json`` beside ``config.json`` (the file's name and reading live in
+:mod:`fakescope.runfiles`). The calibration metrics (ECE, Brier, TPR at an FPR, EER) are in
+:mod:`fakescope.metrics`, the binomial bounds in :mod:`fakescope.intervals`; running a calibration
+over a run's images is :func:`fakescope.engine.calibrate.calibrate_run`.
 
 **The false-positive guarantee.** By default the threshold is not the empirical quantile of the
 calibration set's real scores but the order-statistic rule with a Clopper–Pearson (binomial) tail bound:
@@ -32,38 +35,29 @@ confident the scores are, never their order (ROC-AUC is unchanged).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_curve
 
 from fakescope.errors import FakescopeError
-from fakescope.runfiles import CALIBRATION
-from fakescope.utils import write_json
-from fakescope.validate import DEFAULT_CONFIDENCE
+from fakescope.intervals import (
+    INTERVAL_CONFIDENCE,
+    binom_cdf,
+    cp_upper,
+    error_rates,
+    log_binom_pmf,
+    rate_with_interval,
+)
+from fakescope.metrics import both_classes, brier, ece, score_arrays
+from fakescope.parsing import DEFAULT_CONFIDENCE, check_threshold
+from fakescope.runfiles import CALIBRATION, calibration_path, read_calibration_json, write_calibration_json
 
 CALIBRATION_FILE = CALIBRATION  # fakescope.runfiles names every run file
 CALIBRATION_FORMAT = 1
-ECE_BINS = 15
 _P_EPS = 1e-16  # p_ai is float64: logits are recoverable to about +-36.8
-
-
-def _arrays(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(labels, dtype=np.int64).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    if y.shape != s.shape:
-        raise ValueError(f"expected labels and scores of the same length, got {y.size} and {s.size}")
-    if y.size and not np.isin(y, (0, 1)).all():
-        raise ValueError(f"expected labels in {{0, 1}} (nature=0, ai=1), got {sorted(set(y.tolist()))}")
-    return y, s
-
-
-def _both_classes(y: np.ndarray) -> bool:
-    return 0 < int(y.sum()) < y.size
 
 
 def logit(p_ai) -> np.ndarray:
@@ -77,72 +71,11 @@ def sigmoid(z) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -z))
 
 
-# --- metrics ---------------------------------------------------------------------------------------
-
-def reliability_bins(labels, p_ai, n_bins: int = ECE_BINS) -> list[dict]:
-    """Equal-mass bins of ``p_ai`` (sorted, split into ``n_bins`` groups of equal size):
-    ``[{"p_mean", "ai_fraction", "n"}, ...]`` — the points of a reliability diagram."""
-    y, p = _arrays(labels, p_ai)
-    if y.size == 0:
-        return []
-    order = np.argsort(p, kind="stable")
-    return [{"p_mean": float(p[b].mean()), "ai_fraction": float(y[b].mean()), "n": int(b.size)}
-            for b in np.array_split(order, min(n_bins, y.size))]
-
-
-def ece(labels, p_ai, n_bins: int = ECE_BINS) -> float | None:
-    """Expected calibration error of ``p_ai`` as P(ai), ``n_bins`` equal-mass bins:
-    ``sum_b n_b / n * |mean(y)_b - mean(p)_b|``. None on an empty set."""
-    bins = reliability_bins(labels, p_ai, n_bins)
-    n = sum(b["n"] for b in bins)
-    return sum(b["n"] / n * abs(b["ai_fraction"] - b["p_mean"]) for b in bins) if n else None
-
-
-def brier(labels, p_ai) -> float | None:
-    """Mean squared error of ``p_ai`` against the label. None on an empty set."""
-    y, p = _arrays(labels, p_ai)
-    return float(np.mean((p - y) ** 2)) if y.size else None
-
-
-def tpr_at_fpr(labels, scores, target_fpr: float) -> float | None:
-    """The largest share of AI images caught by a threshold that calls at most ``target_fpr`` of the
-    real images AI (on this set). None unless both classes are present."""
-    y, s = _arrays(labels, scores)
-    if not _both_classes(y):
-        return None
-    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
-    return float(tpr[fpr <= target_fpr + 1e-12].max())
-
-
-def eer(labels, scores) -> float | None:
-    """Equal error rate: where the false-positive rate equals the false-negative rate (linear
-    interpolation between the two ROC points that straddle it). None unless both classes are present."""
-    y, s = _arrays(labels, scores)
-    if not _both_classes(y):
-        return None
-    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
-    d = (1.0 - tpr) - fpr  # decreasing from 1 to -1 along the curve
-    i = int(np.argmax(d <= 0))
-    if i == 0:
-        return float(fpr[0])
-    t = d[i - 1] / (d[i - 1] - d[i])
-    return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
-
-
-def calibration_metrics(labels, p_ai) -> dict:
-    """The evaluate JSON's calibration keys: ece, brier, tpr_at_fpr_1pct, tpr_at_fpr_5pct, eer."""
-    return {"ece": ece(labels, p_ai), "brier": brier(labels, p_ai), "tpr_at_fpr_1pct": tpr_at_fpr(labels, p_ai, 0.01),
-            "tpr_at_fpr_5pct": tpr_at_fpr(labels, p_ai, 0.05), "eer": eer(labels, p_ai)}
-
-
-CALIBRATION_KEYS = ("ece", "brier", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct", "eer")
-
-
 # --- fitting ---------------------------------------------------------------------------------------
 
 def nll(labels, logits, temperature: float = 1.0) -> float:
     """Mean binary cross-entropy of sigmoid(logits / temperature)."""
-    y, z = _arrays(labels, logits)
+    y, z = score_arrays(labels, logits)
     z = z / temperature
     return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
@@ -153,8 +86,8 @@ def fit_temperature(labels, logits) -> float:
     The loss is convex in ``1/T``; it is minimised by bounded Brent search over 1/T in [1e-3, 1e3]."""
     from scipy.optimize import minimize_scalar
 
-    y, z = _arrays(labels, logits)
-    if not _both_classes(y):
+    y, z = score_arrays(labels, logits)
+    if not both_classes(y):
         raise FakescopeError(f"expected real and AI images to fit a temperature, got {int((y == 0).sum())} real and "
                              f"{int(y.sum())} AI: calibrate on a split that holds both classes")
     if not np.isfinite(z).all():
@@ -165,93 +98,6 @@ def fit_temperature(labels, logits) -> float:
 
 
 # --- binomial bounds (Clopper–Pearson) and the guarantee rule ---------------------------------------
-
-INTERVAL_CONFIDENCE = 0.95  # of the reported FPR / TPR intervals
-
-
-def _log_binom_pmf(n: int, p: float) -> np.ndarray:
-    """log P(Binomial(n, p) = i) for i = 0..n (p in (0, 1))."""
-    from scipy.special import gammaln
-
-    i = np.arange(n + 1, dtype=np.float64)
-    return gammaln(n + 1.0) - gammaln(i + 1.0) - gammaln(n - i + 1.0) + i * math.log(p) + (n - i) * math.log1p(-p)
-
-
-def binom_cdf(k: int, n: int, p: float) -> float:
-    """P(Binomial(n, p) <= k), summed exactly in log space."""
-    if k < 0:
-        return 0.0
-    if k >= n or p <= 0.0:
-        return 1.0
-    if p >= 1.0:
-        return 0.0
-    lp = _log_binom_pmf(n, p)[: k + 1]
-    m = lp.max()
-    return float(min(1.0, math.exp(m) * np.exp(lp - m).sum()))
-
-
-def _solve_decreasing(f, target: float) -> float:
-    """The p in [0, 1] where the decreasing function f(p) crosses ``target`` (bisection to 1e-15)."""
-    lo, hi = 0.0, 1.0
-    for _ in range(200):
-        mid = (lo + hi) / 2.0
-        if f(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-15:
-            break
-    return (lo + hi) / 2.0
-
-
-def cp_upper(k: int, n: int, confidence: float) -> float:
-    """One-sided Clopper–Pearson upper bound at ``confidence`` for a rate with ``k`` events in ``n``
-    trials: the ``p`` with ``P(Binomial(n, p) <= k) = 1 - confidence`` (= ``Beta(k + 1, n - k)``'s
-    ``confidence`` quantile; 1 when ``k = n``)."""
-    if n <= 0 or not 0 <= k <= n:
-        raise ValueError(f"expected 0 <= k <= n and n > 0, got k={k}, n={n}")
-    if k == n:
-        return 1.0
-    if confidence <= 0.0:
-        return k / n
-    return _solve_decreasing(lambda p: binom_cdf(k, n, p), 1.0 - confidence)
-
-
-def cp_lower(k: int, n: int, confidence: float) -> float:
-    """One-sided Clopper–Pearson lower bound at ``confidence``: the ``p`` with
-    ``P(Binomial(n, p) >= k) = 1 - confidence`` (= ``Beta(k, n - k + 1)``'s ``1 - confidence``
-    quantile; 0 when ``k = 0``)."""
-    if n <= 0 or not 0 <= k <= n:
-        raise ValueError(f"expected 0 <= k <= n and n > 0, got k={k}, n={n}")
-    if k == 0:
-        return 0.0
-    if confidence <= 0.0:
-        return k / n
-    return 1.0 - cp_upper(n - k, n, confidence)
-
-
-def clopper_pearson(k: int, n: int, confidence: float = INTERVAL_CONFIDENCE) -> list[float] | None:
-    """Two-sided (exact, central) Clopper–Pearson interval ``[lo, hi]`` for ``k`` events in ``n``
-    trials at ``confidence``; None when ``n = 0``."""
-    if n == 0:
-        return None
-    a = (1.0 + confidence) / 2.0
-    return [cp_lower(k, n, a), cp_upper(k, n, a)]
-
-
-def rate_with_interval(k: int, n: int, confidence: float = INTERVAL_CONFIDENCE) -> dict:
-    """``{"value": k / n, "interval": [lo, hi], "k", "n"}`` (Clopper–Pearson); value and interval None
-    when ``n = 0``."""
-    return {"value": k / n if n else None, "interval": clopper_pearson(k, n, confidence), "k": int(k), "n": int(n)}
-
-
-def error_rates(confusion, confidence: float = INTERVAL_CONFIDENCE) -> dict:
-    """``{"fpr", "tpr"}`` from a ``[[tn, fp], [fn, tp]]`` confusion matrix, each
-    :func:`rate_with_interval` (Clopper–Pearson at ``confidence``; value None without real, resp. AI, images)."""
-    (tn, fp), (fn, tp) = confusion
-    return {"fpr": rate_with_interval(int(fp), int(fp + tn), confidence),
-            "tpr": rate_with_interval(int(tp), int(tp + fn), confidence)}
-
 
 def check_promise(calibration: Calibration, confusion, confidence: float = INTERVAL_CONFIDENCE) -> dict | None:
     """Whether real images evaluated at the calibration's own threshold break its false-positive target:
@@ -309,7 +155,7 @@ def allowed_false_positives(n: int, target_fpr: float, confidence: float = DEFAU
                "use a target above 0, or --confidence 0 for the empirical quantile without a guarantee")
         raise FakescopeError(f"expected at least {need} real calibration images for a false-positive rate of at most "
                              f"{target_fpr:g} with {confidence:g} confidence, got {n}: {fix}")
-    lp = _log_binom_pmf(n, target_fpr)
+    lp = log_binom_pmf(n, target_fpr)
     cdf = np.exp(np.logaddexp.accumulate(lp))  # P(Bin(n, A) <= k) for k = 0..n
     ok = np.flatnonzero(cdf <= 1.0 - confidence)
     return int(ok.max())
@@ -461,7 +307,7 @@ def fit_calibration(labels, p_raw, target_fpr: float = 0.01, *, method: str = "t
     images for the promise is a :class:`FakescopeError` naming the smallest number that works."""
     if method != "temperature":
         raise FakescopeError(f"expected calibration method 'temperature', got {method!r}")
-    y, p = _arrays(labels, p_raw)
+    y, p = score_arrays(labels, p_raw)
     _check_rule(float(target_fpr), float(confidence))
     n_real = int((y == 0).sum())
     z = logit(p)
@@ -486,29 +332,15 @@ def fit_calibration(labels, p_raw, target_fpr: float = 0.01, *, method: str = "t
 
 # --- in a run --------------------------------------------------------------------------------------
 
-def calibration_path(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / CALIBRATION_FILE
-
-
 def write_calibration(run_dir: str | os.PathLike, cal: Calibration) -> Path:
-    """Write ``RUN/calibration.json`` atomically."""
-    path = calibration_path(run_dir)
-    write_json(path, cal.to_dict())
-    return path
+    """Write ``RUN/calibration.json`` (atomically, :func:`fakescope.runfiles.write_calibration_json`)."""
+    return write_calibration_json(run_dir, cal.to_dict())
 
 
 def read_calibration(run_dir: str | os.PathLike) -> Calibration | None:
     """The run's calibration, or None when it has not been calibrated."""
-    path = calibration_path(run_dir)
-    if not path.is_file():
-        return None
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FakescopeError(f"{path} is not valid JSON ({e}); run `fakescope calibrate` again or delete it") from None
-    if not isinstance(d, dict):
-        raise FakescopeError(f"{path} is not a fakescope calibration; run `fakescope calibrate` again or delete it")
-    return Calibration.from_dict(d, str(path))
+    d = read_calibration_json(run_dir)
+    return None if d is None else Calibration.from_dict(d, str(calibration_path(run_dir)))
 
 
 def calibrate_p_ai(p_ai, calibration: Calibration | None) -> np.ndarray:
@@ -579,9 +411,7 @@ def resolve_decision(run_dir: str | os.PathLike | None, threshold: float | None 
     (on the calibrated scale when calibrated), else the calibrated one, else ``default``."""
     cal = None if uncalibrated or run_dir is None else read_calibration(run_dir)
     if threshold is not None:
-        if not 0.0 <= float(threshold) <= 1.0:
-            raise FakescopeError(f"expected a threshold in [0, 1], got {threshold}")
-        return Decision(float(threshold), "--threshold", cal)
+        return Decision(check_threshold(threshold), "--threshold", cal)
     if cal is not None:
         return Decision(cal.threshold, CALIBRATION_FILE, cal)
     return Decision(float(default), "default", None)

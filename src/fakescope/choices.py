@@ -10,7 +10,7 @@ GEOMETRIES: tuple[str, ...] = ("resize", "center_crop", "crops")
 pixel scale, or the mean score of a 3x3 grid of such squares."""
 
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "plateau", "step")
-"""Learning-rate schedules (:class:`fakescope.engine.recipe.Schedule`)."""
+"""Learning-rate schedules (:class:`fakescope.engine.hyperparams.Schedule`)."""
 
 TASKS: tuple[str, ...] = ("binary", "attribution")
 """Training tasks: ai vs nature, or one class per generator plus nature."""

@@ -14,6 +14,11 @@ class FakescopeError(Exception):
     exit_code = 2
 
 
+class ArgumentError(FakescopeError, ValueError):
+    """A bad argument to a library function (a threshold outside [0, 1], ...): a :class:`ValueError` too,
+    so code that catches ValueError keeps working."""
+
+
 class ImageReadError(FakescopeError):
     """An image file that cannot be decoded (empty, truncated, not an image, too large...)."""
 

@@ -18,18 +18,90 @@ from collections.abc import Sequence
 
 import numpy as np
 from sklearn import metrics as skm
+from sklearn.metrics import roc_curve
 
-from fakescope import validate
-from fakescope.calibration import calibration_metrics
+from fakescope import parsing
 
 METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "roc_auc", "average_precision",
                "real_accuracy", "fake_accuracy", "n", "confusion",
                "ece", "brier", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct", "eer")
 
 
-def check_threshold(threshold: float) -> float:
-    """The one threshold rule of :func:`fakescope.validate.threshold` (``p_ai >= threshold`` is AI)."""
-    return validate.threshold(threshold)
+ECE_BINS = 15
+
+
+def score_arrays(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"expected labels and scores of the same length, got {y.size} and {s.size}")
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError(f"expected labels in {{0, 1}} (nature=0, ai=1), got {sorted(set(y.tolist()))}")
+    return y, s
+
+
+def both_classes(y: np.ndarray) -> bool:
+    return 0 < int(y.sum()) < y.size
+
+
+
+def reliability_bins(labels, p_ai, n_bins: int = ECE_BINS) -> list[dict]:
+    """Equal-mass bins of ``p_ai`` (sorted, split into ``n_bins`` groups of equal size):
+    ``[{"p_mean", "ai_fraction", "n"}, ...]`` — the points of a reliability diagram."""
+    y, p = score_arrays(labels, p_ai)
+    if y.size == 0:
+        return []
+    order = np.argsort(p, kind="stable")
+    return [{"p_mean": float(p[b].mean()), "ai_fraction": float(y[b].mean()), "n": int(b.size)}
+            for b in np.array_split(order, min(n_bins, y.size))]
+
+
+def ece(labels, p_ai, n_bins: int = ECE_BINS) -> float | None:
+    """Expected calibration error of ``p_ai`` as P(ai), ``n_bins`` equal-mass bins:
+    ``sum_b n_b / n * |mean(y)_b - mean(p)_b|``. None on an empty set."""
+    bins = reliability_bins(labels, p_ai, n_bins)
+    n = sum(b["n"] for b in bins)
+    return sum(b["n"] / n * abs(b["ai_fraction"] - b["p_mean"]) for b in bins) if n else None
+
+
+def brier(labels, p_ai) -> float | None:
+    """Mean squared error of ``p_ai`` against the label. None on an empty set."""
+    y, p = score_arrays(labels, p_ai)
+    return float(np.mean((p - y) ** 2)) if y.size else None
+
+
+def tpr_at_fpr(labels, scores, target_fpr: float) -> float | None:
+    """The largest share of AI images caught by a threshold that calls at most ``target_fpr`` of the
+    real images AI (on this set). None unless both classes are present."""
+    y, s = score_arrays(labels, scores)
+    if not both_classes(y):
+        return None
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    return float(tpr[fpr <= target_fpr + 1e-12].max())
+
+
+def eer(labels, scores) -> float | None:
+    """Equal error rate: where the false-positive rate equals the false-negative rate (linear
+    interpolation between the two ROC points that straddle it). None unless both classes are present."""
+    y, s = score_arrays(labels, scores)
+    if not both_classes(y):
+        return None
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    d = (1.0 - tpr) - fpr  # decreasing from 1 to -1 along the curve
+    i = int(np.argmax(d <= 0))
+    if i == 0:
+        return float(fpr[0])
+    t = d[i - 1] / (d[i - 1] - d[i])
+    return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
+
+
+def calibration_metrics(labels, p_ai) -> dict:
+    """The evaluate JSON's calibration keys: ece, brier, tpr_at_fpr_1pct, tpr_at_fpr_5pct, eer."""
+    return {"ece": ece(labels, p_ai), "brier": brier(labels, p_ai), "tpr_at_fpr_1pct": tpr_at_fpr(labels, p_ai, 0.01),
+            "tpr_at_fpr_5pct": tpr_at_fpr(labels, p_ai, 0.05), "eer": eer(labels, p_ai)}
+
+
+CALIBRATION_KEYS = ("ece", "brier", "tpr_at_fpr_1pct", "tpr_at_fpr_5pct", "eer")
 
 
 def _num(x: float) -> float | None:
@@ -58,7 +130,7 @@ def _ratio(num: int, den: int) -> float | None:
 def binary_metrics(labels: Sequence[int] | np.ndarray, p_ai: Sequence[float] | np.ndarray,
                    threshold: float = 0.5) -> dict:
     """Accuracy, precision, recall, F1, ROC-AUC, AP, real/fake accuracy, n, the confusion matrix, and
-    the calibration and operating-point figures of :func:`fakescope.calibration.calibration_metrics`
+    the calibration and operating-point figures of :func:`calibration_metrics`
     (ECE over 15 equal-mass bins, Brier score, TPR at FPR 1 % and 5 %, EER; ``None`` with one class
     only, like ROC-AUC).
 
@@ -67,7 +139,7 @@ def binary_metrics(labels: Sequence[int] | np.ndarray, p_ai: Sequence[float] | n
     ``[[tn, fp], [fn, tp]]``. With one class only, precision, F1, ROC-AUC and AP are ``None``.
     """
     y, p = _check_inputs(labels, p_ai)
-    threshold = check_threshold(threshold)
+    threshold = parsing.check_threshold(threshold)
     pred = p >= threshold
     n = int(y.size)
     out: dict = {k: None for k in METRIC_KEYS}
@@ -98,7 +170,7 @@ class DetectionMetrics:
     """Accumulates ``(labels, p_ai, generators)`` batches; ``compute()`` gives overall and per generator."""
 
     def __init__(self, threshold: float = 0.5) -> None:
-        self.threshold = check_threshold(threshold)
+        self.threshold = parsing.check_threshold(threshold)
         self.reset()
 
     def reset(self) -> None:

@@ -32,7 +32,7 @@ IPTC_DST = "http://cv.iptc.org/newscodes/digitalsourcetype/"
 AI_SOURCE_TYPES = {"trainedAlgorithmicMedia", "compositeWithTrainedAlgorithmicMedia", "algorithmicMedia",
                    "compositeSynthetic"}
 # generator names as they appear in EXIF Software / C2PA claim generators (lower case, word-bounded)
-GENERATOR_NAMES = ("stable diffusion", "stable-diffusion", "automatic1111", "comfyui", "invokeai", "fooocus",
+GENERATOR_SOFTWARE = ("stable diffusion", "stable-diffusion", "automatic1111", "comfyui", "invokeai", "fooocus",
                    "novelai", "midjourney", "dall-e", "dall·e", "dalle", "openai", "chatgpt", "firefly",
                    "bing image creator", "image creator", "imagen", "gemini", "leonardo", "ideogram", "flux",
                    "sdxl", "dreamstudio", "nightcafe", "craiyon", "kandinsky", "runway", "playground", "krea")
@@ -56,7 +56,7 @@ def _short(s: str, n: int = TEXT_PREVIEW) -> str:
 
 def _generator_in(text: str) -> str | None:
     t = text.lower()
-    for name in GENERATOR_NAMES:
+    for name in GENERATOR_SOFTWARE:
         if re.search(rf"(?<![a-z0-9]){re.escape(name)}(?![a-z0-9])", t):
             return name
     return None

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from fakescope import __version__
-from fakescope.errors import CheckpointError
+from fakescope.errors import CheckpointError, FakescopeError
 from fakescope.utils import write_json
 
 RUN_FORMAT = 1
@@ -79,3 +79,29 @@ def read_config(run_dir: str | os.PathLike) -> dict:
                               f"(run format {cfg.get('format')}); this fakescope {__version__} reads run format "
                               f"{RUN_FORMAT}: retrain, or use the fakescope version that wrote it")
     return cfg
+
+
+def calibration_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CALIBRATION
+
+
+def write_calibration_json(run_dir: str | os.PathLike, calibration: dict) -> Path:
+    """Write ``RUN/calibration.json`` atomically (``calibration``: ``Calibration.to_dict()``)."""
+    path = calibration_path(run_dir)
+    write_json(path, calibration)
+    return path
+
+
+def read_calibration_json(run_dir: str | os.PathLike) -> dict | None:
+    """``RUN/calibration.json`` as a dict, or None when the run has not been calibrated; a file that is not
+    a JSON object is a :class:`FakescopeError` saying how to fix it."""
+    path = calibration_path(run_dir)
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FakescopeError(f"{path} is not valid JSON ({e}); run `fakescope calibrate` again or delete it") from None
+    if not isinstance(d, dict):
+        raise FakescopeError(f"{path} is not a fakescope calibration; run `fakescope calibrate` again or delete it")
+    return d

@@ -22,19 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fakescope import validate
+from fakescope import parsing
 from fakescope.errors import FakescopeError
 
 NORMS: tuple[str, ...] = ("linf", "l2")
 LOSSES: tuple[str, ...] = ("bce", "margin")
-
-
-def check_threshold(threshold) -> float:
-    """The one threshold rule (:func:`fakescope.validate.threshold`), as an :class:`AttackError`."""
-    try:
-        return validate.threshold(threshold)
-    except ValueError as e:
-        raise AttackError(str(e)) from None
 
 
 class AttackError(FakescopeError, ValueError):
@@ -154,7 +146,7 @@ class Attack:
             raise AttackError(f"expected seed to be an integer, got {seed!r}")
         self.model = model
         self.seed = int(seed)
-        self.threshold = check_threshold(threshold)
+        self.threshold = parsing.check_threshold(threshold)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fakescope.attacks.base import Attack, AttackError, check_eps, check_threshold, eval_mode, l2_norms
+from fakescope import parsing
+from fakescope.attacks.base import Attack, AttackError, check_eps, eval_mode, l2_norms
 from fakescope.choices import ATTACK_DIRECTIONS, ONE_CLASS_DIRECTIONS
 from fakescope.progress import progress
 
@@ -146,7 +147,7 @@ def robustness(model: nn.Module, batches: Iterable[tuple], *, attack: str,
     eps_values = [check_eps(e, cls.norm) for e in eps_list]
     if not eps_values:
         raise AttackError("expected at least one eps in eps_list, got an empty list")
-    threshold = check_threshold(threshold)
+    threshold = parsing.check_threshold(threshold)
     if isinstance(max_examples, bool) or not isinstance(max_examples, numbers.Integral) or max_examples < 0:
         raise AttackError(f"expected max_examples to be an integer >= 0, got {max_examples!r}")
     options = dict(attack_options or {})

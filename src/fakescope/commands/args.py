@@ -1,6 +1,6 @@
 """Argument types and option groups shared by the command modules.
 
-The checks themselves live in :mod:`fakescope.validate` (configuration files use the same ones);
+The checks themselves live in :mod:`fakescope.parsing` (configuration files use the same ones);
 here they only become argparse types."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from fakescope import validate
+from fakescope import parsing
 from fakescope.choices import GEOMETRIES, PRECISIONS
 from fakescope.options import RuntimeOptions
 
@@ -21,7 +21,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def argtype(check: Callable, name: str) -> Callable:
-    """A :mod:`fakescope.validate` check as an argparse type (its ValueError becomes the usage error)."""
+    """A :mod:`fakescope.parsing` check as an argparse type (its ValueError becomes the usage error)."""
 
     def convert(s: str):
         try:
@@ -33,14 +33,14 @@ def argtype(check: Callable, name: str) -> Callable:
     return convert
 
 
-threshold = argtype(validate.threshold, "threshold")
-number = argtype(validate.number, "number")
-fraction = argtype(validate.fraction, "fraction")
-confidence = argtype(validate.confidence, "confidence")
-positive_int = argtype(validate.positive_int, "positive_int")
-nonneg_int = argtype(validate.nonneg_int, "nonneg_int")
-quality = argtype(validate.quality, "quality")
-csv = argtype(validate.csv, "csv")
+threshold = argtype(parsing.threshold, "threshold")
+number = argtype(parsing.number, "number")
+fraction = argtype(parsing.fraction, "fraction")
+confidence = argtype(parsing.confidence, "confidence")
+positive_int = argtype(parsing.positive_int, "positive_int")
+nonneg_int = argtype(parsing.nonneg_int, "nonneg_int")
+quality = argtype(parsing.quality, "quality")
+csv = argtype(parsing.csv, "csv")
 
 
 def add_runtime(p: argparse.ArgumentParser) -> None:
@@ -119,11 +119,11 @@ def add_backbone_options(g) -> None:
     fr.add_argument("--finetune", dest="freeze", action="store_false", help="train the backbone too")
 
 
-def model_options(args: argparse.Namespace) -> dict:
+def model_options_from_args(args: argparse.Namespace) -> dict:
     """The model options the command line set (only those: a configuration file's own options stay
-    unless a flag overrides them), normalised by :func:`fakescope.study.config.model_options`, the one
+    unless a flag overrides them), normalised by :func:`fakescope.study.config.normalise_model_options`, the one
     helper that configuration files use too (``pretrained_file`` made absolute, ``~`` expanded)."""
-    from fakescope.study.config import model_options as normalise
+    from fakescope.study.config import normalise_model_options as normalise
 
     return normalise(pretrained=False if getattr(args, "no_pretrained", False) else None,
                      pretrained_file=getattr(args, "pretrained_file", None), freeze=getattr(args, "freeze", None),

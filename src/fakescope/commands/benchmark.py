@@ -121,7 +121,7 @@ def run(args) -> int:
     from fakescope.study import run_benchmark
 
     base, over = study_options(args)
-    gopts = a.model_options(args)
+    gopts = a.model_options_from_args(args)
     if gopts:
         over["model_options"] = {**(base.get("model_options") or {}), **gopts}
     if args.models:

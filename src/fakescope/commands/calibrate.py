@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from fakescope.commands import args as a
-from fakescope.validate import DEFAULT_CONFIDENCE
+from fakescope.parsing import DEFAULT_CONFIDENCE
 
 
 def add_parser(sub):

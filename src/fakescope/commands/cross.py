@@ -31,7 +31,7 @@ def run(args) -> int:
     base, over = study_options(args)
     file_models = base.get("models")
     entry = dict((file_models.get(args.model) or {}) if isinstance(file_models, dict) else {})
-    entry.update(a.model_options(args))  # a label of the file's models keeps its options; flags win
+    entry.update(a.model_options_from_args(args))  # a label of the file's models keeps its options; flags win
     over["models"] = {args.model: entry}
     over.pop("leave_one_out", None)
     result = run_cross(base, args.model, leave_one_out=args.leave_one_out, **over)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fakescope import validate
+from fakescope import parsing
 from fakescope.choices import LR_SCHEDULES, TASKS
 from fakescope.commands import args as a
 from fakescope.data.transforms import Augment
@@ -81,7 +81,7 @@ _RENAMED = {"workers": "num_workers", "no_cache": "use_cache"}
 
 def _range(flag: str, s: str, kind) -> tuple:
     try:
-        return validate.value_range(s, kind)
+        return parsing.value_range(s, kind)
     except ValueError as e:
         raise FakescopeError(f"{flag}: {e}") from None
 
@@ -117,7 +117,7 @@ def _given(args) -> dict:
     if any(getattr(args, f) is not None for f in _AUG):
         out["augment"] = _augment(args)
     if any(getattr(args, f) is not None for f in _MODEL):
-        out["model_options"] = a.model_options(args)
+        out["model_options"] = a.model_options_from_args(args)
     if "data" in out:
         out["data"] = a.data_option(out["data"])  # --data given several times: a list of roots
     out["device"] = args.device or _DEFAULTS["device"]
@@ -144,7 +144,7 @@ def run(args) -> int:
             task=full.task, test_geometry=full.test_geometry,
             seed=full.seed, val_fraction=full.val_fraction, limit=full.limit, native_size=full.native_size,
             jpeg_align=full.jpeg_align, augment=_augment(args),
-            model_options=a.model_options(full), device=full.device,
+            model_options=a.model_options_from_args(full), device=full.device,
             precision=full.precision, use_cache=not full.no_cache, cache_dir=full.cache_dir,
             adv_train=full.adv_train, adv_eps=full.adv_eps, adv_steps=full.adv_steps, adv_mix=full.adv_mix,
             strict=full.strict, num_workers=full.workers, max_pixels=full.max_pixels, compile=full.compile,

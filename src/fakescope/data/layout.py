@@ -54,7 +54,7 @@ def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "", name.lower())
 
 
-GENERATOR_NAMES: dict[str, str] = {_key(a): canon for canon, names in _ALIASES.items() for a in names}
+GENERATOR_ALIASES: dict[str, str] = {_key(a): canon for canon, names in _ALIASES.items() for a in names}
 """Normalised folder name -> canonical generator name (GenImage's eight generators)."""
 
 EXPECTED_LAYOUTS = (
@@ -66,7 +66,7 @@ EXPECTED_LAYOUTS = (
 
 def canonical_generator(folder: str) -> str | None:
     """GenImage folder name -> canonical name (``sd14``, ``biggan``...), or None if unknown."""
-    return GENERATOR_NAMES.get(_key(folder))
+    return GENERATOR_ALIASES.get(_key(folder))
 
 
 def _subdirs(path: str) -> dict[str, str]:

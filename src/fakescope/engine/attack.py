@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fakescope import validate
+from fakescope import parsing
 from fakescope.data.dataset import ImageDataset, make_loader
 from fakescope.data.layout import index_root, limit_per_class
 from fakescope.engine.evaluation import prepare
@@ -25,7 +25,7 @@ from fakescope.engine.infer import forward_logits
 from fakescope.engine.runtime import Precision, Runtime, resolve_precision
 from fakescope.errors import FakescopeError
 from fakescope.options import RuntimeOptions
-from fakescope.validate import checked
+from fakescope.parsing import checked
 
 BATCH_SIZE = 64
 """Images per attack batch when the runtime options set none (``attack``'s default)."""
@@ -118,7 +118,7 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
     from fakescope.calibration import resolve_decision
 
     if threshold is not None:
-        threshold = checked("threshold", threshold, validate.threshold, source="attack_run")
+        threshold = checked("threshold", threshold, parsing.threshold, source="attack_run")
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     raw_threshold = decision.raw_threshold()
     options = replace(runtime_options if runtime_options is not None else RuntimeOptions(), compile=False)

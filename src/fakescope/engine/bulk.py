@@ -451,15 +451,15 @@ def predict_to_folder(run_dir, out_dir, paths: Iterable[str] = (), *, files_from
     The rows hold what :func:`~fakescope.engine.evaluation.predict_paths` reports for the same files
     (``p_ai`` unrounded), plus ``width``, ``height``, ``format`` and ``bytes``; its options mean the same
     (``runtime_options`` too, default ``predict``'s: see :func:`~fakescope.engine.evaluation.predict_paths`)."""
-    from fakescope import validate
+    from fakescope import parsing
     from fakescope.calibration import resolve_decision
     from fakescope.engine.predictor import Predictor
-    from fakescope.validate import checked
+    from fakescope.parsing import checked
 
     if engine not in ENGINES:
         raise FakescopeError(f"expected --engine to be one of {', '.join(ENGINES)}, got {engine!r}")
     if threshold is not None:
-        threshold = checked("threshold", threshold, validate.threshold, source="predict_to_folder")
+        threshold = checked("threshold", threshold, parsing.threshold, source="predict_to_folder")
     if shard_size < 1:
         raise FakescopeError(f"expected --shard-size to be a positive integer, got {shard_size}")
     paths = list(paths)

@@ -133,13 +133,13 @@ def build_model(config: dict):
     """Rebuild the model described by a run config (an attribution run's head with one output per
     class), without downloading pretrained weights."""
     from fakescope.errors import FakescopeError
-    from fakescope.models import create_model, model_options
+    from fakescope.models import accepted_options, create_model
 
     m = config["model"]
     options = dict(m.get("options") or {})
     options.pop("pretrained_file", None)
     try:
-        if "pretrained" in model_options(m["name"]):
+        if "pretrained" in accepted_options(m["name"]):
             options["pretrained"] = False  # the weights come from the run
         else:
             options.pop("pretrained", None)  # fakescope 0.1.0's train command recorded it for every model

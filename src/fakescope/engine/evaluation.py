@@ -10,15 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fakescope import validate
-from fakescope.calibration import (
-    INTERVAL_CONFIDENCE,
-    calibration_metrics,
-    check_promise,
-    error_rates,
-    resolve_decision,
-    same_set,
-)
+from fakescope import parsing
+from fakescope.calibration import check_promise, resolve_decision, same_set
 from fakescope.data.io import list_images
 from fakescope.data.layout import index_root
 from fakescope.data.transforms import Pipeline, parse_degradations
@@ -27,8 +20,10 @@ from fakescope.engine.checkpoint import load_run
 from fakescope.engine.infer import evaluate_index, score_variants
 from fakescope.engine.onnx_backend import OnnxDetector, score_files_onnx
 from fakescope.errors import FakescopeError
+from fakescope.intervals import INTERVAL_CONFIDENCE, error_rates
+from fakescope.metrics import calibration_metrics
 from fakescope.options import PREDICT_MAX_FILE_SIZE, RuntimeOptions
-from fakescope.validate import checked
+from fakescope.parsing import checked
 
 
 def native_size_for(config: dict, override: str | int | None) -> int | None:
@@ -97,7 +92,7 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     overall and per generator. At the run's own calibrated threshold, ``guarantee_check`` compares the
     real images with the calibration's false-positive target (:func:`promise_check`; None otherwise)."""
     if threshold is not None:
-        threshold = checked("threshold", threshold, validate.threshold, source="evaluate_run")
+        threshold = checked("threshold", threshold, parsing.threshold, source="evaluate_run")
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     try:
         degradations = parse_degradations(degrade)
@@ -190,7 +185,7 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
     workers, image limits, thread cap, compile; the feature cache is never used."""
     options = runtime_options if runtime_options is not None else RuntimeOptions(max_file_size=PREDICT_MAX_FILE_SIZE)
     if threshold is not None:
-        threshold = checked("threshold", threshold, validate.threshold, source="predict_paths")
+        threshold = checked("threshold", threshold, parsing.threshold, source="predict_paths")
     if backend not in ("torch", "onnxruntime"):
         raise FakescopeError(f"expected --backend torch or onnxruntime, got {backend!r}")
     decision = resolve_decision(run_dir, threshold, uncalibrated)

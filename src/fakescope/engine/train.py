@@ -31,8 +31,8 @@ from fakescope.data.layout import carve_validation, data_roots, index_root, limi
 from fakescope.data.transforms import Augment, Pipeline
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
+from fakescope.engine.hyperparams import Schedule, apply_recipe
 from fakescope.engine.infer import attribution_labels, forward_logits
-from fakescope.engine.recipe import Schedule, apply_recipe
 from fakescope.engine.runtime import Precision
 from fakescope.engine.sources import Source, SourceOptions, make_source, on_features, shard_order
 from fakescope.errors import CheckpointError, DataError, FakescopeError
@@ -82,7 +82,7 @@ class TrainOptions:
     recipe: dict = field(default_factory=dict)
     paired: bool | None = None
     """``batch_size``, ``lr``, ``lr_schedule`` (with ``schedule``, its parameters), ``betas`` and
-    ``augment`` left as None take the model's recipe (:func:`fakescope.engine.recipe.apply_recipe`);
+    ``augment`` left as None take the model's recipe (:func:`fakescope.engine.hyperparams.apply_recipe`);
     ``recipe`` then records where they came from. ``task``: ``binary`` (ai vs nature) or
     ``attribution`` (one class per generator plus nature). ``test_geometry``: the run's test-time
     geometry (default: the model's); crop geometries also train on crops at native pixel scale.

@@ -38,7 +38,7 @@ def _registered(name: str) -> str:
     return "timm" if name.startswith(TIMM_PREFIX) else name
 
 
-def model_options(name: str) -> tuple[str, ...]:
+def accepted_options(name: str) -> tuple[str, ...]:
     """The options model ``name`` accepts (``create_model`` refuses any other)."""
     check_model_name(name)
     return _OPTIONS[_registered(name)]
@@ -61,7 +61,7 @@ def check_model_name(name: str) -> str:
 
 def create_model(name: str, **options):
     """Build the detector registered as ``name`` (or ``timm:<backbone>``) with ``options``."""
-    accepted = model_options(name)
+    accepted = accepted_options(name)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise FakescopeError(f"model {name!r} takes no option {', '.join(map(repr, unknown))}: expected options "

@@ -172,7 +172,8 @@ def write_calibration_files(run_dir: str | os.PathLike, calibration) -> dict:
     """Store a :class:`fakescope.calibration.Calibration` in its run: ``calibration.json`` (atomic), and
     nothing else (the caller refreshes the model card, :func:`fakescope.report.model_card.refresh_model_card`,
     which reads only the run's files). Returns its path (rank 0 writes; the others only get the path)."""
-    from fakescope.calibration import calibration_path, write_calibration
+    from fakescope.calibration import write_calibration
+    from fakescope.runfiles import calibration_path
 
     paths = {"calibration": str(calibration_path(run_dir))}
     if ranks.is_main():

@@ -51,9 +51,9 @@ every evaluation, attack and precision check whose key is unchanged (:mod:`fakes
 
 from fakescope.study.benchmark import CONFIG_FILE, run_benchmark
 from fakescope.study.benchmark_report import RESULTS, write_benchmark_report
-from fakescope.study.config import BenchmarkConfig, ModelSpec, load_config_file, make_config, model_options
+from fakescope.study.config import BenchmarkConfig, ModelSpec, load_config_file, make_config, normalise_model_options
 from fakescope.study.cross import run_cross
 from fakescope.study.stats import aggregate, summarize
 
 __all__ = ["CONFIG_FILE", "RESULTS", "BenchmarkConfig", "ModelSpec", "aggregate", "load_config_file", "make_config",
-           "model_options", "run_benchmark", "run_cross", "summarize", "write_benchmark_report"]
+           "normalise_model_options", "run_benchmark", "run_cross", "summarize", "write_benchmark_report"]

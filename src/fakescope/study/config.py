@@ -1,7 +1,7 @@
 """The benchmark's configuration: a mapping (from YAML, TOML or JSON, or built by the CLI) checked
 into a :class:`BenchmarkConfig`.
 
-Every value is checked with the command line's own rules (:mod:`fakescope.validate`): ``lr: 1e-3``,
+Every value is checked with the command line's own rules (:mod:`fakescope.parsing`): ``lr: 1e-3``,
 which YAML reads as a string, is the number 0.001; ``threshold: 1.5`` is a one-line error naming the
 key (``benchmark config: threshold: expected a threshold in [0, 1], got 1.5``).
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from fakescope import validate
+from fakescope import parsing
 from fakescope.attacks import ATTACKS
 from fakescope.choices import ATTACK_DIRECTIONS, GEOMETRIES, LR_SCHEDULES, PRECISIONS, TASKS
 from fakescope.data.io import list_images
@@ -72,7 +72,7 @@ class BenchmarkConfig:
     split: str = "val"
     threshold: float | None = None   # None: each run's calibrated threshold, else 0.5
     calibrate: float | None = None   # target FPR: calibrate every run on its own held-out training images
-    calibrate_confidence: float = validate.DEFAULT_CONFIDENCE  # of that FPR promise (0: empirical quantile, no promise)
+    calibrate_confidence: float = parsing.DEFAULT_CONFIDENCE  # of that FPR promise (0: empirical quantile, no promise)
     gallery: bool = True             # Grad-CAM overlays of a few right and wrong examples (first seed)
     degrade: list[str] = field(default_factory=list)
     jpeg_align: int | None = None
@@ -118,7 +118,7 @@ class BenchmarkConfig:
 FIELDS = {f.name for f in fields(BenchmarkConfig)}
 
 
-# --- value checks (the command line's rules, from fakescope.validate) --------------------------------
+# --- value checks (the command line's rules, from fakescope.parsing) --------------------------------
 
 def _optional(check: Callable) -> Callable:
     return lambda v: None if v is None else check(v)
@@ -139,14 +139,14 @@ def _string(v) -> str:
 
 
 def _positive_number(v) -> float:
-    x = validate.number(v)
+    x = parsing.number(v)
     if not x > 0:
         raise ValueError(f"expected a number > 0, got {v!r}")
     return x
 
 
 def _target_fpr(v) -> float:
-    x = validate.fraction(v)
+    x = parsing.fraction(v)
     if x >= 1.0:
         raise ValueError(f"expected a target false-positive rate in [0, 1), got {v}")
     return x
@@ -156,31 +156,31 @@ def _native_size(v) -> str:
     if v in ("auto", "off"):
         return v
     try:
-        return str(validate.positive_int(v))
+        return str(parsing.positive_int(v))
     except ValueError:
         raise ValueError(f"expected auto, off or a positive integer, got {v!r}") from None
 
 
 def _eps(v) -> float:
-    x = validate.number(v)
+    x = parsing.number(v)
     if not 0 <= x <= 1:
         raise ValueError(f"expected a number in [0, 1], got {v!r}")
     return x
 
 
 def _positive_ints(v) -> list[int]:
-    items = validate.csv(v) if isinstance(v, str) else v
+    items = parsing.csv(v) if isinstance(v, str) else v
     if not isinstance(items, (list, tuple)) or not items:
         raise ValueError(f"expected a list of positive integers like [32, 64, 128], got {v!r}")
-    return [validate.positive_int(x) for x in items]
+    return [parsing.positive_int(x) for x in items]
 
 
 def _seeds(v) -> list[int]:
-    items = [v] if isinstance(v, int) and not isinstance(v, bool) else validate.csv(v) if isinstance(v, str) else v
+    items = [v] if isinstance(v, int) and not isinstance(v, bool) else parsing.csv(v) if isinstance(v, str) else v
     if not isinstance(items, (list, tuple)):
         raise ValueError(f"expected integer seeds like [42, 43], got {v!r}")
     try:
-        seeds = [validate.integer(s) for s in items]
+        seeds = [parsing.integer(s) for s in items]
     except ValueError:
         raise ValueError(f"expected integer seeds like [42, 43], got {v!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
@@ -203,13 +203,13 @@ def _data(v) -> str | list[str]:
 def _names(v) -> list[str]:
     if isinstance(v, (list, tuple)):
         v = [str(x) for x in v]
-    return validate.csv(v)
+    return parsing.csv(v)
 
 
-_AUGMENT = {"jpeg_prob": validate.fraction, "jpeg_quality": lambda v: validate.value_range(v, validate.quality),
-            "blur_prob": validate.fraction, "blur_sigma": lambda v: validate.value_range(v, validate.number),
-            "crop": validate.fraction, "flip": validate.boolean, "native_crop": validate.boolean,
-            "scale": lambda v: _scale_range(validate.value_range(v, validate.number))}
+_AUGMENT = {"jpeg_prob": parsing.fraction, "jpeg_quality": lambda v: parsing.value_range(v, parsing.quality),
+            "blur_prob": parsing.fraction, "blur_sigma": lambda v: parsing.value_range(v, parsing.number),
+            "crop": parsing.fraction, "flip": parsing.boolean, "native_crop": parsing.boolean,
+            "scale": lambda v: _scale_range(parsing.value_range(v, parsing.number))}
 
 
 def _scale_range(r: tuple) -> tuple:
@@ -218,37 +218,37 @@ def _scale_range(r: tuple) -> tuple:
     return r
 
 TOP_LEVEL: dict[str, Callable] = {
-    "data": _data, "out": _string, "seeds": _seeds, "epochs": validate.positive_int,
-    "batch_size": _optional(validate.positive_int), "lr": _optional(_positive_number),
+    "data": _data, "out": _string, "seeds": _seeds, "epochs": parsing.positive_int,
+    "batch_size": _optional(parsing.positive_int), "lr": _optional(_positive_number),
     "lr_schedule": _optional(_choice(*LR_SCHEDULES)),
     "task": _choice(*TASKS), "test_geometry": _optional(_choice(*GEOMETRIES)),
-    "patience": validate.nonneg_int, "val_fraction": validate.fraction, "limit": _optional(validate.positive_int),
-    "native_size": _native_size, "split": _choice("train", "val"), "threshold": _optional(validate.threshold),
-    "calibrate": _optional(_target_fpr), "calibrate_confidence": validate.confidence, "gallery": validate.boolean,
-    "jpeg_align": _optional(validate.quality), "jpeg_align_train": validate.boolean,
-    "precision_check": validate.boolean, "leave_one_out": validate.boolean, "device": _string,
-    "precision": _choice(*PRECISIONS), "eval_batch_size": validate.positive_int,
-    "workers": _optional(validate.nonneg_int), "cache_dir": _optional(_string), "use_cache": validate.boolean,
-    "max_pixels": _optional(validate.positive_int), "sample_per_class": validate.nonneg_int,
-    "force": validate.boolean, "report": validate.boolean, "real_photos": _optional(_string),
-    "paired": _optional(validate.boolean),
+    "patience": parsing.nonneg_int, "val_fraction": parsing.fraction, "limit": _optional(parsing.positive_int),
+    "native_size": _native_size, "split": _choice("train", "val"), "threshold": _optional(parsing.threshold),
+    "calibrate": _optional(_target_fpr), "calibrate_confidence": parsing.confidence, "gallery": parsing.boolean,
+    "jpeg_align": _optional(parsing.quality), "jpeg_align_train": parsing.boolean,
+    "precision_check": parsing.boolean, "leave_one_out": parsing.boolean, "device": _string,
+    "precision": _choice(*PRECISIONS), "eval_batch_size": parsing.positive_int,
+    "workers": _optional(parsing.nonneg_int), "cache_dir": _optional(_string), "use_cache": parsing.boolean,
+    "max_pixels": _optional(parsing.positive_int), "sample_per_class": parsing.nonneg_int,
+    "force": parsing.boolean, "report": parsing.boolean, "real_photos": _optional(_string),
+    "paired": _optional(parsing.boolean),
 }
 TRAINING: dict[str, Callable] = {
     **{k: TOP_LEVEL[k] for k in ("epochs", "batch_size", "lr", "lr_schedule", "patience", "val_fraction", "limit",
                                  "native_size", "precision", "task", "test_geometry", "paired")},
-    "adv_train": _optional(_choice("pgd", "fgsm")), "adv_eps": _eps, "adv_steps": validate.positive_int,
-    "adv_mix": validate.fraction,
+    "adv_train": _optional(_choice("pgd", "fgsm")), "adv_eps": _eps, "adv_steps": parsing.positive_int,
+    "adv_mix": parsing.fraction,
 }
 MODEL_OPTIONS: dict[str, Callable] = {
-    "pretrained": validate.boolean, "pretrained_file": _optional(_string), "freeze": _optional(validate.boolean),
-    "filters": _positive_ints, "hidden": validate.positive_int, "dropout": validate.fraction,
-    "input_size": validate.positive_int, "tiny": validate.boolean, "backbone": _string,
-    "stem_stride": lambda v: _choice(1, 2)(validate.positive_int(v)),
+    "pretrained": parsing.boolean, "pretrained_file": _optional(_string), "freeze": _optional(parsing.boolean),
+    "filters": _positive_ints, "hidden": parsing.positive_int, "dropout": parsing.fraction,
+    "input_size": parsing.positive_int, "tiny": parsing.boolean, "backbone": _string,
+    "stem_stride": lambda v: _choice(1, 2)(parsing.positive_int(v)),
 }
 
 
 def _check(key: str, value, check: Callable):
-    return validate.checked(key, value, check, source=SOURCE)
+    return parsing.checked(key, value, check, source=SOURCE)
 
 
 def check_augment(aug, key: str = "augment") -> dict | None:
@@ -263,7 +263,7 @@ def check_augment(aug, key: str = "augment") -> dict | None:
     return {k: _check(f"{key}.{k}", v, _AUGMENT[k]) for k, v in aug.items()}
 
 
-def model_options(options: dict | None = None, key: str | None = "model_options", **given) -> dict:
+def normalise_model_options(options: dict | None = None, key: str | None = "model_options", **given) -> dict:
     """Model options, checked, with ``None`` values dropped and ``pretrained_file`` resolved to an
     absolute path (``~`` expanded) the same way for ``train``, ``cross``, ``benchmark`` and
     configuration files: the one place where model options from a user are normalised. Errors name
@@ -275,7 +275,7 @@ def model_options(options: dict | None = None, key: str | None = "model_options"
     out = {}
     for k, v in opts.items():
         v = (_check(f"{key}.{k}", v, MODEL_OPTIONS[k]) if key is not None else
-             validate.checked("--" + k.replace("_", "-"), v, MODEL_OPTIONS[k], source="command line"))
+             parsing.checked("--" + k.replace("_", "-"), v, MODEL_OPTIONS[k], source="command line"))
         if v is not None:
             out[k] = v
     if out.get("pretrained_file"):
@@ -299,7 +299,7 @@ def _model_specs(models, global_options: dict) -> list[ModelSpec]:
     else:
         if not isinstance(models, (str, list, tuple)):
             raise FakescopeError(f"{SOURCE}: models: expected a list of names or a mapping, got {models!r}")
-        for m in validate.csv(models) if isinstance(models, str) else models:
+        for m in parsing.csv(models) if isinstance(models, str) else models:
             if isinstance(m, str):
                 entries.append((m, {}))
             elif isinstance(m, dict) and "name" in m:
@@ -326,13 +326,12 @@ def _model_specs(models, global_options: dict) -> list[ModelSpec]:
         given = {k: opts[k] for k in MODEL_KEYS if k in opts}
         if is_timm(name):
             given = {**global_options, **given}
-        options = model_options(given, key=f"models.{label}")
+        options = normalise_model_options(given, key=f"models.{label}")
         train = {k: _check(f"models.{label}.{k}", opts[k], TRAINING[k]) for k in TRAINING if k in opts}
         if "augment" in opts:
             train["augment"] = check_augment(opts["augment"], key=f"models.{label}.augment")
         specs.append(ModelSpec(label, name, options, train))
-    from fakescope.models import list_models
-    from fakescope.models import model_options as accepted_options
+    from fakescope.models import accepted_options, list_models
 
     known = set(list_models())
     for s in specs:
@@ -363,8 +362,8 @@ def check_attack(attack) -> dict:
     eps = a.get("eps", "0,1/255,2/255,4/255,8/255")
     a["eps"] = ",".join(str(e) for e in eps) if isinstance(eps, (list, tuple)) else str(eps)
     parse_eps(a["eps"], norm="l2" if a["name"] == "pgd-l2" else "linf")
-    a["steps"] = _check("attack.steps", a.get("steps", 10), validate.positive_int)
-    a["limit"] = _check("attack.limit", a.get("limit"), _optional(validate.positive_int))
+    a["steps"] = _check("attack.steps", a.get("steps", 10), parsing.positive_int)
+    a["limit"] = _check("attack.limit", a.get("limit"), _optional(parsing.positive_int))
     a["direction"] = _check("attack.direction", a.get("direction", "both"), _choice(*ATTACK_DIRECTIONS))
     if "precision" in a:
         a["precision"] = _check("attack.precision", a["precision"], _choice(*PRECISIONS))
@@ -422,7 +421,7 @@ def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> B
     gopts = d.pop("model_options", None) or {}
     if not isinstance(gopts, dict):
         raise FakescopeError(f"{SOURCE}: model_options: expected a mapping, got {gopts!r}")
-    gopts = model_options(gopts)
+    gopts = normalise_model_options(gopts)
     d["models"] = _model_specs(d.get("models"), gopts)
     d["model_options"] = gopts
     d.setdefault("seeds", [42])
@@ -435,7 +434,7 @@ def make_config(options: dict | BenchmarkConfig | None = None, **overrides) -> B
         raise FakescopeError(f"{SOURCE}: degrade: {e}") from None
     d["augment"] = check_augment(d.get("augment"))
     if "cross" in d and not isinstance(d["cross"], bool):
-        d["cross"] = _check("cross", d["cross"], lambda v: validate.boolean(v) if isinstance(v, str) and v.lower()
+        d["cross"] = _check("cross", d["cross"], lambda v: parsing.boolean(v) if isinstance(v, str) and v.lower()
                             in ("true", "false", "yes", "no", "on", "off") else _names(v))
     d["attack"] = check_attack(d.get("attack"))
     cfg = BenchmarkConfig(**d)

@@ -11,7 +11,7 @@ import numbers
 from collections.abc import Callable
 from fractions import Fraction
 
-from fakescope.errors import FakescopeError
+from fakescope.errors import ArgumentError, FakescopeError
 
 
 def number(v) -> float:
@@ -43,6 +43,15 @@ def threshold(v) -> float:
     if not 0.0 <= x <= 1.0:
         raise ValueError(f"expected a threshold in [0, 1], got {v}")
     return x
+
+
+def check_threshold(v) -> float:
+    """The library's one threshold check (metrics, attacks, decisions): :func:`threshold` raising
+    :class:`~fakescope.errors.ArgumentError` (a FakescopeError and a ValueError) instead of a bare ValueError."""
+    try:
+        return threshold(v)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
 
 
 def integer(v) -> int:
