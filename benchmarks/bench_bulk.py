@@ -63,10 +63,11 @@ def decode_only(run: Path, files: list[str]) -> float:
     import torch
 
     from fakescope.engine.bulk import decode_input
-    from fakescope.engine.evaluation import Predictor
+    from fakescope.engine.predictor import Predictor
+    from fakescope.options import RuntimeOptions
 
     torch.set_num_threads(1)
-    pipeline = Predictor(run, device="cpu", precision="fp32").pipeline
+    pipeline = Predictor(run, RuntimeOptions(device="cpu", precision="fp32")).pipeline
     t = time.perf_counter()
     for f in files:
         decode_input(f, pipeline)

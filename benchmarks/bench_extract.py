@@ -61,8 +61,8 @@ def main() -> None:
             bare.append(batches * args.batch_size / (time.perf_counter() - t))
             cache = wd / f"lib-cache-{rep}"
             t = time.perf_counter()
-            table, errors = extract_features(model, files, pipeline, device=dev, precision=prec,
-                                             batch_size=args.batch_size, cache_root=cache)
+            table, errors = extract_features(model, files, pipeline,
+                                             runtime.fixed(dev, prec, batch_size=args.batch_size, cache_dir=cache))
             lib.append(len(files) / (time.perf_counter() - t))
             assert not errors and table.shape[0] == len(files)
             shutil.rmtree(cache, ignore_errors=True)

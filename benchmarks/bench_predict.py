@@ -47,6 +47,7 @@ def main() -> None:
     from fakescope.data.io import list_images
     from fakescope.engine.evaluation import predict_paths, prepare
     from fakescope.engine.infer import default_batch_size
+    from fakescope.options import PREDICT_MAX_FILE_SIZE, RuntimeOptions
 
     with Workdir(args.workdir, args.keep) as wd:
         data = extract_cifake(wd, 20, args.images // 2)
@@ -62,20 +63,22 @@ def main() -> None:
                     os.link(f, many / str(k) / f.name)
             folders[f"real photos x{args.photo_copies} (300-5120 px)"] = (many, "off")
         rows = []
+        options = RuntimeOptions(device=args.device, max_file_size=PREDICT_MAX_FILE_SIZE)  # predict's defaults
         for label, (folder, native) in folders.items():
-            model, config, pipeline, dev, prec = prepare(run, device=args.device, native_size=native)
+            model, config, pipeline, rt = prepare(run, options, native_size=native)
+            dev, prec = rt.device, rt.precision
             files = list_images([folder])
             bs = default_batch_size(model.preprocess.input_size)
             ds = ImageDataset(files, pipeline, stage_only=False)
             items = [ds[i] for i in range(len(ds))]
             x = collate(items).image.float().div_(255)  # preloaded: decoded and resized, in memory
             bare_rate(model, x[:bs], prec, dev, bs)  # warm-up
-            predict_paths(run, [str(folder)], device=args.device, native_size=native)
+            predict_paths(run, [str(folder)], native_size=native, runtime_options=options)
             bare, pred = [], []
             for _ in range(args.reps):
                 bare.append(bare_rate(model, x, prec, dev, bs))
                 t = time.perf_counter()
-                out = predict_paths(run, [str(folder)], device=args.device, native_size=native)
+                out = predict_paths(run, [str(folder)], native_size=native, runtime_options=options)
                 pred.append(len(files) / (time.perf_counter() - t))
                 assert sum("p_ai" in r for r in out) == len(x)
             b, q = median(bare), median(pred)

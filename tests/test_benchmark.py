@@ -21,6 +21,7 @@ from fakescope.engine import runtime
 from fakescope.engine.evaluation import evaluate_run
 from fakescope.errors import FakescopeError
 from fakescope.metrics import METRIC_KEYS
+from fakescope.options import RuntimeOptions
 from fakescope.study.config import resolve_data
 from fakescope.study.runs import train_options
 
@@ -100,8 +101,9 @@ def test_results_structure(bench, env):
             assert set(pc) == {"skipped"} and "bf16 is not supported" in pc["skipped"]
         else:  # the same comparison by hand, from the evaluations in fp32 and bf16 of the first seed's run
             # (raw scores at the raw equivalent of the run's calibrated threshold: the same decisions)
-            p32, p16 = (evaluate_run(m["runs"][0]["dir"], cfg["data"], precision=name, num_workers=0,
-                                     use_cache=False)["scores"]["p_ai_raw"] for name in ("fp32", "bf16"))
+            p32, p16 = (evaluate_run(m["runs"][0]["dir"], cfg["data"],
+                                     runtime_options=RuntimeOptions(precision=name, num_workers=0, use_cache=False))
+                        ["scores"]["p_ai_raw"] for name in ("fp32", "bf16"))
             t = resolve_decision(m["runs"][0]["dir"]).raw_threshold()
             assert pc["n"] == 2 * 2 * VAL == len(p32) == len(p16)
             assert pc["agreement"] == pytest.approx(np.mean((p32 >= t) == (p16 >= t)), abs=1e-12)
@@ -123,7 +125,8 @@ def test_results_structure(bench, env):
 def test_numbers_equal_evaluate_json_of_the_runs(bench, env, tmp_path):
     cfg, res = bench
     for m in res["models"].values():
-        fresh = [evaluate_run(r["dir"], cfg["data"], precision="fp32", num_workers=0) for r in m["runs"]]
+        fresh = [evaluate_run(r["dir"], cfg["data"],
+                              runtime_options=RuntimeOptions(precision="fp32", num_workers=0)) for r in m["runs"]]
         for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
             vals = [f["overall"][key] for f in fresh]
             assert m["overall"][key]["values"] == pytest.approx(vals, abs=1e-12)
@@ -296,7 +299,8 @@ def test_cross_diagonal_equals_in_distribution(env, capsys):
         assert "cnn32" in Path(run).name and g in Path(run).name
         cfg_run = json.loads((Path(run) / "config.json").read_text())
         assert cfg_run["data"]["generators"] == [g]  # trained on that generator alone
-        ind = evaluate_run(run, cfg["data"], generators=[g], precision="fp32", num_workers=0)
+        ind = evaluate_run(run, cfg["data"], generators=[g],
+                           runtime_options=RuntimeOptions(precision="fp32", num_workers=0))
         assert res["matrix"][i][i] == pytest.approx(ind["overall"]["accuracy"], abs=1e-12)
         assert res["row_average"][i] == pytest.approx(np.mean(res["matrix"][i]))
     for suffix in (".json", ".md", ".png"):

@@ -250,11 +250,13 @@ RAY_SCRIPT = textwrap.dedent("""
         sys.exit(77)
     from fakescope.engine.bulk import predict_to_folder
     from fakescope.engine.ray_bulk import Scorer
+    from fakescope.options import PREDICT_MAX_FILE_SIZE, RuntimeOptions
     run, out, data, missing = sys.argv[1:5]
-    s = predict_to_folder(run, out, [data, missing], shard_size=40, engine="ray", device="cpu")
+    cpu = RuntimeOptions(device="cpu", max_file_size=PREDICT_MAX_FILE_SIZE)
+    s = predict_to_folder(run, out, [data, missing], shard_size=40, engine="ray", runtime_options=cpu)
     # the library entry point on images Ray decodes itself
     ds = ray.data.read_images(data + "/alpha/val/nature", mode="RGB", include_paths=True, file_extensions=["png"])
-    rows = ds.map_batches(Scorer, fn_constructor_kwargs={"run_dir": run, "device": "cpu"}, batch_size=16,
+    rows = ds.map_batches(Scorer, fn_constructor_kwargs={"run_dir": run, "runtime_options": cpu}, batch_size=16,
                           compute=ray.data.ActorPoolStrategy(size=1)).select_columns(["path", "p_ai", "verdict"])
     json.dump({"summary": s, "scorer": rows.to_pandas().to_dict("records")}, open(out + ".json", "w"))
 """)

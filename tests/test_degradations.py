@@ -19,6 +19,7 @@ from fakescope.data.layout import index_root
 from fakescope.engine.evaluation import evaluate_run, prepare
 from fakescope.engine.infer import evaluate_index
 from fakescope.engine.train import TrainOptions, train
+from fakescope.options import RuntimeOptions
 
 from synth import assert_close, make_pattern_root, quiet_single_thread
 
@@ -99,11 +100,12 @@ def test_evaluate_feeds_the_model_degraded_inputs(env, monkeypatch):
         return real(model, x, precision, device)
 
     monkeypatch.setattr(infer, "forward_scores", spy)
-    model, _, pipeline, dev, prec = prepare(env["run"], precision="fp32")
     index = index_root(env["data"]).select(None, "val")
     n = len(index)
-    res = evaluate_index(model, index, pipeline, device=dev, precision=prec, batch_size=n, num_workers=0,
-                         use_cache=False, degradations=[("jpeg", [100, 30]), ("blur", [0, 2]), ("resize", [1, 0.5])])
+    model, _, pipeline, rt = prepare(env["run"], RuntimeOptions(precision="fp32", batch_size=n, num_workers=0,
+                                                                use_cache=False))
+    res = evaluate_index(model, index, pipeline, rt,
+                         degradations=[("jpeg", [100, 30]), ("blur", [0, 2]), ("resize", [1, 0.5])])
     clean, *levels = seen
     assert len(levels) == 6 and all(x.shape == clean.shape for x in levels)
     for (kind, level), x in zip([("jpeg", 100), ("jpeg", 30), ("blur", 0), ("blur", 2), ("resize", 1),
@@ -215,7 +217,8 @@ def test_jpeg_align_gives_both_classes_the_same_encoding(env, monkeypatch):
 
 
 def test_jpeg_align_in_evaluate_and_train(env, tmp_path, monkeypatch):
-    res = evaluate_run(env["run"], env["data"], jpeg_align=70, precision="fp32", num_workers=0, use_cache=False)
+    res = evaluate_run(env["run"], env["data"], jpeg_align=70,
+                       runtime_options=RuntimeOptions(precision="fp32", num_workers=0, use_cache=False))
     assert res["data"]["jpeg_align"] == 70
     run = tmp_path / "aligned"
     train(TrainOptions(model="cnn32", data=str(env["data"]), generators=["checker"], epochs=1, num_workers=0,
@@ -224,7 +227,8 @@ def test_jpeg_align_in_evaluate_and_train(env, tmp_path, monkeypatch):
     calls: list[int] = []
     real = T.jpeg_encode
     monkeypatch.setattr(T, "jpeg_encode", lambda img, quality: calls.append(quality) or real(img, quality))
-    res = evaluate_run(run, env["data"], generators=["checker"], precision="fp32", num_workers=0, use_cache=False)
+    res = evaluate_run(run, env["data"], generators=["checker"],
+                       runtime_options=RuntimeOptions(precision="fp32", num_workers=0, use_cache=False))
     assert res["data"]["jpeg_align"] == 70  # an aligned run is evaluated aligned by default
     assert calls == [70] * res["overall"]["n"]
 

@@ -22,6 +22,7 @@ from fakescope.engine import runtime
 from fakescope.engine.checkpoint import load_run
 from fakescope.engine.evaluation import evaluate_run
 from fakescope.models import create_model
+from fakescope.options import RuntimeOptions
 
 from synth import assert_close, make_dataset
 
@@ -77,7 +78,8 @@ def test_two_ranks_train_and_evaluate_like_one_process(data, tmp_path, monkeypat
 
     monkeypatch.setenv("FAKESCOPE_CACHE_DIR", str(tmp_path / "cache1"))
     with cpu_threads(1):  # torchrun's ranks run one thread each (OMP_NUM_THREADS=1); results are bit-identical
-        one = evaluate_run(tmp_path / "run", data, degrade=["jpeg:50", "blur:1"], batch_size=4)  # at equal threads
+        one = evaluate_run(tmp_path / "run", data, degrade=["jpeg:50", "blur:1"],
+                           runtime_options=RuntimeOptions(batch_size=4))  # at equal threads
     r = _torchrun(tmp_path, "-m", "fakescope", "evaluate", tmp_path / "run", "--data", data, "--degrade", "jpeg:50",
                   "--degrade", "blur:1", "--batch-size", 4, "--json", tmp_path / "two.json", "--out", tmp_path / "ev2")
     assert r.stdout.count("results:") == 1
@@ -115,12 +117,13 @@ SCRIPT = textwrap.dedent('''
     res = {}
     for mode, root in (("shared", out / "shared"), ("per-rank", out / f"rank{r}"), ("memory", None)):
         calls.clear()
-        t, errors = F.extract_features(model, files, Pipeline(64, 32), device=torch.device("cpu"), precision=prec,
-                                       batch_size=4, num_workers=0, cache_root=root, use_cache=root is not None)
+        t, errors = F.extract_features(model, files, Pipeline(64, 32),
+                                       runtime.fixed("cpu", prec, batch_size=4, num_workers=0, cache_dir=root,
+                                                     use_cache=root is not None))
         res[mode] = (t.numpy(), sorted(errors), sum(calls))
     calls.clear()
-    t, _ = F.extract_features(model, files, Pipeline(64, 32), device=torch.device("cpu"), precision=prec,
-                              batch_size=4, num_workers=0, cache_root=out / f"rank{r}")
+    t, _ = F.extract_features(model, files, Pipeline(64, 32),
+                              runtime.fixed("cpu", prec, batch_size=4, num_workers=0, cache_dir=out / f"rank{r}"))
     assert sum(calls) == 0, "the per-rank caches were completed after the exchange"
     np.savez(out / f"rank{r}.npz", **{m: v[0] for m, v in res.items()},
              **{m + "_errors": np.array(v[1]) for m, v in res.items()},
@@ -144,9 +147,9 @@ def test_two_ranks_extract_features_like_one_process(data, tmp_path):
     index = index_root(data).select(None, "val")
     files = [index.abspath(i) for i in range(len(index))]
     with cpu_threads(1):
-        single, errors = F.extract_features(model, files, Pipeline(64, 32), device=torch.device("cpu"),
-                                            precision=runtime.Precision("fp32", None, False), batch_size=4,
-                                            num_workers=0, use_cache=False)
+        single, errors = F.extract_features(model, files, Pipeline(64, 32),
+                                            runtime.fixed("cpu", runtime.Precision("fp32", None, False),
+                                                          batch_size=4, num_workers=0, use_cache=False))
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
     for mode in ("shared", "per-rank", "memory"):
         for z in ranks:  # every rank holds every row, bit-identical to one process

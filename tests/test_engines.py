@@ -23,6 +23,7 @@ from fakescope.engine import runtime
 from fakescope.engine.attack import attack_run
 from fakescope.engine.evaluation import evaluate_run, predict_paths, prepare
 from fakescope.engine.train import TrainOptions, train
+from fakescope.options import RuntimeOptions
 from fakescope.report.artifacts import write_evaluation
 
 from synth import make_dataset, quiet_single_thread
@@ -53,7 +54,9 @@ def test_evaluating_and_writing_figures_leave_matplotlibs_backend_alone(env, tmp
         import fakescope.cli, fakescope.report.html, fakescope.report.plots, fakescope.study
         from fakescope.engine.evaluation import evaluate_run
         from fakescope.report.artifacts import write_evaluation
-        r = evaluate_run({str(env['run'])!r}, {str(env['data'])!r}, num_workers=0, degrade=["blur:1"])
+        from fakescope.options import RuntimeOptions
+        r = evaluate_run({str(env['run'])!r}, {str(env['data'])!r}, degrade=["blur:1"],
+                         runtime_options=RuntimeOptions(num_workers=0))
         write_evaluation(r, {str(tmp_path / 'a')!r})
         # nobody imported pyplot: nothing selected a backend
         assert "matplotlib.pyplot" not in sys.modules
@@ -92,7 +95,8 @@ def test_nonfinite_scores_are_listed_errors_and_never_json_nan(env, tmp_path, mo
         return logits
 
     monkeypatch.setattr(infer, "forward_logits", broken)
-    res = evaluate_run(env["run"], root, precision="fp32", num_workers=0, use_cache=False, degrade=["jpeg:50"])
+    res = evaluate_run(env["run"], root, degrade=["jpeg:50"],
+                       runtime_options=RuntimeOptions(precision="fp32", num_workers=0, use_cache=False))
     assert sorted(res["bad_files"]) == sorted([str(black), str(white)])
     for f in (white, black):
         assert res["bad_files"][str(f)] == "the model returned a non-finite score (nan) under clean, jpeg 50"
@@ -103,7 +107,8 @@ def test_nonfinite_scores_are_listed_errors_and_never_json_nan(env, tmp_path, mo
     assert _no_nan((tmp_path / "ev" / "metrics.json").read_text())["overall"]["n"] == 16
 
     other = sorted((root / "g" / "val" / "ai").glob("0*.png"))[0]
-    rows = predict_paths(env["run"], [str(white), str(other), str(black)], precision="fp32", num_workers=0)
+    rows = predict_paths(env["run"], [str(white), str(other), str(black)],
+                         runtime_options=RuntimeOptions(precision="fp32", num_workers=0))
     assert [("error" in r) for r in rows] == [True, False, True] and np.isfinite(rows[1]["p_ai"])
     assert main(["predict", str(env["run"]), str(white), str(other), str(black), "--format", "json",
                  "--precision", "fp32", "--workers", "0"]) == 0
@@ -129,8 +134,9 @@ def test_each_data_root_gets_its_own_evaluation_folder(env, tmp_path, capsys):
 
 def test_attack_judges_like_evaluate(env):
     """Default precision: the attack's clean accuracy is evaluate's accuracy on the same images."""
-    ev = evaluate_run(env["run"], env["data"], num_workers=0, use_cache=False)
-    res = attack_run(env["run"], env["data"], attack="fgsm", eps_list=[0, 2 / 255], num_workers=0)
+    ev = evaluate_run(env["run"], env["data"], runtime_options=RuntimeOptions(num_workers=0, use_cache=False))
+    res = attack_run(env["run"], env["data"], attack="fgsm", eps_list=[0, 2 / 255],
+                     runtime_options=RuntimeOptions(num_workers=0))
     bf16 = runtime.bf16_supported(torch.device("cpu"))
     assert res["precision"] == ev["precision"] == ("bf16" if bf16 else "fp32")
     assert res["attack_precision"] == "fp32"  # gradients in full precision unless asked otherwise
@@ -140,7 +146,8 @@ def test_attack_judges_like_evaluate(env):
     assert res["n"] == ev["overall"]["n"] and abs(res["clean_accuracy"] - ev["overall"]["accuracy"]) <= one
     assert abs(res["results"][0]["robust_accuracy"] - ev["overall"]["accuracy"]) <= one
     if bf16:
-        ex = attack_run(env["run"], env["data"], attack="fgsm", eps_list=[0], num_workers=0, precision="bf16")
+        ex = attack_run(env["run"], env["data"], attack="fgsm", eps_list=[0],
+                        runtime_options=RuntimeOptions(num_workers=0, precision="bf16"))
         assert (ex["precision"], ex["attack_precision"]) == ("bf16", "bf16")
 
 
@@ -150,8 +157,8 @@ def test_transfer_attack_crafts_on_the_source_runs_own_view(env, tmp_path, monke
                        model_options=TINY), src)
     import fakescope.engine.attack as A
 
-    src_model, _, src_pipe, _, _ = prepare(src, precision="fp32")
-    _, _, tgt_pipe, _, _ = prepare(env["run"], precision="fp32")
+    src_model, _, src_pipe, _ = prepare(src, RuntimeOptions(precision="fp32"))
+    _, _, tgt_pipe, _ = prepare(env["run"], RuntimeOptions(precision="fp32"))
     assert src_pipe.native_size == 16 and tgt_pipe != src_pipe
     index = index_root(env["data"]).select(None, "val")
     raw = [read_image(index.abspath(i)) for i in range(len(index))]
@@ -167,7 +174,7 @@ def test_transfer_attack_crafts_on_the_source_runs_own_view(env, tmp_path, monke
 
     monkeypatch.setattr(A, "forward_logits", spy)
     res = attack_run(env["run"], env["data"], attack="fgsm", eps_list=[0, 8 / 255], source=str(src),
-                     num_workers=0, precision="fp32")
+                     runtime_options=RuntimeOptions(num_workers=0, precision="fp32"))
     assert res["transfer"] is True and res["data"]["source_native_size"] == 16
     first = seen_by_source[0]  # FGSM's one gradient: at the clean images as the source run sees them
     want = torch.stack([src_pipe(img) for img in raw]).float() / 255

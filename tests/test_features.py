@@ -44,8 +44,8 @@ def _count_forwards(model):
 
 
 def _extract(model, files, root, pipeline=None, **kw):
-    return F.extract_features(model, files, pipeline or Pipeline(64, 32), device=CPU, precision=FP32,
-                              batch_size=8, num_workers=0, cache_root=root, **kw)
+    return F.extract_features(model, files, pipeline or Pipeline(64, 32),
+                              runtime.fixed(CPU, FP32, batch_size=8, num_workers=0, cache_dir=root, **kw))
 
 
 def test_feature_table_gathers_rows_across_sources():
@@ -184,10 +184,8 @@ def test_cached_scores_equal_streamed_scores(files, tmp_path):
     """The frozen path rounds live features to float16 exactly like the cache does."""
     model = _model()
     pl = Pipeline(64, 32)
-    cached, _ = score_files(model, files, pl, device=CPU, precision=FP32, batch_size=8, num_workers=0,
-                            cache_root=tmp_path)
-    streamed, _ = score_files(model, files, pl, device=CPU, precision=FP32, batch_size=8, num_workers=0,
-                              use_cache=False)
+    cached, _ = score_files(model, files, pl, runtime.fixed(CPU, FP32, batch_size=8, num_workers=0, cache_dir=tmp_path))
+    streamed, _ = score_files(model, files, pl, runtime.fixed(CPU, FP32, batch_size=8, num_workers=0, use_cache=False))
     np.testing.assert_allclose(cached, streamed, rtol=0, atol=1e-6)  # the head in another batch: no bit promise
 
 

@@ -16,6 +16,7 @@ from fakescope.engine.hyperparams import Schedule, apply_recipe
 from fakescope.errors import FakescopeError
 from fakescope.metrics import attribution_metrics
 from fakescope.models import create_model
+from fakescope.options import RuntimeOptions
 
 from synth import assert_close
 
@@ -279,9 +280,10 @@ def test_crops_score_the_same_from_the_feature_cache_and_streamed(pattern_root, 
     out = tmp_path / "frozen"
     train(TrainOptions(model="timm:resnet18", data=str(pattern_root), epochs=1, patience=0,
                        model_options={"pretrained": False, "input_size": 32}), out)
-    cached = evaluate_run(out, pattern_root, geometry="crops", precision="fp32")
-    streamed = evaluate_run(out, pattern_root, geometry="crops", precision="fp32", use_cache=False)
-    center = evaluate_run(out, pattern_root, geometry="center_crop", precision="fp32")
+    cached = evaluate_run(out, pattern_root, geometry="crops", runtime_options=RuntimeOptions(precision="fp32"))
+    streamed = evaluate_run(out, pattern_root, geometry="crops",
+                            runtime_options=RuntimeOptions(precision="fp32", use_cache=False))
+    center = evaluate_run(out, pattern_root, geometry="center_crop", runtime_options=RuntimeOptions(precision="fp32"))
     assert np.allclose(cached["scores"]["p_ai"], streamed["scores"]["p_ai"], atol=1e-6)
     assert not np.allclose(cached["scores"]["p_ai"], center["scores"]["p_ai"], atol=1e-4)
 
@@ -297,7 +299,8 @@ def test_scale_augmentation_downscales_before_the_crop():
 
 
 def test_the_server_scores_crops_as_predict_does(pattern_root, tmp_path):
-    from fakescope.engine.evaluation import Predictor, predict_paths
+    from fakescope.engine.evaluation import predict_paths
+    from fakescope.engine.predictor import Predictor
     from fakescope.engine.train import TrainOptions, train
 
     out = tmp_path / "cnn"

@@ -150,13 +150,12 @@ def test_single_pass_degradations_match_separate_passes(tmp_path):
     model = create_model("cnn32").eval()
     prec = runtime.resolve_precision("fp32", CPU, inference=True)
     pl = Pipeline(32, 32)
-    res = evaluate_index(model, index, pl, device=CPU, precision=prec, batch_size=8, num_workers=0,
-                         degradations=[("jpeg", [50.0]), ("blur", [1.0, 2.0])])
+    rt = runtime.fixed(CPU, prec, batch_size=8, num_workers=0)
+    res = evaluate_index(model, index, pl, rt, degradations=[("jpeg", [50.0]), ("blur", [1.0, 2.0])])
     files = [index.abspath(i) for i in range(len(index))]
     for kind, rows in res["degradations"].items():
         for row in rows:
-            p, _ = score_files(model, files, Pipeline(32, 32, degrade=(kind, row["level"])), device=CPU,
-                               precision=prec, batch_size=8, num_workers=0)
+            p, _ = score_files(model, files, Pipeline(32, 32, degrade=(kind, row["level"])), rt)
             ok = ~np.isnan(p)
             from fakescope.metrics import DetectionMetrics
 
@@ -164,7 +163,7 @@ def test_single_pass_degradations_match_separate_passes(tmp_path):
             m.update(np.asarray(index.labels)[ok], p[ok], np.asarray(index.generators, dtype=object)[ok].tolist())
             assert_close(m.compute()["overall"], row["overall"])
     assert len(res["bad_files"]) == 1 and res["overall"]["n"] == len(index) - 1
-    p0, errors = score_files(model, files, pl, device=CPU, precision=prec, batch_size=8, num_workers=1)
+    p0, errors = score_files(model, files, pl, rt.replace(num_workers=1))
     broken = np.array(["broken" in f for f in files])
     np.testing.assert_array_equal(np.isnan(p0), broken)  # a worker process gives the same result
     assert [files[i] for i in errors] == [f for f in files if "broken" in f]

@@ -18,6 +18,7 @@ from PIL import Image
 from fakescope.cli import main
 from fakescope.engine.evaluation import predict_paths
 from fakescope.errors import FakescopeError
+from fakescope.options import RuntimeOptions
 from fakescope.serve import ServeOptions, create_app
 from fakescope.serve.batcher import Batcher, QueueFull
 
@@ -414,7 +415,8 @@ def test_calibrated_run_and_provenance(runs, images, tmp_path):
     info.add_text("parameters", "a cat\nSteps: 20")
     sd = tmp_path / "sd.png"
     Image.open(images[0]).save(sd, pnginfo=info)
-    ref = predict_paths(run, [str(images[0]), str(sd)], precision="fp32", provenance=False)
+    ref = predict_paths(run, [str(images[0]), str(sd)], provenance=False,
+                        runtime_options=RuntimeOptions(precision="fp32"))
     with TestClient(create_app([run], ServeOptions(max_wait_ms=2, precision="fp32"))) as c:
         _ready(c)
         m = c.get("/v1/models").json()["models"][0]
@@ -437,7 +439,8 @@ def test_calibrated_run_and_provenance(runs, images, tmp_path):
                                                    provenance=False))) as c:
         _ready(c)
         body = c.post("/v1/predict", files=_multipart([images[0]])).json()
-        raw = predict_paths(run, [str(images[0])], precision="fp32", uncalibrated=True, provenance=False)
+        raw = predict_paths(run, [str(images[0])], uncalibrated=True, provenance=False,
+                            runtime_options=RuntimeOptions(precision="fp32"))
         assert not body["calibrated"] and body["threshold"] == 0.5 and "provenance" not in body["results"][0]
         assert body["results"][0]["p_ai"] == pytest.approx(raw[0]["p_ai"], abs=1e-6)
 
@@ -452,7 +455,8 @@ def test_onnxruntime_backend_serves_the_export(runs, images, tmp_path):
     shutil.copytree(runs[0], run)
     export_onnx(run)
     ref_onnx = predict_paths(run, [str(p) for p in images], backend="onnxruntime", provenance=False)
-    ref_torch = predict_paths(run, [str(p) for p in images], precision="fp32", provenance=False)
+    ref_torch = predict_paths(run, [str(p) for p in images], provenance=False,
+                              runtime_options=RuntimeOptions(precision="fp32"))
     with TestClient(create_app([run], ServeOptions(max_wait_ms=0, backend="onnxruntime"))) as c:
         _ready(c)
         assert c.get("/v1/models").json()["models"][0]["backend"] == "onnxruntime"

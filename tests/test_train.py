@@ -8,6 +8,7 @@ from fakescope.engine.evaluation import evaluate_run, predict_paths
 from fakescope.engine.train import TrainOptions, train
 from fakescope.errors import DataError
 from fakescope.metrics import METRIC_KEYS
+from fakescope.options import RuntimeOptions
 from fakescope.report.artifacts import write_evaluation
 
 from synth import make_dataset
@@ -304,7 +305,7 @@ def test_write_evaluation_is_a_pure_writer(tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(TrainOptions(model="cnn32", data=str(data), epochs=1, patience=0, batch_size=8, use_cache=False), run)
     model_card.write_training_card(run)
-    res = evaluate_run(run, data, num_workers=0, use_cache=False)
+    res = evaluate_run(run, data, runtime_options=RuntimeOptions(num_workers=0, use_cache=False))
     before = copy.deepcopy(res)
     card = (run / "MODEL_CARD.md").read_bytes()
     monkeypatch.setattr(model_card, "write_model_card", lambda *a, **k: pytest.fail("the writer wrote the card"))

@@ -19,3 +19,10 @@ ATTACK_DIRECTIONS: tuple[str, ...] = ("both", "ai-to-real", "real-to-ai")
 """Which images an attack perturbs: every image, only ai images (to be called real), only real ones."""
 ONE_CLASS_DIRECTIONS: tuple[str, ...] = ATTACK_DIRECTIONS[1:]
 """The directions that attack one class (the keys of a result's ``per_direction``)."""
+
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+"""Numeric precisions (``--precision``; :func:`fakescope.engine.runtime.resolve_precision`): ``auto`` is bf16
+for inference where the processor supports it, else fp32, and always fp32 for training."""
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+"""Devices (``--device``), besides ``cuda:N`` for one GPU: ``auto`` is CUDA when present, else the CPU."""

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fakescope.errors import FakescopeError
+from fakescope.options import RuntimeOptions
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)
 
@@ -153,12 +154,16 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5,
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
+EXPLAIN_RUNTIME = RuntimeOptions(device="cpu")
+"""``explain``'s runtime options when none are given: the CPU (its ``--device`` default)."""
+
+
 def explain_files(run_dir: str | os.PathLike, paths: list[str], *,
                   method: str = "gradcam", layer: str | None = None, threshold: float | None = None,
-                  uncalibrated: bool = False, device: str = "cpu", native_size=None,
-                  max_pixels: int | None = None) -> dict:
+                  uncalibrated: bool = False, native_size=None, runtime_options: RuntimeOptions | None = None) -> dict:
     """Grad-CAM overlays of image files, as data (nothing is written: see
-    :func:`fakescope.report.artifacts.write_explanation`).
+    :func:`fakescope.report.artifacts.write_explanation`). ``runtime_options`` (default
+    :data:`EXPLAIN_RUNTIME`): the device and the pixel limit (the model runs in fp32, one image at a time).
 
     Returns ``{"method", "layer", "model", "run", "threshold", "images": [{"path", "name", "p_ai",
     "verdict", "overlay_image" (HxWx3 uint8 at the image's size), "seen_box", "cam_max", "peak_xy"}
@@ -173,9 +178,10 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], *,
 
     if method != "gradcam":
         raise FakescopeError(f"expected --method gradcam, got {method!r}")
+    options = runtime_options if runtime_options is not None else EXPLAIN_RUNTIME
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     model, config = load_run(run_dir)
-    dev = runtime.resolve_device(device)
+    dev = runtime.resolve_device(options.device)
     model.to(dev)
     name, target = (layer, None) if layer else find_target_layer(model)
     if target is None:
@@ -193,7 +199,7 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], *,
     used: set[str] = set()
     for f in list_images([p for p in paths if os.path.lexists(p)]):
         try:
-            img = read_image(f, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+            img = read_image(f, max_pixels=options.max_pixels or DEFAULT_MAX_PIXELS)
         except ImageReadError as e:
             rows.append({"path": f, "error": e.reason})
             continue
@@ -225,15 +231,16 @@ GALLERY_KINDS = (("ai", True), ("ai", False), ("nature", True), ("nature", False
 
 
 def gallery(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: str = "val",
-            generators=None, per_kind: int = 2, pool: int = 24, device: str = "cpu",
-            threshold: float | None = None, uncalibrated: bool = False) -> dict:
+            generators=None, per_kind: int = 2, pool: int = 24, threshold: float | None = None,
+            uncalibrated: bool = False, runtime_options: RuntimeOptions | None = None) -> dict:
     """"What the model looks at": Grad-CAM overlays of a few correct and wrong examples per class.
 
     Scores ``pool`` images per generator and class of ``data``'s ``split`` (chosen by path hash), then
     explains the ``per_kind`` most confident ones of each kind (AI caught, AI missed, real passed, real
     flagged). Returns data (``items`` with their ``overlay_image``, ``grid``, a captioned grid for
     :func:`fakescope.report.plots.gallery_plot`, and ``title``); nothing is written: see
-    :func:`fakescope.report.artifacts.write_gallery`."""
+    :func:`fakescope.report.artifacts.write_gallery`. ``runtime_options`` (default :data:`EXPLAIN_RUNTIME`):
+    the device and the pixel limit (the pool is scored in fp32, without the feature cache)."""
     from fakescope.calibration import resolve_decision
     from fakescope.data.layout import index_root, limit_per_class
     from fakescope.engine.evaluation import prepare
@@ -242,8 +249,10 @@ def gallery(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: str =
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     index = limit_per_class(index_root(data).select(generators, split), pool)
     files = [index.abspath(i) for i in range(len(index))]
-    model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision="fp32")
-    p, _ = score_files(model, files, pipeline, device=dev, precision=prec, use_cache=False, desc="gallery")
+    options = runtime_options if runtime_options is not None else EXPLAIN_RUNTIME
+    model, config, pipeline, rt = prepare(run_dir, RuntimeOptions(device=options.device, precision="fp32",
+                                                                  max_pixels=options.max_pixels))
+    p, _ = score_files(model, files, pipeline, rt.replace(use_cache=False), desc="gallery")
     p = decision.p_ai(p)
     labels = np.asarray(index.labels)
     chosen: list[tuple[str, bool, int]] = []
@@ -254,8 +263,8 @@ def gallery(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: str =
         idx = np.flatnonzero(ok)
         conf = p[idx] if (y == 1) == correct else -p[idx]  # most confident in the (right or wrong) verdict
         chosen += [(cls, correct, int(i)) for i in idx[np.argsort(-conf, kind="stable")][:per_kind]]
-    res = explain_files(run_dir, [files[i] for _, _, i in chosen], device=device,
-                        threshold=threshold, uncalibrated=uncalibrated) if chosen else {"images": [], "layer": None}
+    res = explain_files(run_dir, [files[i] for _, _, i in chosen], threshold=threshold, uncalibrated=uncalibrated,
+                        runtime_options=options) if chosen else {"images": [], "layer": None}
     items = []
     for (cls, correct, i), row in zip(chosen, res["images"]):
         items.append({**row, "label": cls, "correct": correct, "generator": index.generators[i]})

@@ -9,7 +9,8 @@ import argparse
 from collections.abc import Callable
 
 from fakescope import parsing
-from fakescope.choices import GEOMETRIES
+from fakescope.choices import GEOMETRIES, PRECISIONS
+from fakescope.options import RuntimeOptions
 
 
 class Parser(argparse.ArgumentParser):
@@ -45,7 +46,7 @@ csv = argtype(parsing.csv, "csv")
 def add_runtime(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    g.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                    help="auto: bf16 + channels_last for inference where the processor supports it; fp32 training")
     g.add_argument("--batch-size", type=positive_int, default=None)
     g.add_argument("--workers", type=nonneg_int, default=None, help="DataLoader workers (default: one per core)")
@@ -54,6 +55,17 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pixels", type=positive_int, default=None,
                    help="refuse images with more pixels than this (decompression-bomb guard; default 120M)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+
+
+def runtime_from_args(args: argparse.Namespace) -> RuntimeOptions:
+    """The one :class:`~fakescope.options.RuntimeOptions` of a command, from its parsed flags
+    (:func:`add_runtime`'s, plus ``--max-file-size`` where the command has it; a flag the command
+    lacks keeps the default). Built once per command and passed down as it is."""
+    return RuntimeOptions(device=getattr(args, "device", "auto"), precision=getattr(args, "precision", "auto"),
+                          batch_size=getattr(args, "batch_size", None), num_workers=getattr(args, "workers", None),
+                          use_cache=not getattr(args, "no_cache", False), cache_dir=getattr(args, "cache_dir", None),
+                          max_pixels=getattr(args, "max_pixels", None),
+                          max_file_size=getattr(args, "max_file_size", None), compile=getattr(args, "compile", False))
 
 
 DATA_HELP = "data root (GenImage layout or ROOT/{train,val}/{ai,nature})"

@@ -49,9 +49,8 @@ def run(args) -> int:
                      step_size=args.step_size, direction=args.direction, split=args.split,
                      generators=args.generators, limit=args.limit, source=args.source,
                      examples=EXAMPLES if args.save_examples else 0, threshold=args.threshold,
-                     uncalibrated=args.uncalibrated, seed=args.seed,
-                     device=args.device, precision=args.precision, batch_size=args.batch_size or 64,
-                     num_workers=args.workers, attack_options=options, geometry=args.test_geometry)
+                     uncalibrated=args.uncalibrated, seed=args.seed, attack_options=options,
+                     geometry=args.test_geometry, runtime_options=a.runtime_from_args(args))
     write_attack(res, args.out or attack_folder(args.run, args.attack), args.json_out, examples_dir=args.save_examples)
     if not runtime.is_main():  # under torchrun only rank 0 prints and writes
         return 0

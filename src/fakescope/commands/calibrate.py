@@ -35,10 +35,8 @@ def run(args) -> int:
     from fakescope.report.model_card import refresh_model_card
 
     res = calibrate_run(args.run, args.data, split=args.split, generators=args.generators,
-                        target_fpr=args.target_fpr, method=args.method, limit=args.limit, device=args.device,
-                        precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
-                        use_cache=not args.no_cache, cache_dir=args.cache_dir, max_pixels=args.max_pixels,
-                        confidence=args.confidence)
+                        target_fpr=args.target_fpr, method=args.method, limit=args.limit,
+                        confidence=args.confidence, runtime_options=a.runtime_from_args(args))
     paths = write_calibration_files(args.run, res["calibration"])
     if not runtime.is_main():
         return 0

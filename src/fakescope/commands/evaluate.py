@@ -35,10 +35,8 @@ def run(args) -> int:
     result = evaluate_run(
         args.run, args.data, split=args.split, generators=args.generators, threshold=args.threshold,
         uncalibrated=args.uncalibrated,
-        native_size=args.native_size, jpeg_align=args.jpeg_align, degrade=args.degrade, device=args.device,
-        precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
-        use_cache=not args.no_cache, cache_dir=args.cache_dir, max_pixels=args.max_pixels, compile=args.compile,
-        geometry=args.test_geometry,
+        native_size=args.native_size, jpeg_align=args.jpeg_align, degrade=args.degrade, geometry=args.test_geometry,
+        runtime_options=a.runtime_from_args(args),
     )
     outputs = write_evaluation(result, args.out or eval_folder(args.run, args.data, args.split, args.jpeg_align),
                                args.json_out)

@@ -27,8 +27,8 @@ def run(args) -> int:
 
     res = write_explanation(explain_files(args.run, args.paths, method=args.method, layer=args.layer,
                                           threshold=args.threshold, uncalibrated=args.uncalibrated,
-                                          device=args.device, native_size=args.native_size,
-                                          max_pixels=args.max_pixels), args.out)
+                                          native_size=args.native_size, runtime_options=a.runtime_from_args(args)),
+                               args.out)
     print(f"{res['method']} on {res['model']} layer {res['layer']}; threshold {res['threshold']['value']:.4g} "
           f"({res['threshold']['source']})")
     for r in res["images"]:

@@ -50,7 +50,7 @@ def add_parser(sub):
     return p
 
 
-def run_bulk(args) -> int:
+def run_bulk(args, runtime_options) -> int:
     import json as _json
 
     from fakescope.engine import runtime
@@ -59,11 +59,9 @@ def run_bulk(args) -> int:
     summary = predict_to_folder(
         args.run, args.out, args.paths, files_from=args.files_from, shard_size=args.shard_size,
         overwrite=args.overwrite, engine=args.engine, threshold=args.threshold, uncalibrated=args.uncalibrated,
-        device=args.device, precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
-        max_file_size=args.max_file_size, max_pixels=args.max_pixels, native_size=args.native_size,
-        compile=args.compile, backend=args.backend, onnx_path=args.onnx, provenance=not args.no_provenance,
+        native_size=args.native_size, backend=args.backend, onnx_path=args.onnx, provenance=not args.no_provenance,
         geometry=args.test_geometry, ray_address=args.ray_address, actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor)
+        gpus_per_actor=args.gpus_per_actor, runtime_options=runtime_options)
     if not runtime.is_main():
         return 0
     print(_json.dumps(summary, indent=2) if args.format == "json" else summary_text(summary))
@@ -77,8 +75,9 @@ def run(args) -> int:
 
     if not args.paths and not args.files_from:
         raise FakescopeError("expected image paths or --files-from LIST, got neither")
+    runtime_options = a.runtime_from_args(args)
     if args.out is not None:
-        return run_bulk(args)
+        return run_bulk(args, runtime_options)
     if args.engine != "torch":
         raise FakescopeError(f"expected --out DIR with --engine {args.engine} (it writes Parquet shards), got none")
     paths = list(args.paths)
@@ -88,10 +87,7 @@ def run(args) -> int:
         paths += list(read_list(args.files_from))
     rows = predict_paths(args.run, paths, threshold=args.threshold, uncalibrated=args.uncalibrated,
                          backend=args.backend, onnx_path=args.onnx, provenance=not args.no_provenance,
-                         device=args.device,
-                         precision=args.precision, batch_size=args.batch_size, num_workers=args.workers,
-                         max_file_size=args.max_file_size, max_pixels=args.max_pixels,
-                         native_size=args.native_size, compile=args.compile, geometry=args.test_geometry)
+                         native_size=args.native_size, geometry=args.test_geometry, runtime_options=runtime_options)
     attribution = any("generator" in r for r in rows)
     columns = (*COLUMNS[:3], "generator", "generator_p", *COLUMNS[3:]) if attribution else COLUMNS
     if not runtime.is_main():

@@ -22,9 +22,13 @@ from fakescope.data.dataset import ImageDataset, make_loader
 from fakescope.data.layout import index_root, limit_per_class
 from fakescope.engine.evaluation import prepare
 from fakescope.engine.infer import forward_logits
-from fakescope.engine.runtime import Precision, resolve_precision
+from fakescope.engine.runtime import Precision, Runtime, resolve_precision
 from fakescope.errors import FakescopeError
+from fakescope.options import RuntimeOptions
 from fakescope.parsing import checked
+
+BATCH_SIZE = 64
+"""Images per attack batch when the runtime options set none (``attack``'s default)."""
 
 
 class _Judged(nn.Module):
@@ -52,13 +56,16 @@ class _Judged(nn.Module):
         return self.model.loss(logits, labels)
 
 
-def _batches(index, pipeline, device, batch_size, num_workers, source_pipeline=None):
-    """``(x, y, generators[, x_source])`` batches; ``x_source``: the same images through the source
-    run's pipeline (its own native size and JPEG alignment) when it differs from the target's."""
+def _batches(index, pipeline, rt: Runtime, source_pipeline=None):
+    """``(x, y, generators[, x_source])`` batches on ``rt.device`` (``rt.batch_size`` images, default
+    :data:`BATCH_SIZE`); ``x_source``: the same images through the source run's pipeline (its own
+    native size and JPEG alignment) when it differs from the target's."""
     files = [index.abspath(i) for i in range(len(index))]
+    device = rt.device
 
     def loader(pl):
-        return make_loader(ImageDataset(files, pl, stage_only=True), batch_size, num_workers=num_workers)
+        return make_loader(ImageDataset(files, pl, stage_only=True), rt.batch_size or BATCH_SIZE,
+                           num_workers=rt.num_workers)
 
     pairs = zip(loader(pipeline), loader(source_pipeline), strict=True) if source_pipeline else \
         ((b, None) for b in loader(pipeline))
@@ -87,9 +94,8 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
                eps_list: list[float], steps: int = 10, step_size: float | None = None, direction: str = "both",
                split: str = "val", generators=None, limit: int | None = None, source: str | None = None,
                examples: int = 0, threshold: float | None = None, uncalibrated: bool = False, seed: int = 42,
-               device: str = "auto",
-               precision: str = "auto", batch_size: int = 64, num_workers: int | None = None,
-               attack_options: dict | None = None, geometry: str | None = None) -> dict:
+               attack_options: dict | None = None, geometry: str | None = None,
+               runtime_options: RuntimeOptions | None = None) -> dict:
     """Robust accuracy of a run under ``attack`` at each eps: the attack JSON as a dict (``precision``:
     how images were judged, ``attack_precision``: how examples were crafted) plus, with ``examples``,
     up to that many example images per eps as arrays (``examples``). Writes nothing.
@@ -103,7 +109,11 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
 
     The images reach the model through the run's test-time geometry (``geometry`` overrides it),
     except that ``crops`` is attacked on the centre crop: a perturbation lives in the model's input,
-    one square (the result's ``data.test_geometry`` says which was used)."""
+    one square (the result's ``data.test_geometry`` says which was used).
+
+    ``runtime_options``: device, precision (see the module docstring), batch size (None:
+    :data:`BATCH_SIZE`) and workers; the feature cache, ``max_pixels`` and ``compile`` are not used
+    (the attack decodes with the reader's defaults and differentiates the eager model)."""
     from fakescope.attacks import robustness
     from fakescope.calibration import resolve_decision
 
@@ -111,15 +121,18 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
         threshold = checked("threshold", threshold, parsing.threshold, source="attack_run")
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     raw_threshold = decision.raw_threshold()
-    model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision, geometry=geometry)
+    options = replace(runtime_options if runtime_options is not None else RuntimeOptions(), compile=False)
+    model, config, pipeline, rt = prepare(run_dir, options, geometry=geometry)
+    dev, prec = rt.device, rt.precision
     if pipeline.geometry == "crops":
         pipeline = replace(pipeline, geometry="center_crop")
-    craft_prec = resolve_precision("fp32" if precision == "auto" else precision, dev, inference=True)
+    craft_prec = resolve_precision("fp32" if options.precision == "auto" else options.precision, dev, inference=True)
     target = _Judged(model, prec, dev)
     crafter = _Judged(model, craft_prec, dev) if craft_prec != prec else None
     src_model, src_pipeline = None, None
     if source is not None:
-        src, _, src_pipeline, _, _ = prepare(source, device=device, precision=craft_prec.name, geometry=geometry)
+        src, _, src_pipeline, _ = prepare(source, replace(options, precision=craft_prec.name),
+                                          geometry=geometry)
         if src_pipeline.geometry == "crops":
             src_pipeline = replace(src_pipeline, geometry="center_crop")
         if src.preprocess.input_size != model.preprocess.input_size:
@@ -134,7 +147,7 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
     if len(index) == 0:
         raise FakescopeError(f"no images in {data} for split {split!r}")
     torch.manual_seed(seed)
-    result = robustness(target, _batches(index, pipeline, dev, batch_size, num_workers, src_pipeline), attack=attack,
+    result = robustness(target, _batches(index, pipeline, rt, src_pipeline), attack=attack,
                         eps_list=eps_list, steps=steps, step_size=step_size, direction=direction, seed=seed,
                         source_model=src_model, crafter=crafter, max_examples=examples, threshold=raw_threshold,
                         attack_options=attack_options)

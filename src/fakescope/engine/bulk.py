@@ -26,7 +26,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fakescope.data.dataset import cpu_threads, make_loader, plan_loader
@@ -49,6 +49,7 @@ from fakescope.engine.bulk_rows import (  # noqa: F401  (what one input becomes;
 )
 from fakescope.engine.ray_bulk import run_ray
 from fakescope.errors import FakescopeError
+from fakescope.options import PREDICT_MAX_FILE_SIZE, RuntimeOptions
 from fakescope.progress import progress
 from fakescope.utils import atomic_write_text, fsync_dir
 
@@ -360,24 +361,28 @@ def rows_for(paths: list[str], batch: dict, fields: list[dict]) -> list[dict]:
     return out
 
 
-def run_torch(job: Job, predictor, *, batch_size: int, num_workers: int | None, max_pixels: int,
-              max_file_size: int | None, provenance: bool) -> dict:
-    """Score this rank's pending shards with ``predictor`` (an :class:`~fakescope.engine.evaluation.Predictor`);
+def run_torch(job: Job, predictor, *, provenance: bool) -> dict:
+    """Score this rank's pending shards with ``predictor`` (a :class:`~fakescope.engine.predictor.Predictor`,
+    whose runtime options also give the batch size, workers and thread cap);
     ``{"files", "shards_written"}`` of this rank."""
+    from fakescope.engine.infer import default_batch_size
+
+    options = predictor.options
+    batch_size = options.batch_size or default_batch_size(predictor.pipeline.input_size)
     rank, world = runtime.rank(), runtime.world_size()
     kill = KillHook()
     done = {"files": 0, "shards_written": 0}
     plan = None
     for shard, paths, man in job.pending_shards(lambda i: i % world == rank):
-        ds = FileDataset(paths, predictor.pipeline, max_pixels=max_pixels, max_file_size=max_file_size,
-                         provenance=provenance)
+        ds = FileDataset(paths, predictor.pipeline, max_pixels=predictor.max_pixels,
+                         max_file_size=predictor.max_file_size, provenance=provenance)
         if plan is None:
-            plan = plan_loader(paths, predictor.pipeline, predictor.device, num_workers)
+            plan = plan_loader(paths, predictor.pipeline, predictor.device, options.num_workers)
         loader = make_loader(ds, batch_size, num_workers=plan.workers, pin_memory=predictor.device.type == "cuda",
                              collate_fn=collate_files)
         w = job.writer(shard, man)
         try:
-            with cpu_threads(plan.threads):
+            with cpu_threads(runtime.fewest_threads(plan.threads, options.threads)):
                 for batch in progress(loader, desc=f"shard {shard}", total=len(loader)):
                     fields = job.scoring.fields(predictor.scores(list(batch["stage"]))) \
                         if batch["stage"] is not None else []
@@ -436,21 +441,19 @@ def summary_text(s: dict) -> str:
 
 def predict_to_folder(run_dir, out_dir, paths: Iterable[str] = (), *, files_from=None,
                       shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, engine: str = "torch",
-                      threshold: float | None = None, uncalibrated: bool = False, device: str = "auto",
-                      precision: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
-                      max_file_size: int | None = 50 * 2**20, max_pixels: int | None = None, native_size=None,
-                      compile: bool = False, backend: str = "torch", onnx_path=None, provenance: bool = True,
+                      threshold: float | None = None, uncalibrated: bool = False, native_size=None,
+                      backend: str = "torch", onnx_path=None, provenance: bool = True,
                       geometry: str | None = None, ray_address: str | None = None, actors: int | None = None,
-                      gpus_per_actor: float = 0.0) -> dict:
+                      gpus_per_actor: float = 0.0, runtime_options: RuntimeOptions | None = None) -> dict:
     """Score ``paths`` and the ``files_from`` list into Parquet shards in ``out_dir`` (see the module
     docstring); returns the summary (also written to ``out_dir/summary.json`` by rank 0).
 
     The rows hold what :func:`~fakescope.engine.evaluation.predict_paths` reports for the same files
-    (``p_ai`` unrounded), plus ``width``, ``height``, ``format`` and ``bytes``; its options mean the same."""
+    (``p_ai`` unrounded), plus ``width``, ``height``, ``format`` and ``bytes``; its options mean the same
+    (``runtime_options`` too, default ``predict``'s: see :func:`~fakescope.engine.evaluation.predict_paths`)."""
     from fakescope import parsing
     from fakescope.calibration import resolve_decision
-    from fakescope.engine.evaluation import Predictor
-    from fakescope.engine.infer import default_batch_size
+    from fakescope.engine.predictor import Predictor
     from fakescope.parsing import checked
 
     if engine not in ENGINES:
@@ -463,32 +466,31 @@ def predict_to_folder(run_dir, out_dir, paths: Iterable[str] = (), *, files_from
     if not paths and files_from is None:
         raise FakescopeError("expected image paths or --files-from LIST, got neither")
     decision = resolve_decision(run_dir, threshold, uncalibrated)
-    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    options = runtime_options if runtime_options is not None else RuntimeOptions(max_file_size=PREDICT_MAX_FILE_SIZE)
+    options = replace(options, max_pixels=options.max_pixels or DEFAULT_MAX_PIXELS)
     t0 = time.perf_counter()
     # the ray engine's driver only needs the run's pipeline and classes: its actors load the model
-    predictor = Predictor(run_dir, device="cpu" if engine == "ray" else device,
-                          precision="fp32" if engine == "ray" else precision, native_size=native_size,
-                          max_pixels=max_pixels, max_file_size=max_file_size, compile=compile and engine != "ray",
-                          backend=backend, onnx_path=onnx_path, geometry=geometry)
+    driver = RuntimeOptions(device="cpu", precision="fp32", max_pixels=options.max_pixels,
+                            max_file_size=options.max_file_size) if engine == "ray" else options
+    predictor = Predictor(run_dir, driver, native_size=native_size, backend=backend, onnx_path=onnx_path,
+                          geometry=geometry)
     config, pipeline = predictor.config, predictor.pipeline
     if predictor.classes is None:
         config = {**config, "classes": None}
-    options = {"max_file_size": max_file_size, "max_pixels": max_pixels, "provenance": provenance,
-               "backend": backend, "precision": precision}  # not the device, batch size, workers or engine
+    job_options = {"max_file_size": options.max_file_size, "max_pixels": options.max_pixels,
+                   "provenance": provenance, "backend": backend,
+                   "precision": options.precision}  # not the device, batch size, workers or engine
     job = make_job(run_dir, out_dir, paths=paths, files_from=files_from, shard_size=shard_size, decision=decision,
-                   config=config, pipeline=pipeline, options=options, overwrite=overwrite)
+                   config=config, pipeline=pipeline, options=job_options, overwrite=overwrite)
     open_folder(job)
     if engine == "ray":
         del predictor
-        mine = _run_ray(job, run_dir=run_dir, pipeline=pipeline, address=ray_address, actors=actors,
-                        gpus_per_actor=gpus_per_actor, batch_size=batch_size, max_pixels=max_pixels,
-                        max_file_size=max_file_size, provenance=provenance, device=device, precision=precision,
-                        native_size=native_size, geometry=geometry, threshold=threshold, uncalibrated=uncalibrated,
-                        backend=backend, onnx_path=onnx_path)
+        scorer = {"run_dir": str(os.path.abspath(run_dir)), "threshold": threshold, "uncalibrated": uncalibrated,
+                  "native_size": native_size, "geometry": geometry, "backend": backend, "onnx_path": onnx_path}
+        mine = _run_ray(job, pipeline=pipeline, scorer=scorer, runtime_options=options, address=ray_address,
+                        actors=actors, gpus_per_actor=gpus_per_actor, provenance=provenance)
     else:
-        bs = batch_size or default_batch_size(pipeline.input_size)
-        mine = run_torch(job, predictor, batch_size=bs, num_workers=num_workers, max_pixels=max_pixels,
-                         max_file_size=max_file_size, provenance=provenance)
+        mine = run_torch(job, predictor, provenance=provenance)
     parts = runtime.all_gather_objects(mine)
     seconds = time.perf_counter() - t0
     total = {"files": sum(p["files"] for p in parts), "shards_written": sum(p["shards_written"] for p in parts)}

@@ -9,16 +9,17 @@ be the set the run is later judged on; :func:`calibrate_run` warns when it looks
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from fakescope.calibration import DEFAULT_CONFIDENCE, allowed_false_positives, fit_calibration
-from fakescope.data.io import DEFAULT_MAX_PIXELS
 from fakescope.data.layout import Index, carve_validation, index_root, limit_per_class
 from fakescope.engine.evaluation import prepare
 from fakescope.engine.infer import score_files
 from fakescope.errors import FakescopeError
+from fakescope.options import RuntimeOptions
 from fakescope.runfiles import read_config
 
 HOLDOUT = "holdout"
@@ -42,16 +43,15 @@ def holdout_index(config: dict) -> Index:
 
 def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = None, *, split: str = "val",
                   generators=None, target_fpr: float = 0.01, method: str = "temperature", limit: int | None = None,
-                  device: str = "auto", precision: str = "auto", batch_size: int | None = None,
-                  num_workers: int | None = None, use_cache: bool = True, cache_dir=None,
-                  max_pixels: int | None = None, confidence: float = DEFAULT_CONFIDENCE) -> dict:
+                  confidence: float = DEFAULT_CONFIDENCE, runtime_options: RuntimeOptions | None = None) -> dict:
     """Score the calibration set with the run and fit: ``{"calibration": Calibration, "warnings": [...]}``.
     Writes nothing: :func:`fakescope.report.artifacts.write_calibration_files` stores it in the run.
 
     The threshold promises an FPR of at most ``target_fpr`` on new images like the set's real ones with
     probability ``confidence`` (:mod:`fakescope.calibration`; ``confidence=0``: the empirical quantile,
     no promise). A set with too few real images for that is an error naming the smallest number, raised
-    before anything is scored."""
+    before anything is scored. ``runtime_options``: where and how the set is scored (device, precision,
+    batch size, workers, feature cache, pixel limit; the model is not compiled)."""
     if not 0.0 <= float(target_fpr) < 1.0:
         raise FakescopeError(f"expected --target-fpr in [0, 1), got {target_fpr}")
     if not 0.0 <= float(confidence) < 1.0:
@@ -83,14 +83,13 @@ def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = N
     n_real = int((np.asarray(index.labels) == 0).sum())
     if n_real:
         allowed_false_positives(n_real, float(target_fpr), float(confidence))  # too few: say so before scoring
-    model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision)
+    options = runtime_options if runtime_options is not None else RuntimeOptions()
+    model, config, pipeline, rt = prepare(run_dir, replace(options, compile=False))
     files = [index.abspath(i) for i in range(len(index))]
-    p, errors = score_files(model, files, pipeline, device=dev, precision=prec, batch_size=batch_size,
-                            num_workers=num_workers, use_cache=use_cache, cache_root=cache_dir,
-                            max_pixels=max_pixels or DEFAULT_MAX_PIXELS, desc="calibrating")
+    p, errors = score_files(model, files, pipeline, rt, desc="calibrating")
     ok = ~np.isnan(p)
     labels = np.asarray(index.labels)[ok]
     desc = {"root": root, "split": split, "generators": index.generator_names, "n_files": len(index),
-            "unreadable": int((~ok).sum()), "limit": limit, "precision": prec.name}
+            "unreadable": int((~ok).sum()), "limit": limit, "precision": rt.precision.name}
     cal = fit_calibration(labels, p[ok], target_fpr, method=method, data=desc, confidence=float(confidence))
     return {"calibration": cal, "warnings": warnings}

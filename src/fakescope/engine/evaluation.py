@@ -1,4 +1,5 @@
-"""Evaluation and prediction with a run directory: the library functions behind ``evaluate`` and ``predict``.
+"""Evaluation and prediction with a run directory: the library functions behind ``evaluate`` and ``predict``
+(the server's one-request-at-a-time scorer is :class:`fakescope.engine.predictor.Predictor`).
 
 They return data; nothing here writes a file."""
 
@@ -8,21 +9,20 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fakescope import parsing
 from fakescope.calibration import check_promise, resolve_decision, same_set
-from fakescope.data.dataset import cpu_threads
-from fakescope.data.io import DEFAULT_MAX_PIXELS, Decoded, list_images, read_image_bytes
+from fakescope.data.io import list_images
 from fakescope.data.layout import index_root
 from fakescope.data.transforms import Pipeline, parse_degradations
 from fakescope.engine import runtime
 from fakescope.engine.checkpoint import load_run
-from fakescope.engine.infer import evaluate_index, score_variants, stage_scores
-from fakescope.engine.onnx_backend import OnnxDetector, onnx_crop_mean, score_files_onnx
+from fakescope.engine.infer import evaluate_index, score_variants
+from fakescope.engine.onnx_backend import OnnxDetector, score_files_onnx
 from fakescope.errors import FakescopeError
 from fakescope.intervals import INTERVAL_CONFIDENCE, error_rates
 from fakescope.metrics import calibration_metrics
+from fakescope.options import PREDICT_MAX_FILE_SIZE, RuntimeOptions
 from fakescope.parsing import checked
 
 
@@ -48,29 +48,29 @@ def geometry_for(config: dict, model, override: str | None) -> str:
     return check_geometry(override or config.get("test_geometry") or model.test_geometry)
 
 
-def prepare(run_dir, *, device="auto", precision="auto", native_size=None, jpeg_align=None, compile=False,
+def prepare(run_dir, runtime_options: RuntimeOptions | None = None, *, native_size=None, jpeg_align=None,
             geometry: str | None = None):
-    """``(model, config, pipeline, device, precision)`` for inference with a run; the pipeline applies
-    the run's test-time geometry unless ``geometry`` overrides it."""
-    runtime.init_distributed(device)
+    """``(model, config, pipeline, rt)`` for inference with a run: the model on ``rt.device`` in
+    ``rt.precision``'s memory format (compiled with ``runtime_options.compile``), ``rt`` the resolved
+    :class:`~fakescope.engine.runtime.Runtime`; the pipeline applies the run's test-time geometry
+    unless ``geometry`` overrides it."""
+    options = runtime_options if runtime_options is not None else RuntimeOptions()
+    runtime.init_distributed(options.device)
     model, config = load_run(run_dir)
-    dev = runtime.resolve_device(device)
-    prec = runtime.resolve_precision(precision, dev, inference=True)
-    model.to(dev)
-    runtime.prepare_model(model, prec, compile=compile)
+    rt = runtime.resolve(options, inference=True)
+    model.to(rt.device)
+    runtime.prepare_model(model, rt.precision, compile=options.compile)
     if jpeg_align is None:
         jpeg_align = config.get("train", {}).get("jpeg_align")
     pipeline = Pipeline(model.preprocess.input_size, native_size_for(config, native_size), jpeg_align,
                         geometry=geometry_for(config, model, geometry))
-    return model, config, pipeline, dev, prec
+    return model, config, pipeline, rt
 
 
 def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: str = "val", generators=None,
                  threshold: float | None = None, uncalibrated: bool = False, native_size=None,
-                 jpeg_align: int | None = None, degrade=None,
-                 device: str = "auto", precision: str = "auto", batch_size: int | None = None,
-                 num_workers: int | None = None, use_cache: bool = True, cache_dir=None,
-                 max_pixels: int | None = None, compile: bool = False, geometry: str | None = None) -> dict:
+                 jpeg_align: int | None = None, degrade=None, geometry: str | None = None,
+                 runtime_options: RuntimeOptions | None = None) -> dict:
     """Evaluate a run on ``data``'s ``split``: the evaluate JSON as a dict, plus ``scores`` (the
     per-image ``files``, ``labels``, ``p_ai`` and ``generators`` as arrays). Writes nothing: the
     JSON, figures and ``scores.npz`` are :func:`fakescope.report.artifacts.write_evaluation`'s job.
@@ -79,6 +79,8 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     (path -> reason) and left out of the metrics. An attribution run adds the ``attribution`` key
     (confusion matrix over its classes, per-class precision/recall/F1, macro F1, accuracy); its
     binary metrics use ``p_ai = 1 - P(nature)``. ``geometry`` overrides the run's test-time geometry.
+    ``runtime_options``: where and how it runs (device, precision, batch size, workers, feature cache,
+    pixel limit, compile; default :class:`~fakescope.options.RuntimeOptions`'s).
 
     Scores are the run's calibrated ``p_ai`` and the threshold its calibrated one when it has a
     ``calibration.json`` (unless ``uncalibrated``); an explicit ``threshold`` wins (on the calibrated
@@ -96,16 +98,12 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
         degradations = parse_degradations(degrade)
     except ValueError as e:
         raise FakescopeError(str(e)) from None
-    model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision,
-                                                 native_size=native_size, jpeg_align=jpeg_align, compile=compile,
-                                                 geometry=geometry)
+    model, config, pipeline, rt = prepare(run_dir, runtime_options, native_size=native_size, jpeg_align=jpeg_align,
+                                          geometry=geometry)
     index = index_root(data).select(generators, split)
     if len(index) == 0:
         raise FakescopeError(f"no images in {data} for split {split!r}")
-    result = evaluate_index(model, index, pipeline, device=dev, precision=prec, threshold=decision.threshold,
-                            batch_size=batch_size, num_workers=num_workers, use_cache=use_cache,
-                            cache_root=cache_dir, degradations=degradations,
-                            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+    result = evaluate_index(model, index, pipeline, rt, threshold=decision.threshold, degradations=degradations,
                             calibrate=decision.p_ai if decision.calibrated else None, classes=config.get("classes"))
     scores = result.pop("scores")
     result["model"] = {"name": config["model"]["name"], "run": str(Path(run_dir).resolve()),
@@ -136,7 +134,7 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     if decision.promise_applies:
         result["guarantee_check"] = promise_check(decision.calibration, result, warnings)
     result["warnings"] = warnings
-    result["precision"] = prec.name
+    result["precision"] = rt.precision.name
     result["scores"] = scores
     return result
 
@@ -168,10 +166,8 @@ def promise_check(cal, result: dict, warnings: list[str]) -> dict:
 
 
 def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, uncalibrated: bool = False,
-                  device: str = "auto", precision: str = "auto", batch_size: int | None = None,
-                  num_workers: int | None = None, max_file_size: int | None = 50 * 2**20,
-                  max_pixels: int | None = None, native_size=None, compile: bool = False, backend: str = "torch",
-                  onnx_path=None, provenance: bool = True, geometry: str | None = None) -> list[dict]:
+                  native_size=None, backend: str = "torch", onnx_path=None, provenance: bool = True,
+                  geometry: str | None = None, runtime_options: RuntimeOptions | None = None) -> list[dict]:
     """One row per image: ``{"path", "p_ai", "verdict", "threshold", "threshold_source", "calibrated",
     "provenance"}`` or ``{"path", "error"[, "provenance"]}``; bad files never stop the rest.
     An attribution run adds ``generator`` (the most probable class, ``nature`` included),
@@ -183,7 +179,11 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
     carries ``guarantee``, the calibration's false-positive promise and its figures
     (:meth:`fakescope.calibration.Decision.guarantee`). ``backend="onnxruntime"`` scores with the
     exported model (``onnx_path``, default ``RUN/model.onnx``) instead of PyTorch. ``provenance`` is the
-    file's own metadata evidence (:func:`fakescope.provenance.inspect_provenance`); it never changes ``p_ai``."""
+    file's own metadata evidence (:func:`fakescope.provenance.inspect_provenance`); it never changes ``p_ai``.
+    ``runtime_options`` (default: ``predict``'s, :class:`~fakescope.options.RuntimeOptions` with
+    ``max_file_size`` :data:`~fakescope.options.PREDICT_MAX_FILE_SIZE`): device, precision, batch size,
+    workers, image limits, thread cap, compile; the feature cache is never used."""
+    options = runtime_options if runtime_options is not None else RuntimeOptions(max_file_size=PREDICT_MAX_FILE_SIZE)
     if threshold is not None:
         threshold = checked("threshold", threshold, parsing.threshold, source="predict_paths")
     if backend not in ("torch", "onnxruntime"):
@@ -193,16 +193,13 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
     files = list_images([p for p in paths if os.path.lexists(p)])
     probs = None
     if backend == "onnxruntime":
-        det, config, pipeline = prepare_onnx(run_dir, onnx_path, native_size=native_size, geometry=geometry)
-        p, errors = score_files_onnx(det, files, pipeline, batch_size=batch_size or 64, num_workers=num_workers,
-                                     max_pixels=max_pixels, max_file_size=max_file_size, raw=True)
+        det, config, pipeline = prepare_onnx(run_dir, onnx_path, native_size=native_size, geometry=geometry,
+                                             threads=options.threads)
+        p, errors = score_files_onnx(det, files, pipeline, options, raw=True)
     else:
-        model, config, pipeline, dev, prec = prepare(run_dir, device=device, precision=precision,
-                                                     native_size=native_size, compile=compile, geometry=geometry)
-        p, errors, probs = score_variants(model, files, [pipeline], device=dev, precision=prec,
-                                          batch_size=batch_size, num_workers=num_workers, use_cache=False,
-                                          max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_file_size=max_file_size,
-                                          desc="predicting", with_probs=True)
+        model, config, pipeline, rt = prepare(run_dir, options, native_size=native_size, geometry=geometry)
+        p, errors, probs = score_variants(model, files, [pipeline], rt.replace(use_cache=False), desc="predicting",
+                                          with_probs=True)
         p = p[0]
     classes = config.get("classes") if probs is not None else None
     p = decision.p_ai(p)
@@ -237,14 +234,16 @@ def attribution_fields(probs: np.ndarray, classes: list[str]) -> dict:
             "top3": [[classes[k], round(float(probs[k]), 6)] for k in top]}
 
 
-def prepare_onnx(run_dir, onnx_path=None, *, native_size=None, geometry: str | None = None):
+def prepare_onnx(run_dir, onnx_path=None, *, native_size=None, geometry: str | None = None,
+                 threads: int | None = None):
     """``(OnnxDetector, config, pipeline)`` for scoring a run with its ONNX export (``onnx_path``,
-    default ``RUN/model.onnx``): the export must be of this run's model; images are prepared exactly
-    as for the PyTorch backend (native size, JPEG alignment)."""
+    default ``RUN/model.onnx``, on ``threads`` intra-op threads, None: onnxruntime's choice): the export
+    must be of this run's model; images are prepared exactly as for the PyTorch backend (native size,
+    JPEG alignment)."""
     from fakescope.engine.checkpoint import read_config
 
     config = read_config(run_dir)
-    det = OnnxDetector(onnx_path or Path(run_dir) / "model.onnx")
+    det = OnnxDetector(onnx_path or Path(run_dir) / "model.onnx", threads=threads)
     if det.metadata.get("model") != config["model"]["name"]:
         raise FakescopeError(f"expected an ONNX export of this run's model {config['model']['name']}, got "
                              f"{det.metadata.get('model')} in {det.path}")
@@ -259,80 +258,3 @@ def verdict(p_ai: float, threshold: float) -> dict:
     """``{"p_ai", "verdict"}`` as ``predict`` reports them: P(ai) rounded to 6 decimals, ``ai`` at or
     above ``threshold``."""
     return {"p_ai": round(float(p_ai), 6), "verdict": "ai" if p_ai >= threshold else "nature"}
-
-
-class Predictor:
-    """A run loaded for scoring images one request at a time (the server): decode bytes with the
-    reader ``predict`` uses, then score batches of stage images through the same pipeline,
-    precision, memory format and thread count as ``predict_paths``, so the P(ai) are the same.
-
-    ``backend="onnxruntime"`` scores with the run's ONNX export (``onnx_path``, default
-    ``RUN/model.onnx``), as ``predict_paths`` does; the P(ai) are then the raw model's (calibration is
-    applied by the caller, as for the PyTorch backend).
-
-    ``decode`` may run in any thread; ``score`` runs the model and belongs to one thread at a time."""
-
-    def __init__(self, run_dir, *, device: str = "auto", precision: str = "auto", native_size=None,
-                 max_pixels: int | None = None, max_file_size: int | None = None, compile: bool = False,
-                 backend: str = "torch", onnx_path=None, geometry: str | None = None) -> None:
-        self.run_dir = Path(run_dir)
-        self.backend = backend
-        self.onnx = None
-        if backend == "onnxruntime":
-            self.onnx, self.config, self.pipeline = prepare_onnx(run_dir, onnx_path, native_size=native_size,
-                                                                geometry=geometry)
-            self.model, self.device = None, torch.device("cpu")
-            self.precision = runtime.resolve_precision("fp32", self.device, inference=True)
-            self.threads = None
-        elif backend == "torch":
-            self.model, self.config, self.pipeline, self.device, self.precision = prepare(
-                run_dir, device=device, precision=precision, native_size=native_size, compile=compile,
-                geometry=geometry)
-            self.model.eval()
-            self.threads = runtime.model_threads(self.model, self.device)
-        else:
-            raise FakescopeError(f"expected backend torch or onnxruntime, got {backend!r}")
-        self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
-        self.max_file_size = max_file_size
-
-    @property
-    def stage_size(self) -> int:
-        return self.pipeline.stage_size()
-
-    @property
-    def stage_shape(self) -> tuple[int, ...]:
-        """The shape of one stage image: ``(3, S, S)``, or ``(K, 3, S, S)`` under the ``crops`` geometry."""
-        s = self.stage_size
-        return (self.pipeline.crops, 3, s, s) if self.pipeline.geometry == "crops" else (3, s, s)
-
-    def decode(self, data: bytes, name: str = "upload") -> tuple[Decoded, torch.Tensor]:
-        """``(decoded image, stage image uint8 of shape stage_shape)``; raises ``ImageReadError`` for a bad image."""
-        from fakescope.errors import ImageReadError
-
-        d = read_image_bytes(data, name, max_pixels=self.max_pixels, max_file_size=self.max_file_size,
-                             reduce_to=self.pipeline.reduce_size())
-        try:
-            return d, self.pipeline.to_stage(d.image)
-        except (RuntimeError, ValueError) as e:  # as ImageDataset: e.g. a 1-pixel-wide image the encoder rejects
-            raise ImageReadError(name, f"cannot transform image ({e})") from None
-
-    @property
-    def classes(self) -> list[str] | None:
-        """An attribution run's classes (``nature`` first) when its class probabilities can be scored
-        (the PyTorch backend), else None."""
-        classes = self.config.get("classes")
-        return list(classes) if classes and self.onnx is None else None
-
-    def score(self, stages: list[torch.Tensor]) -> np.ndarray:
-        """P(ai) (float64) of stage images, in one forward pass."""
-        return self.scores(stages)[:, 0]
-
-    def scores(self, stages: list[torch.Tensor]) -> np.ndarray:
-        """``[B, W]`` (float64): P(ai), then an attribution run's class probabilities (see
-        :func:`~fakescope.engine.infer.stage_scores`; P(ai) only with the ONNX backend), in one forward pass."""
-        if self.onnx is not None:
-            p = onnx_crop_mean(self.onnx.raw_p_ai, self.pipeline.finish(torch.stack(stages)).float().div_(255))
-            return np.asarray(p, dtype=np.float64)[:, None]
-        with cpu_threads(self.threads):
-            batch = torch.stack(stages).to(self.device, non_blocking=True)
-            return stage_scores(self.model, self.pipeline, batch, self.precision, self.device)

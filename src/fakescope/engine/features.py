@@ -14,7 +14,6 @@ The unreadable files met by any rank are gathered, so every rank reports the sam
 
 from __future__ import annotations
 
-import os
 import socket
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ import numpy as np
 import torch
 
 from fakescope.data.dataset import ImageDataset, cpu_threads, make_loader, plan_loader
-from fakescope.data.io import DEFAULT_MAX_PIXELS
 from fakescope.data.transforms import Pipeline
 from fakescope.engine import runtime
 from fakescope.engine.feature_cache import (
@@ -36,10 +34,12 @@ from fakescope.engine.feature_cache import (
     extractor_key,
     file_key,
 )
-from fakescope.engine.runtime import Precision
+from fakescope.engine.runtime import Precision, Runtime
 from fakescope.progress import progress
 from fakescope.utils import cache_dir
 
+DEFAULT_BATCH = 64
+"""Extraction batch size when the runtime sets none."""
 SHARD_ROWS = 65536
 """Rows per cache shard written during extraction (at most ``SHARD_ROWS x D x 2`` bytes in memory)."""
 
@@ -55,15 +55,16 @@ def _forward_features(model, x: torch.Tensor, precision: Precision, device: torc
     return f.reshape(-1, k * f.shape[1]) if k else f
 
 
-def iter_features(model, files: list[str], pipeline: Pipeline, *, device: torch.device, precision: Precision,
-                  batch_size: int = 64, order: list[int] | None = None, num_workers: int | None = None,
-                  desc: str = "features", max_pixels: int | None = None):
-    """Yield ``(positions, float16 features [b, D], {position: error})`` batch by batch, in ``order``."""
-    ds = ImageDataset(files, pipeline, stage_only=True, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+def iter_features(model, files: list[str], pipeline: Pipeline, rt: Runtime, *, order: list[int] | None = None,
+                  desc: str = "features"):
+    """Yield ``(positions, float16 features [b, D], {position: error})`` batch by batch, in ``order``
+    (``rt``: device, precision, batch size (None: :data:`DEFAULT_BATCH`), workers, pixel limit, thread cap)."""
+    device, precision, batch_size = rt.device, rt.precision, rt.batch_size or DEFAULT_BATCH
+    ds = ImageDataset(files, pipeline, stage_only=True, max_pixels=rt.max_pixels)
     picked = [files[i] for i in order] if order is not None else files
-    plan = plan_loader(picked, pipeline, device, num_workers)
+    plan = plan_loader(picked, pipeline, device, rt.num_workers)
     loader = make_loader(ds, batch_size, order, num_workers=plan.workers, pin_memory=device.type == "cuda")
-    with cpu_threads(runtime.fewest_threads(plan.threads, runtime.model_threads(model, device))):
+    with cpu_threads(runtime.fewest_threads(plan.threads, runtime.model_threads(model, device), rt.threads)):
         for batch in progress(loader, desc=desc, total=len(loader)):
             errors = dict(batch.errors)
             if not len(batch.index):
@@ -101,7 +102,7 @@ class _Computed:
 
 
 def _compute(model, files: list[str], keys: list[str], mine: list[int], cache: FeatureCache | None,
-             **iter_kw) -> _Computed:
+             pipeline: Pipeline, rt: Runtime, desc: str) -> _Computed:
     """Features of the positions ``mine``, written to ``cache`` shard by shard (kept in memory
     without a cache, or when the cache cannot be written)."""
     out = _Computed()
@@ -128,7 +129,7 @@ def _compute(model, files: list[str], keys: list[str], mine: list[int], cache: F
 
     if not mine:
         return out
-    for pos, f, errs in iter_features(model, files, order=mine, **iter_kw):
+    for pos, f, errs in iter_features(model, files, pipeline, rt, order=mine, desc=desc):
         out.errors.update({keys[i]: r for i, r in errs.items()})
         if f is None:
             continue
@@ -184,23 +185,23 @@ def _exchange_through_cache(cache: FeatureCache, keys: list[str], done: _Compute
     return src, rows, extra_keys, extra_rows
 
 
-def extract_features(model, files: list[str], pipeline: Pipeline, *, device: torch.device, precision: Precision,
-                     batch_size: int = 64, num_workers: int | None = None, use_cache: bool = True,
-                     cache_root: str | os.PathLike | None = None, desc: str = "features",
-                     max_pixels: int | None = None) -> tuple[FeatureTable, dict[int, str]]:
+def extract_features(model, files: list[str], pipeline: Pipeline, rt: Runtime, *,
+                     desc: str = "features") -> tuple[FeatureTable, dict[int, str]]:
     """Features of every file as a :class:`FeatureTable` ``[N, D]`` (rows of unreadable files are
     zero), and ``{position: reason}`` for the unreadable files.
 
-    Cached files are read from the cache; the missing ones are computed (dealt to torchrun ranks
-    in whole batches) and written to it shard by shard. With ``use_cache=False`` everything is
-    computed in memory (``N x D x 2`` bytes). Every rank returns the full table and the same errors.
+    Cached files are read from the cache (``rt.cache_dir``, default the user cache directory's
+    ``features``); the missing ones are computed (dealt to torchrun ranks in whole batches of
+    ``rt.batch_size``, default :data:`DEFAULT_BATCH`) and written to it shard by shard. With
+    ``rt.use_cache`` off everything is computed in memory (``N x D x 2`` bytes). Every rank returns
+    the full table and the same errors.
     """
     model.eval()
     n = len(files)
     cache = None
-    if use_cache:
-        cache = FeatureCache(Path(cache_root or cache_dir() / "features") /
-                             extractor_key(model, pipeline, precision, device, max_pixels))
+    if rt.use_cache:
+        cache = FeatureCache(Path(rt.cache_dir or cache_dir() / "features") /
+                             extractor_key(model, pipeline, rt.precision, rt.device, rt.max_pixels))
     keys = [file_key(f) for f in files]
     if cache is not None:
         src, rows = cache.lookup(keys)
@@ -209,9 +210,8 @@ def extract_features(model, files: list[str], pipeline: Pipeline, *, device: tor
     missing = np.nonzero(src == MISSING)[0].tolist()
     if runtime.is_distributed():  # the same work list on every rank, even if their caches differ
         missing = sorted(set().union(*runtime.all_gather_objects(missing)))
-    done = _compute(model, files, keys, _deal_batches(missing, batch_size), cache, pipeline=pipeline,
-                    device=device, precision=precision, batch_size=batch_size, num_workers=num_workers, desc=desc,
-                    max_pixels=max_pixels)
+    done = _compute(model, files, keys, _deal_batches(missing, rt.batch_size or DEFAULT_BATCH), cache, pipeline,
+                    rt, desc)
 
     errors = done.errors
     extra_keys: list[str] = []

@@ -16,12 +16,11 @@ import numpy as np
 import torch
 
 from fakescope.data.dataset import ImageDataset, cpu_threads, make_loader, plan_loader
-from fakescope.data.io import DEFAULT_MAX_PIXELS
 from fakescope.data.layout import Index
 from fakescope.data.transforms import Pipeline
 from fakescope.engine import runtime
 from fakescope.engine.features import extract_features
-from fakescope.engine.runtime import Precision
+from fakescope.engine.runtime import Precision, Runtime
 from fakescope.metrics import DetectionMetrics
 from fakescope.progress import progress
 
@@ -124,19 +123,18 @@ def _head_scores(model, feats, ok: np.ndarray, device: torch.device, crops: int 
     return p
 
 
-def score_variants(model, files: list[str], pipelines: list[Pipeline], *, device: torch.device,
-                   precision: Precision, batch_size: int | None = None, num_workers: int | None = None,
-                   use_cache: bool = True, cache_root=None, max_pixels: int | None = None,
-                   max_file_size: int | None = None, desc: str = "scoring",
+def score_variants(model, files: list[str], pipelines: list[Pipeline], rt: Runtime, *, desc: str = "scoring",
                    descs: list[str] | None = None, with_probs: bool = False):
     """``(p_ai [V, N], errors)``: P(ai) of every file under each of ``pipelines`` (NaN where
     unreadable, or where the model's score was not a finite number) and ``{position: reason}``.
     Every rank returns the full result. With ``with_probs``: ``(p_ai, errors, probs)``, ``probs``
     the ``[N, C]`` class probabilities under the first pipeline for an attribution model (None for
-    a binary one). Under the ``crops`` geometry every score is the mean over the image's crops."""
-    s, errors = _score_variants(model, files, pipelines, device=device, precision=precision, batch_size=batch_size,
-                                num_workers=num_workers, use_cache=use_cache, cache_root=cache_root,
-                                max_pixels=max_pixels, max_file_size=max_file_size, desc=desc, descs=descs)
+    a binary one). Under the ``crops`` geometry every score is the mean over the image's crops.
+
+    ``rt``: the device, precision, batch size (None: :func:`default_batch_size`), workers, feature
+    cache (a frozen backbone reads and fills it unless ``use_cache`` is off or a ``max_file_size`` is
+    set), image limits and thread cap."""
+    s, errors = _score_variants(model, files, pipelines, rt, desc, descs)
     p = nonfinite_errors(np.ascontiguousarray(s[..., 0]), errors, ["clean", *descs[1:]] if descs else None)
     if not with_probs:
         return p, errors
@@ -146,22 +144,19 @@ def score_variants(model, files: list[str], pipelines: list[Pipeline], *, device
     return p, errors, probs
 
 
-def _score_variants(model, files, pipelines, *, device, precision, batch_size, num_workers, use_cache, cache_root,
-                    max_pixels, max_file_size, desc, descs) -> tuple[np.ndarray, dict[int, str]]:
+def _score_variants(model, files, pipelines, rt: Runtime, desc, descs) -> tuple[np.ndarray, dict[int, str]]:
     model.eval()
     n, v = len(files), len(pipelines)
-    bs = batch_size or default_batch_size(model.preprocess.input_size)
-    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    bs = rt.batch_size or default_batch_size(model.preprocess.input_size)
     w = score_width(model)
-    if model.frozen and use_cache and max_file_size is None:
+    if model.frozen and rt.use_cache and rt.max_file_size is None:
         out = np.full((v, n, w), np.nan)
         errors: dict[int, str] = {}
         for j, pl in enumerate(pipelines):
-            feats, errs = extract_features(model, files, pl, device=device, precision=precision, batch_size=bs,
-                                           num_workers=num_workers, cache_root=cache_root,
-                                           desc=(descs or [desc] * v)[j], max_pixels=max_pixels)
+            feats, errs = extract_features(model, files, pl, rt.replace(batch_size=bs),
+                                           desc=(descs or [desc] * v)[j])
             ok = np.array(sorted(set(range(n)) - set(errs)), dtype=np.int64)
-            out[j] = _head_scores(model, feats, ok, device, pl.crops)
+            out[j] = _head_scores(model, feats, ok, rt.device, pl.crops)
             errors.update(errs)
             del feats
         return out, errors
@@ -172,34 +167,32 @@ def _score_variants(model, files, pipelines, *, device, precision, batch_size, n
     out = np.full((v, n, w), np.nan)
     errors = {}
     for g0 in range(0, v, group):
-        part, err = _stream(model, files, pipelines[g0:g0 + group], device=device, precision=precision,
-                            batch_size=bs, num_workers=num_workers, max_pixels=max_pixels,
-                            max_file_size=max_file_size, desc=desc if v == 1 else f"{desc} ({g0 + 1}-"
-                            f"{min(v, g0 + group)} of {v} variants)")
+        part, err = _stream(model, files, pipelines[g0:g0 + group], rt, bs,
+                            desc if v == 1 else f"{desc} ({g0 + 1}-{min(v, g0 + group)} of {v} variants)")
         out[g0:g0 + group] = part
         errors.update(err)
     return out, errors
 
 
-def _stream(model, files, pipelines, *, device, precision, batch_size, num_workers, max_pixels, max_file_size,
-            desc) -> tuple[np.ndarray, dict[int, str]]:
+def _stream(model, files, pipelines, rt: Runtime, batch_size: int, desc: str) -> tuple[np.ndarray, dict[int, str]]:
     n, v = len(files), len(pipelines)
-    kw = {"max_file_size": max_file_size} if max_file_size else {}
-    ds = ImageDataset(files, pipelines[0], stage_only=True, max_pixels=max_pixels,
+    device = rt.device
+    kw = {"max_file_size": rt.max_file_size} if rt.max_file_size else {}
+    ds = ImageDataset(files, pipelines[0], stage_only=True, max_pixels=rt.max_pixels,
                       variants=pipelines if v > 1 else None, **kw)
     order = [i for b in runtime.shard_batches(n, batch_size) for i in b]
-    plan = plan_loader([files[i] for i in order], pipelines[0], device, num_workers)
+    plan = plan_loader([files[i] for i in order], pipelines[0], device, rt.num_workers)
     loader = make_loader(ds, batch_size, order, num_workers=plan.workers, pin_memory=device.type == "cuda")
     idx_out: list[np.ndarray] = []
     p_out: list[np.ndarray] = []
     errors: dict[int, str] = {}
-    with cpu_threads(runtime.fewest_threads(plan.threads, runtime.model_threads(model, device))):
+    with cpu_threads(runtime.fewest_threads(plan.threads, runtime.model_threads(model, device), rt.threads)):
         for batch in progress(loader, desc=desc, total=len(loader)):
             errors.update(batch.errors)
             if not len(batch.index):
                 continue
             img = batch.image.to(device, non_blocking=True)
-            ps = [stage_scores(model, pl, img[:, j] if v > 1 else img, precision, device)
+            ps = [stage_scores(model, pl, img[:, j] if v > 1 else img, rt.precision, device)
                   for j, pl in enumerate(pipelines)]
             p_out.append(np.stack(ps))
             idx_out.append(batch.index.numpy())
@@ -212,16 +205,12 @@ def _stream(model, files, pipelines, *, device, precision, batch_size, num_worke
     return p, errors
 
 
-def score_files(model, files: list[str], pipeline: Pipeline, *, device: torch.device, precision: Precision,
-                batch_size: int | None = None, num_workers: int | None = None, use_cache: bool = True,
-                cache_root=None, max_pixels: int | None = None, max_file_size: int | None = None,
+def score_files(model, files: list[str], pipeline: Pipeline, rt: Runtime, *,
                 desc: str = "scoring") -> tuple[np.ndarray, dict[int, str]]:
     """``(p_ai, errors)``: P(ai) per file (NaN where unreadable) and ``{position: reason}``.
 
     Every rank returns the full result. Memory stays flat: images are decoded batch by batch."""
-    p, errors = score_variants(model, files, [pipeline], device=device, precision=precision,
-                               batch_size=batch_size, num_workers=num_workers, use_cache=use_cache,
-                               cache_root=cache_root, max_pixels=max_pixels, max_file_size=max_file_size, desc=desc)
+    p, errors = score_variants(model, files, [pipeline], rt, desc=desc)
     return p[0], errors
 
 
@@ -250,10 +239,8 @@ def _metrics(labels, p, gens, threshold) -> tuple[dict, np.ndarray]:
     return m.compute(), ok
 
 
-def evaluate_index(model, index: Index, pipeline: Pipeline, *, device: torch.device, precision: Precision,
-                   threshold: float = 0.5, batch_size: int | None = None, num_workers: int | None = None,
-                   use_cache: bool = True, cache_root=None, degradations=(), max_pixels: int | None = None,
-                   calibrate=None, classes: list[str] | None = None) -> dict:
+def evaluate_index(model, index: Index, pipeline: Pipeline, rt: Runtime, *, threshold: float = 0.5,
+                   degradations=(), calibrate=None, classes: list[str] | None = None) -> dict:
     """Metrics of ``model`` on ``index``: overall, per generator, and under each degradation level;
     for an attribution model (``classes``: its class list, ``nature`` first) also the ``attribution``
     metrics (:func:`fakescope.metrics.attribution_metrics`) over the images whose generator is one of
@@ -262,7 +249,8 @@ def evaluate_index(model, index: Index, pipeline: Pipeline, *, device: torch.dev
     ``calibrate`` (raw p_ai -> calibrated p_ai, e.g. ``Decision.p_ai``) is applied to every score
     before the metrics; ``scores`` then holds both (``p_ai`` calibrated, ``p_ai_raw``).
 
-    Every file is decoded once for all levels. ``seconds`` is the time of the whole scoring,
+    ``rt``: where and how it runs (:class:`~fakescope.engine.runtime.Runtime`). Every file is decoded
+    once for all levels. ``seconds`` is the time of the whole scoring,
     ``images_per_second`` the readable images scored per second over all levels.
 
     Returns the evaluate JSON (without the ``model``/``data`` descriptions, which the caller adds)
@@ -275,10 +263,7 @@ def evaluate_index(model, index: Index, pipeline: Pipeline, *, device: torch.dev
     pipelines = [pipeline] + [replace(pipeline, degrade=lv) for lv in levels]
     descs = ["evaluating"] + [f"{kind} {level:g}" for kind, level in levels]
     t0 = time.perf_counter()
-    p, errors, probs = score_variants(model, files, pipelines, device=device, precision=precision,
-                                      batch_size=batch_size, num_workers=num_workers, use_cache=use_cache,
-                                      cache_root=cache_root, max_pixels=max_pixels, desc="evaluating", descs=descs,
-                                      with_probs=True)
+    p, errors, probs = score_variants(model, files, pipelines, rt, desc="evaluating", descs=descs, with_probs=True)
     seconds = time.perf_counter() - t0
     p_raw = p[0].copy()
     if calibrate is not None:

@@ -18,6 +18,7 @@ from fakescope.calibration import logit, sigmoid
 from fakescope.data.dataset import ImageDataset, make_loader
 from fakescope.data.io import DEFAULT_MAX_PIXELS
 from fakescope.errors import FakescopeError
+from fakescope.options import RuntimeOptions
 from fakescope.progress import progress
 
 
@@ -71,14 +72,16 @@ class OnnxDetector:
         return p if not self.calibrated else sigmoid(logit(p) * self.temperature)
 
 
-def score_files_onnx(detector: OnnxDetector, files: list[str], pipeline, *, batch_size: int = 64,
-                     num_workers: int | None = None, max_pixels: int | None = None,
-                     max_file_size: int | None = None, raw: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+def score_files_onnx(detector: OnnxDetector, files: list[str], pipeline, runtime_options: RuntimeOptions | None = None,
+                     *, raw: bool = False) -> tuple[np.ndarray, dict[int, str]]:
     """``(p_ai, errors)`` of image files through fakescope's decoding ``pipeline`` and onnxruntime:
-    the same images as the PyTorch backend gets. ``raw`` removes an exported temperature."""
-    kw = {"max_file_size": max_file_size} if max_file_size else {}
-    ds = ImageDataset(files, pipeline, stage_only=True, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, **kw)
-    loader = make_loader(ds, batch_size, num_workers=num_workers)
+    the same images as the PyTorch backend gets. ``raw`` removes an exported temperature.
+    ``runtime_options``: batch size (None: 64), workers and the reader's limits (device and precision
+    are onnxruntime's: the CPU, fp32)."""
+    options = runtime_options if runtime_options is not None else RuntimeOptions()
+    kw = {"max_file_size": options.max_file_size} if options.max_file_size else {}
+    ds = ImageDataset(files, pipeline, stage_only=True, max_pixels=options.max_pixels or DEFAULT_MAX_PIXELS, **kw)
+    loader = make_loader(ds, options.batch_size or 64, num_workers=options.num_workers)
     p = np.full(len(files), np.nan)
     errors: dict[int, str] = {}
     score = detector.raw_p_ai if raw else detector.p_ai

@@ -15,7 +15,6 @@ only here, and only when this engine runs: fakescope works without it (``pip ins
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 
 from fakescope.engine.bulk_rows import KillHook, Scoring, decode_input, empty_row
 from fakescope.errors import FakescopeError
+from fakescope.options import RuntimeOptions
 
 WINDOW_ROWS = 1_000_000
 """Inputs handed to one Ray Data execution (its actors load the model once per window)."""
@@ -81,17 +81,18 @@ class Scorer:
     skipped). Output: the other columns unchanged (``image``/``stage`` dropped unless ``keep_images``)
     plus ``p_ai`` (NaN where not scored), ``verdict``, ``threshold``, ``threshold_source``,
     ``calibrated``, ``error`` ("" when scored) and, for an attribution run, ``generator`` and
-    ``generator_p``. ``threshold``, ``uncalibrated`` and the geometry options mean what they mean for
-    ``predict``."""
+    ``generator_p``. ``threshold``, ``uncalibrated``, the geometry options and ``runtime_options``
+    (:class:`~fakescope.options.RuntimeOptions`: device, precision, pixel limit, thread cap) mean what
+    they mean for ``predict``."""
 
-    def __init__(self, run_dir, *, threshold: float | None = None, uncalibrated: bool = False, device: str = "auto",
-                 precision: str = "auto", native_size=None, geometry: str | None = None, backend: str = "torch",
-                 onnx_path=None, max_pixels: int | None = None, keep_images: bool = False) -> None:
+    def __init__(self, run_dir, *, threshold: float | None = None, uncalibrated: bool = False, native_size=None,
+                 geometry: str | None = None, backend: str = "torch", onnx_path=None,
+                 runtime_options: RuntimeOptions | None = None, keep_images: bool = False) -> None:
         from fakescope.calibration import resolve_decision
-        from fakescope.engine.evaluation import Predictor
+        from fakescope.engine.predictor import Predictor
 
-        self.predictor = Predictor(run_dir, device=device, precision=precision, native_size=native_size,
-                                   max_pixels=max_pixels, backend=backend, onnx_path=onnx_path, geometry=geometry)
+        self.predictor = Predictor(run_dir, runtime_options, native_size=native_size, backend=backend,
+                                   onnx_path=onnx_path, geometry=geometry)
         self.scoring = Scoring(resolve_decision(run_dir, threshold, uncalibrated), self.predictor.classes)
         self.keep_images = keep_images
 
@@ -172,12 +173,16 @@ def _rows(b: dict, attribution: bool) -> list[dict]:
     return rows
 
 
-def run_ray(job, *, run_dir, pipeline, address: str | None = None, actors: int | None = None,
-            gpus_per_actor: float = 0.0, batch_size: int | None = None, max_pixels: int, max_file_size: int | None,
-            provenance: bool, device: str = "auto", precision: str = "auto", native_size=None,
-            geometry: str | None = None, threshold: float | None = None, uncalibrated: bool = False,
-            backend: str = "torch", onnx_path=None, window_rows: int = WINDOW_ROWS) -> dict:
+def run_ray(job, *, pipeline, scorer: dict, runtime_options: RuntimeOptions, address: str | None = None,
+            actors: int | None = None, gpus_per_actor: float = 0.0, provenance: bool,
+            window_rows: int = WINDOW_ROWS) -> dict:
     """Run ``job``'s pending shards through Ray Data; ``{"files", "shards_written"}``.
+
+    ``scorer``: the :class:`Scorer` keyword arguments other than its runtime options (``run_dir``,
+    ``threshold``, ``uncalibrated``, ``native_size``, ``geometry``, ``backend``, ``onnx_path``).
+    ``runtime_options``: the batch size (None: :func:`~fakescope.engine.infer.default_batch_size`),
+    the reader's limits (``max_pixels`` as resolved, ``max_file_size``) and the actors' device,
+    precision and thread cap.
 
     ``address``: None starts a local Ray instance on this machine's CPUs; ``auto`` or ``HOST:PORT``
     joins an existing cluster. ``actors`` scoring actors (default: one per GPU with ``gpus_per_actor``,
@@ -196,18 +201,15 @@ def run_ray(job, *, run_dir, pipeline, address: str | None = None, actors: int |
             raise FakescopeError(f"expected a Ray instance at {address or 'this machine'}, got: "
                                  f"{' '.join(str(e).split())[:300]}") from None
     try:
-        return _run(ray, job, run_dir=run_dir, pipeline=pipeline, actors=actors, gpus_per_actor=gpus_per_actor,
-                    batch_size=batch_size, max_pixels=max_pixels, max_file_size=max_file_size, provenance=provenance,
-                    device=device, precision=precision, native_size=native_size, geometry=geometry,
-                    threshold=threshold, uncalibrated=uncalibrated, backend=backend, onnx_path=onnx_path,
-                    window_rows=window_rows)
+        return _run(ray, job, pipeline=pipeline, scorer=scorer, runtime_options=runtime_options, actors=actors,
+                    gpus_per_actor=gpus_per_actor, provenance=provenance, window_rows=window_rows)
     finally:
         if started:  # the local instance this call started (a cluster, or the caller's instance, stays)
             ray.shutdown()
 
 
-def _run(ray, job, *, run_dir, pipeline, actors, gpus_per_actor, batch_size, max_pixels, max_file_size, provenance,
-         device, precision, native_size, geometry, threshold, uncalibrated, backend, onnx_path, window_rows) -> dict:
+def _run(ray, job, *, pipeline, scorer: dict, runtime_options: RuntimeOptions, actors, gpus_per_actor, provenance,
+         window_rows) -> dict:
     import pyarrow as pa
 
     from fakescope.engine.infer import default_batch_size
@@ -221,14 +223,15 @@ def _run(ray, job, *, run_dir, pipeline, actors, gpus_per_actor, batch_size, max
         gpus = float(res.get("GPU", 0))
         actors = max(1, int(gpus // gpus_per_actor)) if gpus_per_actor > 0 and gpus else \
             max(1, int(res.get("CPU", 2)) // 2)
-    bs = batch_size or default_batch_size(pipeline.input_size)
+    o = runtime_options
+    bs = o.batch_size or default_batch_size(pipeline.input_size)
     s = pipeline.stage_size()
     stage_shape = (pipeline.crops, 3, s, s) if pipeline.geometry == "crops" else (3, s, s)
-    decode_kw = {"pipeline": pipeline, "stage_shape": stage_shape, "max_pixels": max_pixels,
-                 "max_file_size": max_file_size, "provenance": provenance}
-    scorer_kw = {"run_dir": str(os.path.abspath(run_dir)), "threshold": threshold, "uncalibrated": uncalibrated,
-                 "device": device, "precision": precision, "native_size": native_size, "geometry": geometry,
-                 "backend": backend, "onnx_path": onnx_path, "max_pixels": max_pixels}
+    decode_kw = {"pipeline": pipeline, "stage_shape": stage_shape, "max_pixels": o.max_pixels,
+                 "max_file_size": o.max_file_size, "provenance": provenance}
+    # the actors decode nothing and are not compiled: their device, precision, pixel limit and threads
+    actor = RuntimeOptions(device=o.device, precision=o.precision, max_pixels=o.max_pixels, threads=o.threads)
+    scorer_kw = {**scorer, "runtime_options": actor}
     kill = KillHook()
     done = {"files": 0, "shards_written": 0}
     for window in _windows(job.pending_shards(), window_rows):

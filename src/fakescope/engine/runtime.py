@@ -7,13 +7,16 @@ support ``torchrun`` and is a no-op in a single process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from fakescope.choices import DEVICES, PRECISIONS  # noqa: F401  (defined in the base layer; re-exported here)
 from fakescope.errors import FakescopeError
+from fakescope.options import RuntimeOptions, check_device, check_precision
 from fakescope.ranks import (  # noqa: F401  (torchrun's helpers live in the base layer; re-exported here)
     all_gather_objects,
     barrier,
@@ -28,13 +31,9 @@ from fakescope.ranks import (  # noqa: F401  (torchrun's helpers live in the bas
     world_size,
 )
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-
 
 def resolve_device(device: str = "auto") -> torch.device:
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise FakescopeError(f"expected --device to be one of {', '.join(DEVICES)}, got {device!r}")
+    check_device(device)
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank() if is_distributed() else torch.cuda.current_device())
@@ -134,8 +133,7 @@ def resolve_precision(precision: str, device: torch.device, *, inference: bool) 
     (AVX-512 bf16 / AMX on CPU, Ampere+ on GPU), fp32 otherwise and always fp32 for training,
     which keeps training bit-reproducible. Training uses channels_last in every precision (a
     cnn32 epoch on CPU: 25-30 % faster); fp32 inference keeps the default memory format."""
-    if precision not in PRECISIONS:
-        raise FakescopeError(f"expected --precision to be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     if precision == "auto":
         precision = "bf16" if inference and bf16_supported(device) else "fp32"
     if precision == "bf16":
@@ -147,3 +145,74 @@ def resolve_precision(precision: str, device: torch.device, *, inference: bool) 
             raise FakescopeError("--precision fp16 needs a CUDA GPU: on CPU use bf16 or fp32")
         return Precision("fp16", torch.float16, True)
     return Precision("fp32", None, not inference)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """:class:`~fakescope.options.RuntimeOptions` resolved on this machine: the ``torch.device`` and the
+    numeric :class:`Precision` they stand for, beside the options themselves (batch size, workers,
+    cache, image limits, threads, compile). Made by :func:`resolve` (or :func:`fixed`); the low-level
+    scoring functions (:func:`fakescope.engine.infer.score_variants`, ``evaluate_index``,
+    :func:`fakescope.engine.features.extract_features`) take it as one argument."""
+
+    options: RuntimeOptions
+    device: torch.device
+    precision: Precision
+    inference: bool = True
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.options.batch_size
+
+    @property
+    def num_workers(self) -> int | None:
+        return self.options.num_workers
+
+    @property
+    def use_cache(self) -> bool:
+        return self.options.use_cache
+
+    @property
+    def cache_dir(self):
+        return self.options.cache_dir
+
+    @property
+    def max_pixels(self) -> int:
+        """The pixel limit, with the reader's default (120 M) for None."""
+        from fakescope.data.io import DEFAULT_MAX_PIXELS
+
+        return self.options.max_pixels or DEFAULT_MAX_PIXELS
+
+    @property
+    def max_file_size(self) -> int | None:
+        return self.options.max_file_size
+
+    @property
+    def threads(self) -> int | None:
+        return self.options.threads
+
+    def replace(self, **changes) -> Runtime:
+        """The same runtime with some options changed; a changed ``precision`` is resolved again on the
+        same device (the device itself cannot change: resolve new options instead)."""
+        if "device" in changes:
+            raise ValueError("Runtime.replace cannot change the device: resolve new RuntimeOptions instead")
+        options = dataclasses.replace(self.options, **changes)
+        precision = self.precision
+        if "precision" in changes:
+            precision = resolve_precision(options.precision, self.device, inference=self.inference)
+        return Runtime(options, self.device, precision, self.inference)
+
+
+def resolve(options: RuntimeOptions | None = None, *, inference: bool = True) -> Runtime:
+    """The one place :class:`~fakescope.options.RuntimeOptions` become a :class:`Runtime`: the device
+    (:func:`resolve_device`) and the precision for inference or training (:func:`resolve_precision`)."""
+    options = options if options is not None else RuntimeOptions()
+    device = resolve_device(options.device)
+    return Runtime(options, device, resolve_precision(options.precision, device, inference=inference), inference)
+
+
+def fixed(device: torch.device | str, precision: Precision, **options) -> Runtime:
+    """A :class:`Runtime` for a device and precision already resolved (training's sources, tests),
+    with the other :class:`~fakescope.options.RuntimeOptions` fields from ``options``."""
+    device = torch.device(device)
+    return Runtime(RuntimeOptions(device=str(device), precision=precision.name, **options), device, precision)

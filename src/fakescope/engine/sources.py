@@ -170,10 +170,9 @@ def make_source(model, files: list[str], labels: list[int], pipeline: Pipeline, 
     y = torch.tensor(labels, dtype=torch.long)
     if on_features(model, opts):
         runtime.prepare_model(model, infer_precision)  # extraction as evaluate does it (the head is linear)
-        feats, errors = extract_features(model, files, pipeline, device=device, precision=infer_precision,
-                                         batch_size=max(opts.batch_size, 64), num_workers=opts.num_workers,
-                                         use_cache=opts.use_cache, cache_root=opts.cache_dir, desc=desc,
-                                         max_pixels=opts.max_pixels)
+        rt = runtime.fixed(device, infer_precision, batch_size=max(opts.batch_size, 64), num_workers=opts.num_workers,
+                           use_cache=opts.use_cache, cache_dir=opts.cache_dir, max_pixels=opts.max_pixels)
+        feats, errors = extract_features(model, files, pipeline, rt, desc=desc)
         # in memory when it fits (a quarter of RAM), else batches gather rows from the memory-mapped cache
         # a head's operators on a batch of feature vectors are too small to gain from a CPU thread team, and
         # an oversubscribed team stalls at each of them: one thread (a fixed count, so runs stay reproducible)

@@ -2,7 +2,7 @@
 
 * ``POST /v1/predict``: images as ``multipart/form-data`` (field ``file``, repeatable) or one raw
   ``image/*`` body; P(ai) per image, exactly as ``fakescope predict`` computes it (the same reader,
-  native-size preprocessing, precision and memory format, see :class:`~fakescope.engine.evaluation.Predictor`).
+  native-size preprocessing, precision and memory format, see :class:`~fakescope.engine.predictor.Predictor`).
 * ``GET /v1/models``, ``GET /health``, ``GET /ready``, ``GET /openapi.json``, ``GET /docs`` (offline
   Swagger UI: its assets are served from this process), ``GET /`` (the web page).
 
@@ -39,8 +39,10 @@ from pydantic import BaseModel, Field
 from fakescope import __version__
 from fakescope.calibration import calibrate_p_ai, resolve_decision
 from fakescope.data.io import sniff_format
-from fakescope.engine.evaluation import Predictor, attribution_fields, verdict
+from fakescope.engine.evaluation import attribution_fields, verdict
+from fakescope.engine.predictor import Predictor
 from fakescope.errors import FakescopeError, ImageReadError
+from fakescope.options import RuntimeOptions
 from fakescope.runfiles import read_train_metrics
 from fakescope.serve.batcher import Batcher, QueueFull
 from fakescope.serve.errors import ApiError, error_response, install_handlers
@@ -90,6 +92,14 @@ class ServeOptions:
                 raise FakescopeError(f"expected {name} >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise FakescopeError(f"expected max_wait_ms >= 0, got {self.max_wait_ms}")
+        self.runtime  # noqa: B018 - device, precision and the image limits are checked when the options are made
+
+    @property
+    def runtime(self) -> RuntimeOptions:
+        """The scoring runtime of every served run: device, precision and the reader's limits (the
+        upload limit ``max_file_size`` is also the decoder's)."""
+        return RuntimeOptions(device=self.device, precision=self.precision, max_pixels=self.max_pixels,
+                              max_file_size=self.max_file_size)
 
 
 # --- response schemas (for /openapi.json and /docs) -----------------------------------------------
@@ -172,12 +182,10 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
 class ServedModel:
     """One run: its predictor, its batcher and what ``/v1/models`` says about it."""
 
-    def __init__(self, run_dir: str | os.PathLike, options: ServeOptions, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, run_dir: str | os.PathLike, options: ServeOptions, runtime_options: RuntimeOptions,
+                 executor: ThreadPoolExecutor) -> None:
         self.name = Path(run_dir).resolve().name
-        self.predictor = Predictor(run_dir, device=options.device, precision=options.precision,
-                                   geometry=options.test_geometry,
-                                   max_pixels=options.max_pixels, max_file_size=options.max_file_size,
-                                   backend=options.backend)
+        self.predictor = Predictor(run_dir, runtime_options, geometry=options.test_geometry, backend=options.backend)
         # calibrated p_ai and the run's threshold unless told otherwise (fakescope.calibration)
         self.decision = resolve_decision(run_dir, options.threshold, options.uncalibrated)
         self.buckets = sorted({min(2**k, options.max_batch) for k in range(options.max_batch.bit_length() + 1)})
@@ -235,8 +243,9 @@ class ServerState:
         self.decoders = ThreadPoolExecutor(options.decode_threads or max(1, min(4, cores)),
                                            thread_name_prefix="fakescope-decode")
         self.models: dict[str, ServedModel] = {}
+        self.runtime = options.runtime  # built once, for every run
         for run in runs:
-            m = ServedModel(run, options, self.inference)
+            m = ServedModel(run, options, self.runtime, self.inference)
             if m.name in self.models:
                 raise FakescopeError(f"expected run directories with distinct names (the model name is the "
                                      f"folder name), got {m.name!r} twice: rename or copy one")

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from fakescope import parsing
 from fakescope.attacks import ATTACKS
-from fakescope.choices import ATTACK_DIRECTIONS, GEOMETRIES, LR_SCHEDULES, TASKS
+from fakescope.choices import ATTACK_DIRECTIONS, GEOMETRIES, LR_SCHEDULES, PRECISIONS, TASKS
 from fakescope.data.io import list_images
 from fakescope.data.layout import index_root
 from fakescope.data.transforms import Augment, parse_degradations
-from fakescope.engine.runtime import PRECISIONS
 from fakescope.errors import FakescopeError
+from fakescope.options import RuntimeOptions
 from fakescope.utils import slug
 
 DEFAULT_MODELS = ("cnn32", "resnet50", "convnext_small")
@@ -93,6 +93,14 @@ class BenchmarkConfig:
     report: bool = True
     attack: dict = field(default_factory=dict)
     real_photos: str | None = None   # a folder of real photos only: each model's false alarms on them
+
+    @property
+    def runtime(self) -> RuntimeOptions:
+        """The one place the configuration's runtime keys become :class:`~fakescope.options.RuntimeOptions`
+        (``eval_batch_size`` is the batch size of its evaluations, attacks and checks)."""
+        return RuntimeOptions(device=self.device, precision=self.precision, batch_size=self.eval_batch_size,
+                              num_workers=self.workers, use_cache=self.use_cache, cache_dir=self.cache_dir,
+                              max_pixels=self.max_pixels)
 
     def resolved(self) -> dict:
         d = asdict(self)

@@ -18,11 +18,11 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from fakescope import __version__
 from fakescope import runfiles as rf
-from fakescope.data.io import DEFAULT_MAX_PIXELS
 from fakescope.data.layout import index_root
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
@@ -99,13 +99,11 @@ def result_key(cfg: BenchmarkConfig, run_dir, *, precision: str | None, data: di
     calibration, real photos): the fakescope version, the run (weights, config and calibration digests),
     ``data`` (e.g. :func:`selection_digest`), ``max_pixels``, the device and the *resolved* precision
     (``auto`` is what it resolves to on this machine), plus the result's own ``extra`` fields."""
-    dev = runtime.resolve_device(cfg.device)
-    prec = runtime.resolve_precision(precision or cfg.precision, dev, inference=True)
+    rt = runtime.resolve(replace(cfg.runtime, precision=precision or cfg.precision))
     return {"fakescope": __version__, "weights_sha256": file_digest(Path(run_dir) / ckpt.WEIGHTS),
             "run_config_sha256": file_digest(Path(run_dir) / ckpt.CONFIG),
             "calibration_sha256": file_digest(Path(run_dir) / rf.CALIBRATION), "data": data,
-            "max_pixels": cfg.max_pixels or DEFAULT_MAX_PIXELS, "device": dev.type, "precision": prec.name,
-            **extra}
+            "max_pixels": rt.max_pixels, "device": rt.device.type, "precision": rt.precision.name, **extra}
 
 
 def _base_key(cfg: BenchmarkConfig, run_dir, generators, precision: str | None) -> dict:
@@ -233,10 +231,8 @@ def evaluate_cached(cfg: BenchmarkConfig, run_dir: Path, *, generators: list[str
         log(f"{what}: evaluating on {cfg.split}" + (f" (JPEG-aligned at {jpeg_align})" if jpeg_align else "")
             + (f" with degradations {', '.join(degrade)}" if degrade else ""))
         result = evaluate_run(run_dir, cfg.data, split=cfg.split, generators=generators, threshold=cfg.threshold,
-                              jpeg_align=jpeg_align, degrade=degrade or None, device=cfg.device,
-                              precision=precision or cfg.precision, batch_size=cfg.eval_batch_size,
-                              num_workers=cfg.workers, use_cache=cfg.use_cache, cache_dir=cfg.cache_dir,
-                              max_pixels=cfg.max_pixels)
+                              jpeg_align=jpeg_align, degrade=degrade or None,
+                              runtime_options=replace(cfg.runtime, precision=precision or cfg.precision))
         outputs = write_evaluation(result, folder)
         if runtime.is_main():
             refresh_model_card(run_dir)  # the folder is in the run: its card lists the evaluation
@@ -264,9 +260,7 @@ def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str
         log(f"{what}: calibrating on the run's held-out training images (target FPR {cfg.calibrate:g}, confidence "
             f"{cfg.calibrate_confidence:g})")
         res = calibrate_run(run_dir, split="holdout", target_fpr=float(cfg.calibrate),
-                            confidence=float(cfg.calibrate_confidence), device=cfg.device,
-                            precision=cfg.precision, batch_size=cfg.eval_batch_size, num_workers=cfg.workers,
-                            use_cache=cfg.use_cache, cache_dir=cfg.cache_dir, max_pixels=cfg.max_pixels)
+                            confidence=float(cfg.calibrate_confidence), runtime_options=cfg.runtime)
         write_calibration_files(run_dir, res["calibration"])
         if runtime.is_main():
             refresh_model_card(run_dir)
@@ -331,9 +325,8 @@ def robustness_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: st
         res = attack_run(run_dir, cfg.data, attack=a["name"],
                          eps_list=parse_eps(a["eps"], norm="l2" if a["name"] == "pgd-l2" else "linf"),
                          steps=int(a["steps"]), direction=a["direction"], split=cfg.split, generators=cfg.generators,
-                         limit=a["limit"], threshold=cfg.threshold, device=cfg.device,
-                         precision=a.get("precision") or cfg.precision, batch_size=cfg.eval_batch_size,
-                         num_workers=cfg.workers)
+                         limit=a["limit"], threshold=cfg.threshold,
+                         runtime_options=replace(cfg.runtime, precision=a.get("precision") or cfg.precision))
         write_attack(res, folder)
         return without_arrays(res)
 
@@ -370,11 +363,8 @@ def _agreement(run_dir, cfg: BenchmarkConfig, generators: list[str]) -> dict:
     files = [index.abspath(i) for i in range(len(index))]
     scores = {}
     for name in ("fp32", "bf16"):
-        model, _, pipeline, dev, prec = prepare(run_dir, device=cfg.device, precision=name)
-        scores[name], _ = score_files(model, files, pipeline, device=dev, precision=prec,
-                                      batch_size=cfg.eval_batch_size, num_workers=cfg.workers,
-                                      use_cache=cfg.use_cache, cache_root=cfg.cache_dir,
-                                      max_pixels=cfg.max_pixels or DEFAULT_MAX_PIXELS, desc=f"scoring in {name}")
+        model, _, pipeline, rt = prepare(run_dir, replace(cfg.runtime, precision=name))
+        scores[name], _ = score_files(model, files, pipeline, rt, desc=f"scoring in {name}")
     a, b = scores["fp32"], scores["bf16"]
     ok = np.isfinite(a) & np.isfinite(b)
     if not ok.any():
@@ -413,9 +403,8 @@ def real_photos_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: s
         from fakescope.engine.evaluation import predict_paths
 
         log(f"{what}: scoring the {len(files)} real photos of {folder}")
-        rows = predict_paths(run_dir, files, threshold=cfg.threshold, device=cfg.device, precision=cfg.precision,
-                             num_workers=cfg.workers, max_pixels=cfg.max_pixels, max_file_size=None,
-                             provenance=False)
+        rows = predict_paths(run_dir, files, threshold=cfg.threshold, provenance=False,  # the default batch size
+                             runtime_options=replace(cfg.runtime, batch_size=None))
         cfg_run = ckpt.read_config(run_dir)
         scored = [r for r in rows if "p_ai" in r]
         called = sum(r["verdict"] == "ai" for r in scored)
