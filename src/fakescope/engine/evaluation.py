@@ -25,6 +25,7 @@ from fakescope.metrics import calibration_metrics
 from fakescope.models.recipe import check_geometry
 from fakescope.options import PREDICT_MAX_FILE_SIZE, RuntimeOptions
 from fakescope.parsing import checked
+from fakescope.provenance import inspect_provenance
 
 
 def native_size_for(config: dict, override: str | int | None) -> int | None:
@@ -218,7 +219,6 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
             if classes:
                 row.update(attribution_fields(probs[i], classes))
         if provenance:
-            from fakescope.provenance import inspect_provenance
 
             row["provenance"] = inspect_provenance(f)
         rows.append(row)

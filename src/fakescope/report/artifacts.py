@@ -19,6 +19,7 @@ from fakescope import ranks
 from fakescope import runfiles as rf
 from fakescope.calibration import write_calibration
 from fakescope.choices import ONE_CLASS_DIRECTIONS
+from fakescope.report import plots as P
 from fakescope.report.plots import curve_plot, gallery_plot
 from fakescope.runfiles import calibration_path
 from fakescope.utils import atomic_write_bytes, slug, write_json
@@ -79,7 +80,6 @@ def write_evaluation(result: dict, folder: str | os.PathLike, json_path: str | o
                data_root=np.asarray(result.get("data", {}).get("root", "")))
         outputs["scores"] = str(folder / "scores.npz")
     if figures and scores is not None:
-        from fakescope.report import plots as P
 
         name = result["model"]["name"]
         labels, p, gens = (np.asarray(scores[k]) for k in ("labels", "p_ai", "generators"))

@@ -41,6 +41,7 @@ from fakescope.report.artifacts import (
     eval_folder,
     without_arrays,
     write_attack,
+    write_calibration_files,
     write_evaluation,
     write_gallery,
 )
@@ -278,11 +279,9 @@ def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str
                            name="calibration")
     on_disk = read_calibration(run_dir)
     if on_disk is None or on_disk.to_dict() != Calibration.from_dict(out).to_dict():  # the file was removed/edited
-        from fakescope.report.artifacts import write_calibration_files
 
         write_calibration_files(run_dir, Calibration.from_dict(out))
         if runtime.is_main():
-            from fakescope.report.model_card import refresh_model_card
 
             refresh_model_card(run_dir)
     return out
