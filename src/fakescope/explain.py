@@ -27,7 +27,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from fakescope.errors import FakescopeError
+from fakescope.calibration import resolve_decision
+from fakescope.data.io import DEFAULT_MAX_PIXELS, list_images, read_image
+from fakescope.data.layout import index_root, limit_per_class
+from fakescope.data.transforms import Pipeline
+from fakescope.engine import runtime
+from fakescope.engine.checkpoint import load_run
+from fakescope.engine.evaluation import geometry_for, native_size_for, prepare
+from fakescope.engine.infer import score_files
+from fakescope.errors import FakescopeError, ImageReadError
 from fakescope.options import RuntimeOptions
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)
@@ -168,13 +176,6 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], *,
     Returns ``{"method", "layer", "model", "run", "threshold", "images": [{"path", "name", "p_ai",
     "verdict", "overlay_image" (HxWx3 uint8 at the image's size), "seen_box", "cam_max", "peak_xy"}
     | {"path", "error"}]}``."""
-    from fakescope.calibration import resolve_decision
-    from fakescope.data.io import DEFAULT_MAX_PIXELS, list_images, read_image
-    from fakescope.data.transforms import Pipeline
-    from fakescope.engine import runtime
-    from fakescope.engine.checkpoint import load_run
-    from fakescope.engine.evaluation import native_size_for
-    from fakescope.errors import ImageReadError
 
     if method != "gradcam":
         raise FakescopeError(f"expected --method gradcam, got {method!r}")
@@ -189,7 +190,6 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], *,
         if target is None:
             raise FakescopeError(f"expected a layer name of the model (e.g. {find_target_layer(model)[0]}), "
                                  f"got {layer!r}")
-    from fakescope.engine.evaluation import geometry_for
 
     geometry = geometry_for(config, model, None)  # one input per image: crops are explained on the centre one
     pipeline = Pipeline(model.preprocess.input_size, native_size_for(config, native_size),
@@ -241,10 +241,6 @@ def gallery(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: str =
     :func:`fakescope.report.plots.gallery_plot`, and ``title``); nothing is written: see
     :func:`fakescope.report.artifacts.write_gallery`. ``runtime_options`` (default :data:`EXPLAIN_RUNTIME`):
     the device and the pixel limit (the pool is scored in fp32, without the feature cache)."""
-    from fakescope.calibration import resolve_decision
-    from fakescope.data.layout import index_root, limit_per_class
-    from fakescope.engine.evaluation import prepare
-    from fakescope.engine.infer import score_files
 
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     index = limit_per_class(index_root(data).select(generators, split), pool)

@@ -19,6 +19,7 @@ from torch import nn
 
 from fakescope import parsing
 from fakescope.attacks.base import Attack, AttackError, check_eps, eval_mode, l2_norms
+from fakescope.attacks.registry import attack_class, create_attack
 from fakescope.choices import ATTACK_DIRECTIONS, ONE_CLASS_DIRECTIONS
 from fakescope.progress import progress
 
@@ -161,7 +162,6 @@ def robustness(model: nn.Module, batches: Iterable[tuple], *, attack: str,
     ``{"index", "eps", "clean", "adv"}`` with the images as ``S x S x 3`` uint8 arrays
     (:func:`fakescope.report.artifacts.write_examples` saves them as PNGs).
     """
-    from fakescope.attacks import attack_class
 
     cls = attack_class(attack)
     _check_models(model, source_model)
@@ -232,7 +232,6 @@ def _crafter(model: nn.Module, source_model: nn.Module | None, crafter: nn.Modul
 def _attack_at(attack: str, crafter: nn.Module, eps: float, seed: int, threshold: float,
                options: dict) -> Attack | None:
     """The attack at ``eps``; None at eps = 0 (never attacked: the clean predictions are reused)."""
-    from fakescope.attacks import create_attack
 
     return create_attack(attack, crafter, eps=eps, seed=seed, threshold=threshold, **options) if eps > 0 else None
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fakescope.data.io import DEFAULT_MAX_PIXELS, read_image
+from fakescope.data.io import DEFAULT_MAX_PIXELS, probe_image, read_image
 from fakescope.data.transforms import Pipeline, TransformError
 from fakescope.errors import ImageReadError
 from fakescope.progress import progress
@@ -125,7 +125,6 @@ def estimate_decode_ms(files: Sequence[str], stage_size: int | None = None, samp
     the pixel count; JPEG decodes faster per pixel than PNG. ``stage_size`` is accepted for the
     callers' convenience and does not change the estimate. Unreadable samples are skipped; 0.0
     when none can be read."""
-    from fakescope.data.io import probe_image
 
     costs = []
     picks = list(files[:: max(1, len(files) // sample)])[:sample]  # evenly spread, deterministic
@@ -275,7 +274,6 @@ def typical_size(files: list[str], sample: int = 200, root: str | None = None) -
     import hashlib
     import statistics
 
-    from fakescope.data.io import probe_image
 
     if not files:
         return None

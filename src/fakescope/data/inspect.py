@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from fakescope.data.dataset import default_workers
 from fakescope.data.io import DEFAULT_MAX_PIXELS, probe_image, read_image
 from fakescope.data.layout import Index, limit_per_class
+from fakescope.data.transforms import fit
 from fakescope.errors import ImageReadError
 from fakescope.progress import progress
 
@@ -188,7 +189,6 @@ def size_shortcuts(per_generator: dict[tuple[str, str], list[tuple[int, int]]]) 
 
 def sample_images(index: Index, per_class: int = 6, size: int = 96) -> list[tuple[str, list]]:
     """Rows for the sample grid: ``(generator / class, [HxWx3 uint8])``, readable files only."""
-    from fakescope.data.transforms import fit
 
     rows = []
     picked = limit_per_class(index, per_class * 3)

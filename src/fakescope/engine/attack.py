@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fakescope import parsing
+from fakescope.attacks import robustness
+from fakescope.calibration import resolve_decision
 from fakescope.data.dataset import ImageDataset, make_loader
 from fakescope.data.layout import index_root, limit_per_class
 from fakescope.engine.evaluation import prepare
@@ -114,8 +116,6 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
     ``runtime_options``: device, precision (see the module docstring), batch size (None:
     :data:`BATCH_SIZE`) and workers; the feature cache, ``max_pixels`` and ``compile`` are not used
     (the attack decodes with the reader's defaults and differentiates the eager model)."""
-    from fakescope.attacks import robustness
-    from fakescope.calibration import resolve_decision
 
     if threshold is not None:
         threshold = checked("threshold", threshold, parsing.threshold, source="attack_run")

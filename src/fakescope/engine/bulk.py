@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from fakescope import parsing
+from fakescope.calibration import resolve_decision
 from fakescope.data.dataset import cpu_threads, make_loader, plan_loader
 from fakescope.data.io import DEFAULT_MAX_PIXELS, iter_images
 from fakescope.engine import runtime
@@ -47,9 +49,13 @@ from fakescope.engine.bulk_rows import (  # noqa: F401  (what one input becomes;
     reason_kind,
     schema,
 )
+from fakescope.engine.checkpoint import WEIGHTS
+from fakescope.engine.infer import default_batch_size
+from fakescope.engine.predictor import Predictor
 from fakescope.engine.ray_bulk import run_ray
 from fakescope.errors import FakescopeError
 from fakescope.options import PREDICT_MAX_FILE_SIZE, RuntimeOptions
+from fakescope.parsing import checked
 from fakescope.progress import progress
 from fakescope.utils import atomic_write_text, fsync_dir
 
@@ -160,7 +166,6 @@ def read_shard_meta(path: str | os.PathLike) -> dict | None:
 
 
 def weights_sha256(run_dir: str | os.PathLike) -> str:
-    from fakescope.engine.checkpoint import WEIGHTS
 
     h = hashlib.sha256()
     with open(Path(run_dir) / WEIGHTS, "rb") as f:
@@ -323,7 +328,6 @@ def check_folder(out_dir: Path, fingerprint: dict, overwrite: bool) -> str | Non
 
 def make_job(run_dir, out_dir, *, paths=(), files_from=None, shard_size: int = DEFAULT_SHARD_SIZE,
              decision, config: dict, pipeline, options: dict, overwrite: bool = False) -> Job:
-    from fakescope.engine.evaluation import predict_paths  # noqa: F401 - the reference this must equal
 
     run_dir = Path(run_dir).resolve()
     sha = weights_sha256(run_dir)
@@ -365,7 +369,6 @@ def run_torch(job: Job, predictor, *, provenance: bool) -> dict:
     """Score this rank's pending shards with ``predictor`` (a :class:`~fakescope.engine.predictor.Predictor`,
     whose runtime options also give the batch size, workers and thread cap);
     ``{"files", "shards_written"}`` of this rank."""
-    from fakescope.engine.infer import default_batch_size
 
     options = predictor.options
     batch_size = options.batch_size or default_batch_size(predictor.pipeline.input_size)
@@ -451,10 +454,6 @@ def predict_to_folder(run_dir, out_dir, paths: Iterable[str] = (), *, files_from
     The rows hold what :func:`~fakescope.engine.evaluation.predict_paths` reports for the same files
     (``p_ai`` unrounded), plus ``width``, ``height``, ``format`` and ``bytes``; its options mean the same
     (``runtime_options`` too, default ``predict``'s: see :func:`~fakescope.engine.evaluation.predict_paths`)."""
-    from fakescope import parsing
-    from fakescope.calibration import resolve_decision
-    from fakescope.engine.predictor import Predictor
-    from fakescope.parsing import checked
 
     if engine not in ENGINES:
         raise FakescopeError(f"expected --engine to be one of {', '.join(ENGINES)}, got {engine!r}")

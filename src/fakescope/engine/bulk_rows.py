@@ -15,7 +15,9 @@ import torch
 from torch.utils.data import Dataset
 
 from fakescope.data.io import DEFAULT_MAX_PIXELS, Decoded, decode_file, read_image_bytes
+from fakescope.engine.evaluation import attribution_fields
 from fakescope.errors import ImageReadError
+from fakescope.provenance import inspect_bytes, inspect_provenance
 
 KILL_AFTER_ENV = "FAKESCOPE_TEST_KILL_AFTER_SHARDS"
 """Test hook: the process SIGKILLs itself right after committing this many shards (a deterministic crash)."""
@@ -71,7 +73,6 @@ def _filesystem_read(uri: str, max_file_size: int | None) -> bytes:
 
 
 def _provenance(path: str, data: bytes | None) -> dict:
-    from fakescope.provenance import inspect_bytes, inspect_provenance
 
     rep = inspect_bytes(data, path) if data is not None else inspect_provenance(path)
     return {"metadata_says_ai": rep.get("metadata_says_ai"), "generator_hint": rep.get("generator_hint")}
@@ -152,7 +153,6 @@ class Scoring:
         probabilities): ``p_ai`` (calibrated, unrounded float64), ``verdict``, ``threshold``,
         ``threshold_source``, ``calibrated`` and for an attribution run ``generator``/``generator_p``
         -- or ``{"error"}`` where the score is not a finite number, as ``predict`` reports it."""
-        from fakescope.engine.evaluation import attribution_fields
 
         d = self.decision
         raw = np.asarray(scores[:, 0], dtype=np.float64)

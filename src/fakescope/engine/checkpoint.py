@@ -19,7 +19,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fakescope import __version__
-from fakescope.errors import CheckpointError
+from fakescope.errors import CheckpointError, FakescopeError
+from fakescope.models import accepted_options, create_model, set_num_outputs
 from fakescope.runfiles import (  # noqa: F401  (run-file names and config I/O live in the base layer)
     BAD_FILES,
     CONFIG,
@@ -132,8 +133,6 @@ def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], so
 def build_model(config: dict):
     """Rebuild the model described by a run config (an attribution run's head with one output per
     class), without downloading pretrained weights."""
-    from fakescope.errors import FakescopeError
-    from fakescope.models import accepted_options, create_model
 
     m = config["model"]
     options = dict(m.get("options") or {})
@@ -145,7 +144,6 @@ def build_model(config: dict):
             options.pop("pretrained", None)  # fakescope 0.1.0's train command recorded it for every model
         model = create_model(m["name"], **options)
         if config.get("classes"):  # an attribution run: one output per class
-            from fakescope.models import set_num_outputs
 
             set_num_outputs(model, len(config["classes"]))
         return model

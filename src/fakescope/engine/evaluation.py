@@ -16,14 +16,16 @@ from fakescope.data.io import list_images
 from fakescope.data.layout import index_root
 from fakescope.data.transforms import Pipeline, parse_degradations
 from fakescope.engine import runtime
-from fakescope.engine.checkpoint import load_run
+from fakescope.engine.checkpoint import load_run, read_config
 from fakescope.engine.infer import evaluate_index, score_variants
 from fakescope.engine.onnx_backend import OnnxDetector, score_files_onnx
 from fakescope.errors import FakescopeError
 from fakescope.intervals import INTERVAL_CONFIDENCE, error_rates
 from fakescope.metrics import calibration_metrics
+from fakescope.models.recipe import check_geometry
 from fakescope.options import PREDICT_MAX_FILE_SIZE, RuntimeOptions
 from fakescope.parsing import checked
+from fakescope.provenance import inspect_provenance
 
 
 def native_size_for(config: dict, override: str | int | None) -> int | None:
@@ -43,7 +45,6 @@ def native_size_for(config: dict, override: str | int | None) -> int | None:
 
 def geometry_for(config: dict, model, override: str | None) -> str:
     """The test-time geometry: ``override`` (``--test-geometry``), else the run's recorded one, else the model's."""
-    from fakescope.models.recipe import check_geometry
 
     return check_geometry(override or config.get("test_geometry") or model.test_geometry)
 
@@ -218,7 +219,6 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
             if classes:
                 row.update(attribution_fields(probs[i], classes))
         if provenance:
-            from fakescope.provenance import inspect_provenance
 
             row["provenance"] = inspect_provenance(f)
         rows.append(row)
@@ -240,14 +240,12 @@ def prepare_onnx(run_dir, onnx_path=None, *, native_size=None, geometry: str | N
     default ``RUN/model.onnx``, on ``threads`` intra-op threads, None: onnxruntime's choice): the export
     must be of this run's model; images are prepared exactly as for the PyTorch backend (native size,
     JPEG alignment)."""
-    from fakescope.engine.checkpoint import read_config
 
     config = read_config(run_dir)
     det = OnnxDetector(onnx_path or Path(run_dir) / "model.onnx", threads=threads)
     if det.metadata.get("model") != config["model"]["name"]:
         raise FakescopeError(f"expected an ONNX export of this run's model {config['model']['name']}, got "
                              f"{det.metadata.get('model')} in {det.path}")
-    from fakescope.models.recipe import check_geometry
 
     pipeline = Pipeline(det.input_size, native_size_for(config, native_size), config.get("train", {}).get("jpeg_align"),
                         geometry=check_geometry(geometry or config.get("test_geometry") or "resize"))

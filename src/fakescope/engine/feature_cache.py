@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import fakescope
+from fakescope.data import io
 from fakescope.data.io import DEFAULT_MAX_PIXELS
 from fakescope.data.transforms import Pipeline
 from fakescope.engine import runtime
@@ -56,8 +58,6 @@ def producer_versions() -> dict:
     import timm
     import torchvision
 
-    import fakescope
-    from fakescope.data import io
 
     return {"fakescope": fakescope.__version__, "reader": io.READER_VERSION, "timm": timm.__version__,
             "torch": torch.__version__.split("+")[0], "torchvision": torchvision.__version__.split("+")[0],

@@ -21,7 +21,7 @@ from fakescope.data.transforms import Pipeline
 from fakescope.engine import runtime
 from fakescope.engine.features import extract_features
 from fakescope.engine.runtime import Precision, Runtime
-from fakescope.metrics import DetectionMetrics
+from fakescope.metrics import DetectionMetrics, attribution_metrics
 from fakescope.progress import progress
 
 VARIANT_BATCH_BYTES = 256 << 20
@@ -223,7 +223,6 @@ def attribution_labels(labels, generators, classes: list[str]) -> np.ndarray:
 
 
 def _attribution(labels, gens, probs, ok, classes) -> dict:
-    from fakescope.metrics import attribution_metrics
 
     y = attribution_labels(labels, gens, classes)
     known = ok & (y >= 0)

@@ -14,7 +14,7 @@ from fakescope.engine import runtime
 from fakescope.engine.evaluation import prepare, prepare_onnx
 from fakescope.engine.infer import stage_scores
 from fakescope.engine.onnx_backend import onnx_crop_mean
-from fakescope.errors import FakescopeError
+from fakescope.errors import FakescopeError, ImageReadError
 from fakescope.options import RuntimeOptions
 
 
@@ -67,7 +67,6 @@ class Predictor:
 
     def decode(self, data: bytes, name: str = "upload") -> tuple[Decoded, torch.Tensor]:
         """``(decoded image, stage image uint8 of shape stage_shape)``; raises ``ImageReadError`` for a bad image."""
-        from fakescope.errors import ImageReadError
 
         d = read_image_bytes(data, name, max_pixels=self.max_pixels, max_file_size=self.max_file_size,
                              reduce_to=self.pipeline.reduce_size())

@@ -20,9 +20,15 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from fakescope.calibration import resolve_decision
+from fakescope.data.dataset import available_cores
+from fakescope.data.io import from_array
 from fakescope.engine.bulk_rows import KillHook, Scoring, decode_input, empty_row
+from fakescope.engine.infer import default_batch_size
+from fakescope.engine.predictor import Predictor
 from fakescope.errors import FakescopeError
 from fakescope.options import RuntimeOptions
+from fakescope.progress import _enabled
 
 WINDOW_ROWS = 1_000_000
 """Inputs handed to one Ray Data execution (its actors load the model once per window)."""
@@ -88,8 +94,6 @@ class Scorer:
     def __init__(self, run_dir, *, threshold: float | None = None, uncalibrated: bool = False, native_size=None,
                  geometry: str | None = None, backend: str = "torch", onnx_path=None,
                  runtime_options: RuntimeOptions | None = None, keep_images: bool = False) -> None:
-        from fakescope.calibration import resolve_decision
-        from fakescope.engine.predictor import Predictor
 
         self.predictor = Predictor(run_dir, runtime_options, native_size=native_size, backend=backend,
                                    onnx_path=onnx_path, geometry=geometry)
@@ -97,7 +101,6 @@ class Scorer:
         self.keep_images = keep_images
 
     def _stages(self, batch: dict) -> tuple[list[torch.Tensor | None], list[str]]:
-        from fakescope.data.io import from_array
 
         n = len(next(iter(batch.values())))
         errors = [str(e) for e in batch["error"]] if "error" in batch else [""] * n
@@ -187,7 +190,6 @@ def run_ray(job, *, pipeline, scorer: dict, runtime_options: RuntimeOptions, add
     ``address``: None starts a local Ray instance on this machine's CPUs; ``auto`` or ``HOST:PORT``
     joins an existing cluster. ``actors`` scoring actors (default: one per GPU with ``gpus_per_actor``,
     else half the cluster's CPUs, at least 1), each with ``gpus_per_actor`` GPUs."""
-    from fakescope.data.dataset import available_cores
 
     ray = import_ray()
     started = not ray.is_initialized()
@@ -212,8 +214,6 @@ def _run(ray, job, *, pipeline, scorer: dict, runtime_options: RuntimeOptions, a
          window_rows) -> dict:
     import pyarrow as pa
 
-    from fakescope.engine.infer import default_batch_size
-    from fakescope.progress import _enabled
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True

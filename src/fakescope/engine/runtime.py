@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fakescope.choices import DEVICES, PRECISIONS  # noqa: F401  (defined in the base layer; re-exported here)
+from fakescope.data.io import DEFAULT_MAX_PIXELS
 from fakescope.errors import FakescopeError
 from fakescope.options import RuntimeOptions, check_device, check_precision
 from fakescope.ranks import (  # noqa: F401  (torchrun's helpers live in the base layer; re-exported here)
@@ -179,7 +180,6 @@ class Runtime:
     @property
     def max_pixels(self) -> int:
         """The pixel limit, with the reader's default (120 M) for None."""
-        from fakescope.data.io import DEFAULT_MAX_PIXELS
 
         return self.options.max_pixels or DEFAULT_MAX_PIXELS
 

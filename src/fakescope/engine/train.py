@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fakescope import __version__
+from fakescope.attacks import create_attack
 from fakescope.choices import TASKS
 from fakescope.data.dataset import typical_size
 from fakescope.data.layout import carve_validation, data_roots, index_root, limit_per_class, pair_groups
@@ -411,7 +412,6 @@ def _make_trainer(model, opts: TrainOptions, features: bool, device: torch.devic
     scheduler = Schedule(optimizer, opts.lr_schedule, opts.schedule or {}, opts.epochs)
     adversary = None
     if opts.adv_train:
-        from fakescope.attacks import create_attack
 
         kw = {"steps": opts.adv_steps} if opts.adv_train == "pgd" else {}
         adversary = create_attack(opts.adv_train, model, eps=opts.adv_eps, seed=opts.seed, **kw)

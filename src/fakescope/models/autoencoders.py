@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fakescope.errors import FakescopeError
+from fakescope.models.timm_models import _hub_reachable
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -348,7 +349,6 @@ def _hub_file(spec: AutoencoderSpec, filename: str) -> str:
     if _hub_offline():
         raise FakescopeError(f"{spec.name} weights are not in the local cache and the hub is off (HF_HUB_OFFLINE): "
                              f"{_hub_help(spec)}")
-    from fakescope.models.timm_models import _hub_reachable
 
     if not _hub_reachable():
         raise FakescopeError(f"{spec.name} weights are not in the local cache and the Hugging Face hub cannot be "

@@ -17,7 +17,11 @@ import numpy as np
 
 from fakescope import ranks
 from fakescope import runfiles as rf
+from fakescope.calibration import write_calibration
 from fakescope.choices import ONE_CLASS_DIRECTIONS
+from fakescope.report import plots as P
+from fakescope.report.plots import curve_plot, gallery_plot
+from fakescope.runfiles import calibration_path
 from fakescope.utils import atomic_write_bytes, slug, write_json
 
 DEGRADE_XLABEL = {"jpeg": "JPEG quality", "blur": "blur sigma", "resize": "scale factor"}
@@ -76,7 +80,6 @@ def write_evaluation(result: dict, folder: str | os.PathLike, json_path: str | o
                data_root=np.asarray(result.get("data", {}).get("root", "")))
         outputs["scores"] = str(folder / "scores.npz")
     if figures and scores is not None:
-        from fakescope.report import plots as P
 
         name = result["model"]["name"]
         labels, p, gens = (np.asarray(scores[k]) for k in ("labels", "p_ai", "generators"))
@@ -151,7 +154,6 @@ def write_attack(result: dict, folder: str | os.PathLike, json_path: str | os.Pa
     result["outputs"] = outputs
     if not ranks.is_main():
         return outputs
-    from fakescope.report.plots import curve_plot
 
     eps = [r["eps"] for r in result["results"]]
     series = {"robust accuracy": [r["robust_accuracy"] for r in result["results"]]}
@@ -172,8 +174,6 @@ def write_calibration_files(run_dir: str | os.PathLike, calibration) -> dict:
     """Store a :class:`fakescope.calibration.Calibration` in its run: ``calibration.json`` (atomic), and
     nothing else (the caller refreshes the model card, :func:`fakescope.report.model_card.refresh_model_card`,
     which reads only the run's files). Returns its path (rank 0 writes; the others only get the path)."""
-    from fakescope.calibration import write_calibration
-    from fakescope.runfiles import calibration_path
 
     paths = {"calibration": str(calibration_path(run_dir))}
     if ranks.is_main():
@@ -207,7 +207,6 @@ def write_explanation(result: dict, folder: str | os.PathLike) -> dict:
 def write_gallery(result: dict, folder: str | os.PathLike) -> dict:
     """``gallery.png`` (the captioned grid), the overlays (``overlays/``) and ``gallery.json`` for
     :func:`fakescope.explain.gallery`'s result; returns the JSON written (``png``: the grid's path or None)."""
-    from fakescope.report.plots import gallery_plot
 
     folder = Path(folder)
     written = write_explanation({"images": result["items"]}, folder / "overlays")["images"]

@@ -20,7 +20,9 @@ from types import ModuleType
 import numpy as np
 
 from fakescope.data.transforms import IDENTITY_LEVEL
+from fakescope.report import plots
 from fakescope.report.artifacts import read_scores
+from fakescope.report.plots import heatmap
 from fakescope.report.tables import fmt, markdown, measured
 from fakescope.utils import atomic_write_text, slug
 
@@ -125,7 +127,6 @@ def cross_tables(result: dict) -> tuple[list[str], list[list]]:
 
 def write_cross(result: dict, stem: str | os.PathLike) -> dict:
     """``stem.md`` (the matrix with row averages) and ``stem.png`` (its heatmap); returns the paths."""
-    from fakescope.report.plots import heatmap
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +242,6 @@ def write_report(out: str | os.PathLike, results: dict | None = None,
 
 
 def _report(out: Path, results: dict) -> _Report:
-    from fakescope.report import plots
 
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,11 @@ from pathlib import Path
 import yaml
 
 from fakescope import runfiles as rf
+from fakescope.data.inspect import inspect_index
+from fakescope.data.layout import index_root
+from fakescope.errors import FakescopeError
 from fakescope.report.tables import fmt, markdown_table
-from fakescope.utils import atomic_write_text
+from fakescope.utils import atomic_write_text, write_json
 
 CARD = rf.MODEL_CARD
 _KEYS = ("accuracy", "f1", "roc_auc", "real_accuracy", "fake_accuracy", "ece", "brier", "tpr_at_fpr_1pct", "eer", "n")
@@ -310,7 +313,6 @@ INSPECT = "data_inspect.json"
 def write_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) -> Path:
     """Write ``RUN/MODEL_CARD.md`` atomically; returns its path. A given ``inspect`` summary is kept in
     ``RUN/data_inspect.json`` for later rewrites of the card (e.g. after ``evaluate``)."""
-    from fakescope.utils import write_json
 
     run_dir = Path(run_dir)
     if inspect is not None:
@@ -340,9 +342,6 @@ def refresh_model_card(run_dir: str | os.PathLike) -> Path | None:
 def inspect_training_data(config: dict, sample: int = 16) -> dict | None:
     """The ``data inspect`` summary of a run's training root (``sample`` decoded files per group), or None
     when the root is gone."""
-    from fakescope.data.inspect import inspect_index
-    from fakescope.data.layout import index_root
-    from fakescope.errors import FakescopeError
 
     data = config.get("data") or {}
     roots = data.get("roots") or [data.get("root")]

@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from fakescope.metrics import ece, reliability_bins
 from fakescope.utils import atomic_write_bytes
 
 
@@ -58,7 +59,6 @@ def reliability_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str
     """Reliability diagram: mean ``p_ai`` against the share of AI images in ``n_bins`` equal-mass bins,
     one line per ``{name: (labels, p_ai)}``, with each line's ECE in the legend; the diagonal is perfect
     calibration."""
-    from fakescope.metrics import ece, reliability_bins
 
     fig, ax = _subplots((4.6, 4.6))
     drawn = 0

@@ -38,11 +38,12 @@ from pydantic import BaseModel, Field
 
 from fakescope import __version__
 from fakescope.calibration import calibrate_p_ai, resolve_decision
-from fakescope.data.io import sniff_format
+from fakescope.data.io import describe_bytes, sniff_format
 from fakescope.engine.evaluation import attribution_fields, verdict
 from fakescope.engine.predictor import Predictor
 from fakescope.errors import FakescopeError, ImageReadError
 from fakescope.options import RuntimeOptions
+from fakescope.provenance import inspect_bytes
 from fakescope.runfiles import read_train_metrics
 from fakescope.serve.batcher import Batcher, QueueFull
 from fakescope.serve.errors import ApiError, error_response, install_handlers
@@ -286,13 +287,11 @@ def _decode(model: ServedModel, data: bytes, name: str, provenance: bool = False
     row: dict[str, Any] = {"filename": name, "p_ai": None, "verdict": None, "width": None, "height": None,
                            "format": None, "error": None}
     if provenance and data:
-        from fakescope.provenance import inspect_bytes
 
         row["provenance"] = inspect_bytes(data, name)
     if data:
         row["format"] = sniff_format(data[:16])
         if row["format"] is None:
-            from fakescope.data.io import describe_bytes
 
             row["error"] = {"code": "unsupported_media_type", "message": describe_bytes(data[:2048])}
             return row, None

@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from fakescope import parsing
-from fakescope.attacks import ATTACKS
+from fakescope.attacks import ATTACKS, parse_eps
 from fakescope.choices import ATTACK_DIRECTIONS, GEOMETRIES, LR_SCHEDULES, PRECISIONS, TASKS
 from fakescope.data.io import list_images
 from fakescope.data.layout import index_root
 from fakescope.data.transforms import Augment, parse_degradations
 from fakescope.errors import FakescopeError
+from fakescope.models import accepted_options, list_models
 from fakescope.options import RuntimeOptions
 from fakescope.utils import slug
 
@@ -331,7 +332,6 @@ def _model_specs(models, global_options: dict) -> list[ModelSpec]:
         if "augment" in opts:
             train["augment"] = check_augment(opts["augment"], key=f"models.{label}.augment")
         specs.append(ModelSpec(label, name, options, train))
-    from fakescope.models import accepted_options, list_models
 
     known = set(list_models())
     for s in specs:
@@ -356,7 +356,6 @@ def check_attack(attack) -> dict:
     bad = sorted(set(a) - set(ATTACK_KEYS))
     if bad:
         raise FakescopeError(f"unknown attack option {bad[0]!r}: expected one of {', '.join(ATTACK_KEYS)}")
-    from fakescope.attacks import parse_eps
 
     a["name"] = _check("attack.name", a.get("name", "pgd"), _choice(*ATTACKS))  # the attack registry's names
     eps = a.get("eps", "0,1/255,2/255,4/255,8/255")

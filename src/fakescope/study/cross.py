@@ -9,6 +9,7 @@ import numpy as np
 
 from fakescope.engine import runtime
 from fakescope.errors import FakescopeError
+from fakescope.report.html import write_cross
 from fakescope.study.benchmark_report import RESULTS, write_benchmark_report
 from fakescope.study.config import BenchmarkConfig, ModelSpec, run_config
 from fakescope.study.runs import canonical, ensure_run, evaluate_cached, log, train_options
@@ -40,7 +41,6 @@ def run_cross(config: dict | BenchmarkConfig, model: str | None = None, *, leave
     per_gen, runs = _train_and_test(cfg, spec, folder, leave_one_out)
     result = _matrix_result(cfg, spec, per_gen, runs, leave_one_out)
     if runtime.is_main():
-        from fakescope.report.html import write_cross
 
         stem = folder / (spec.slug + ("-loo" if leave_one_out else ""))
         result["outputs"] = write_cross(result, stem)

@@ -23,10 +23,29 @@ from pathlib import Path
 
 from fakescope import __version__
 from fakescope import runfiles as rf
+from fakescope.attacks import parse_eps
+from fakescope.calibration import Calibration, read_calibration, resolve_decision
+from fakescope.data.io import list_images
 from fakescope.data.layout import index_root
 from fakescope.engine import checkpoint as ckpt
 from fakescope.engine import runtime
+from fakescope.engine.attack import attack_run
+from fakescope.engine.calibrate import calibrate_run
+from fakescope.engine.evaluation import evaluate_run, predict_paths, prepare
+from fakescope.engine.infer import score_files
+from fakescope.engine.train import TrainOptions, train
 from fakescope.errors import FakescopeError
+from fakescope.explain import gallery
+from fakescope.report.artifacts import (
+    attack_folder,
+    eval_folder,
+    without_arrays,
+    write_attack,
+    write_calibration_files,
+    write_evaluation,
+    write_gallery,
+)
+from fakescope.report.model_card import refresh_model_card, write_training_card
 from fakescope.study.config import TRAIN_KEYS, BenchmarkConfig, ModelSpec, train_augment
 from fakescope.utils import dumps, write_json
 
@@ -148,7 +167,6 @@ def _comparable(train_dict: dict) -> dict:
 
 def train_options(cfg: BenchmarkConfig, spec: ModelSpec, seed: int, generators: list[str],
                   jpeg_align: int | None = None):
-    from fakescope.engine.train import TrainOptions
 
     t = {k: getattr(cfg, k) for k in TRAIN_KEYS if hasattr(cfg, k)}  # adversarial training is per model
     t.update(spec.train)
@@ -164,8 +182,6 @@ def ensure_run(opts, run_dir: Path, *, force: bool = False, what: str = "") -> t
 
     Returns ``(training summary, trained)``. An interrupted run with the same configuration is
     resumed; a run with another configuration (or any run, with ``force``) is replaced."""
-    from fakescope.engine.train import train
-    from fakescope.report.model_card import write_training_card
 
     run_dir = Path(run_dir)
     resume = False
@@ -220,13 +236,10 @@ def evaluate_cached(cfg: BenchmarkConfig, run_dir: Path, *, generators: list[str
                     what: str = "") -> dict:
     """``evaluate_run`` with its files in ``RUN/eval-<root>-<split>[-jpegQ]`` (see
     :func:`fakescope.report.artifacts.eval_folder`), reused while :func:`evaluation_key` is unchanged."""
-    from fakescope.report.artifacts import eval_folder, without_arrays, write_evaluation
-    from fakescope.report.model_card import refresh_model_card
 
     folder = eval_folder(run_dir, cfg.data, cfg.split, jpeg_align)
 
     def compute() -> dict:
-        from fakescope.engine.evaluation import evaluate_run
 
         log(f"{what}: evaluating on {cfg.split}" + (f" (JPEG-aligned at {jpeg_align})" if jpeg_align else "")
             + (f" with degradations {', '.join(degrade)}" if degrade else ""))
@@ -247,15 +260,11 @@ def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str
     """Calibrate a run on its own held-out training images (``--split holdout``) for ``cfg.calibrate`` at
     ``cfg.calibrate_confidence`` (the rule of ``fakescope calibrate``; reused while the weights, the run's
     configuration, the target and the confidence are unchanged)."""
-    from fakescope.calibration import Calibration, read_calibration
 
     key = result_key(cfg, run_dir, precision=cfg.precision, data={"split": "holdout"}, target_fpr=cfg.calibrate,
                      confidence=cfg.calibrate_confidence, calibration_sha256=None)  # the calibration: its output
 
     def compute() -> dict:
-        from fakescope.engine.calibrate import calibrate_run
-        from fakescope.report.artifacts import write_calibration_files
-        from fakescope.report.model_card import refresh_model_card
 
         log(f"{what}: calibrating on the run's held-out training images (target FPR {cfg.calibrate:g}, confidence "
             f"{cfg.calibrate_confidence:g})")
@@ -270,11 +279,9 @@ def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str
                            name="calibration")
     on_disk = read_calibration(run_dir)
     if on_disk is None or on_disk.to_dict() != Calibration.from_dict(out).to_dict():  # the file was removed/edited
-        from fakescope.report.artifacts import write_calibration_files
 
         write_calibration_files(run_dir, Calibration.from_dict(out))
         if runtime.is_main():
-            from fakescope.report.model_card import refresh_model_card
 
             refresh_model_card(run_dir)
     return out
@@ -286,8 +293,6 @@ def gallery_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str) 
     folder = Path(run_dir) / f"gallery-{cfg.split}"
 
     def compute() -> dict:
-        from fakescope.explain import gallery
-        from fakescope.report.artifacts import write_gallery
 
         log(f"{what}: Grad-CAM gallery")
         try:
@@ -312,14 +317,11 @@ def attack_key(cfg: BenchmarkConfig, run_dir) -> dict:
 
 def robustness_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str) -> dict:
     """Robust accuracy of one run under ``cfg.attack`` (reused while :func:`attack_key` is unchanged)."""
-    from fakescope.attacks import parse_eps
-    from fakescope.report.artifacts import attack_folder, without_arrays, write_attack
 
     a = cfg.attack
     folder = attack_folder(run_dir, a["name"])
 
     def compute() -> dict:
-        from fakescope.engine.attack import attack_run
 
         log(f"{what}: {a['name']} attack at eps {a['eps']}")
         res = attack_run(run_dir, cfg.data, attack=a["name"],
@@ -356,8 +358,6 @@ def _log_and(what: str, fn: Callable[[], dict]) -> dict:
 def _agreement(run_dir, cfg: BenchmarkConfig, generators: list[str]) -> dict:
     import numpy as np
 
-    from fakescope.engine.evaluation import prepare
-    from fakescope.engine.infer import score_files
 
     index = index_root(cfg.data).select(generators, cfg.split)
     files = [index.abspath(i) for i in range(len(index))]
@@ -369,7 +369,6 @@ def _agreement(run_dir, cfg: BenchmarkConfig, generators: list[str]) -> dict:
     ok = np.isfinite(a) & np.isfinite(b)
     if not ok.any():
         return {"agreement": None, "max_abs_diff": None, "mean_abs_diff": None, "n": 0}
-    from fakescope.calibration import resolve_decision
 
     t = resolve_decision(run_dir, cfg.threshold).raw_threshold()  # scores are raw here: the same decisions
     return {"agreement": float(np.mean((a[ok] >= t) == (b[ok] >= t))),
@@ -388,7 +387,6 @@ def real_photos_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: s
         {"folder", "n", "called_ai", "fpr", "threshold", "threshold_source", "test_geometry",
          "errors": {path: reason}, "p_ai": {path: P(ai)}}   (paths relative to the folder)
     """
-    from fakescope.data.io import list_images
 
     folder = Path(cfg.real_photos)
     files = sorted(list_images([str(folder)]))
@@ -400,7 +398,6 @@ def real_photos_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: s
                      threshold=cfg.threshold)
 
     def compute() -> dict:
-        from fakescope.engine.evaluation import predict_paths
 
         log(f"{what}: scoring the {len(files)} real photos of {folder}")
         rows = predict_paths(run_dir, files, threshold=cfg.threshold, provenance=False,  # the default batch size
