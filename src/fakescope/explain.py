@@ -184,17 +184,8 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], *,
     model, config = load_run(run_dir)
     dev = runtime.resolve_device(options.device)
     model.to(dev)
-    name, target = (layer, None) if layer else find_target_layer(model)
-    if target is None:
-        target = dict(model.named_modules()).get(layer)
-        if target is None:
-            raise FakescopeError(f"expected a layer name of the model (e.g. {find_target_layer(model)[0]}), "
-                                 f"got {layer!r}")
-
-    geometry = geometry_for(config, model, None)  # one input per image: crops are explained on the centre one
-    pipeline = Pipeline(model.preprocess.input_size, native_size_for(config, native_size),
-                        config.get("train", {}).get("jpeg_align"),
-                        geometry="center_crop" if geometry == "crops" else geometry)
+    name, target = _explained_layer(model, layer)
+    pipeline = _explain_pipeline(config, model, native_size)
     rows: list[dict] = [{"path": p, "error": "file not found"} for p in paths if not os.path.lexists(p)]
     used: set[str] = set()
     for f in list_images([p for p in paths if os.path.lexists(p)]):
@@ -203,28 +194,60 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], *,
         except ImageReadError as e:
             rows.append({"path": f, "error": e.reason})
             continue
-        x = pipeline(img).float().div(255)[None].to(dev)
-        with torch.no_grad(), _eval_mode(model):
-            p_raw = model.p_ai(model(x)).cpu().numpy()
-        p = float(decision.p_ai(p_raw)[0])
-        heat_s, peak = gradcam(model, x, target)
-        h, w = img.shape[-2:]
-        heat = to_image_size(heat_s[0], h, w)
-        stem = Path(f).stem
-        base = stem
-        k = 1
-        while base in used:  # two inputs with the same name in different folders
-            k += 1
-            base = f"{stem}-{k}"
-        used.add(base)
-        py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
-        rows.append({"path": f, "name": base, "p_ai": round(p, 6),
-                     "verdict": "ai" if p >= decision.threshold else "nature",
-                     "overlay_image": overlay(img.permute(1, 2, 0).numpy(), heat, box=seen_box(h, w)),
-                     "seen_box": list(seen_box(h, w)), "cam_max": float(peak[0]),
-                     "peak_xy": [int(px), int(py)] if peak[0] > 0 else None})
+        rows.append(_explain_image(model, target, pipeline, dev, decision, f, img, used))
     return {"method": method, "layer": name, "model": config["model"]["name"], "run": str(Path(run_dir).resolve()),
             "threshold": decision.to_dict(), "images": rows}
+
+
+def _explained_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module]:
+    """``(name, module)`` of the layer to explain: ``layer`` when given (it must name a module of the
+    model), else :func:`find_target_layer`'s."""
+    name, target = (layer, None) if layer else find_target_layer(model)
+    if target is None:
+        target = dict(model.named_modules()).get(layer)
+        if target is None:
+            raise FakescopeError(f"expected a layer name of the model (e.g. {find_target_layer(model)[0]}), "
+                                 f"got {layer!r}")
+    return name, target
+
+
+def _explain_pipeline(config: dict, model, native_size) -> Pipeline:
+    """The run's test-time pipeline with one input per image: ``crops`` is explained on the centre one."""
+    geometry = geometry_for(config, model, None)
+    return Pipeline(model.preprocess.input_size, native_size_for(config, native_size),
+                    config.get("train", {}).get("jpeg_align"),
+                    geometry="center_crop" if geometry == "crops" else geometry)
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``... when taken (two inputs with the same name in different
+    folders); the name returned is added to ``used``."""
+    base = stem
+    k = 1
+    while base in used:
+        k += 1
+        base = f"{stem}-{k}"
+    used.add(base)
+    return base
+
+
+def _explain_image(model, target: nn.Module, pipeline: Pipeline, dev, decision, f: str, img: torch.Tensor,
+                   used: set[str]) -> dict:
+    """One image's row: its score and verdict, and the Grad-CAM overlay at the image's size."""
+    x = pipeline(img).float().div(255)[None].to(dev)
+    with torch.no_grad(), _eval_mode(model):
+        p_raw = model.p_ai(model(x)).cpu().numpy()
+    p = float(decision.p_ai(p_raw)[0])
+    heat_s, peak = gradcam(model, x, target)
+    h, w = img.shape[-2:]
+    heat = to_image_size(heat_s[0], h, w)
+    base = _unique_name(Path(f).stem, used)
+    py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return {"path": f, "name": base, "p_ai": round(p, 6),
+            "verdict": "ai" if p >= decision.threshold else "nature",
+            "overlay_image": overlay(img.permute(1, 2, 0).numpy(), heat, box=seen_box(h, w)),
+            "seen_box": list(seen_box(h, w)), "cam_max": float(peak[0]),
+            "peak_xy": [int(px), int(py)] if peak[0] > 0 else None}
 
 
 GALLERY_KINDS = (("ai", True), ("ai", False), ("nature", True), ("nature", False))

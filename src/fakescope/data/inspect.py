@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -76,6 +77,20 @@ def detail_shortcut(ai: list[float], nature: list[float]) -> tuple[dict, str | N
         f"{'AI' if smoother == 'ai' else 'real'} (check it on such photos, e.g. benchmark --real-photos DIR)")
 
 
+@dataclass
+class _Tally:
+    """What decoding the checked files found: formats and sizes per class, sizes per (generator, class),
+    shorter sides, local detail per class, and the unreadable files (path -> reason)."""
+
+    formats: dict[str, Counter] = field(default_factory=lambda: {"nature": Counter(), "ai": Counter()})
+    sizes: Counter = field(default_factory=Counter)
+    class_sizes: dict[str, Counter] = field(default_factory=lambda: {"nature": Counter(), "ai": Counter()})
+    per_generator: dict[tuple[str, str], list[tuple[int, int]]] = field(default_factory=dict)
+    shorts: list[int] = field(default_factory=list)
+    detail: dict[str, list[float]] = field(default_factory=lambda: {"nature": [], "ai": []})
+    bad: dict[str, str] = field(default_factory=dict)
+
+
 def inspect_index(index: Index, *, sample: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                   num_workers: int | None = None) -> dict:
     """Counts per generator/split/class, formats per class, sizes, unreadable files, warnings.
@@ -84,66 +99,76 @@ def inspect_index(index: Index, *, sample: int | None = None, max_pixels: int = 
     and class on a very large root); counts always cover the whole index."""
     probed = limit_per_class(index, sample) if sample else index
     files = [probed.abspath(i) for i in range(len(probed))]
-    loader = DataLoader(_Probe(files, max_pixels), batch_size=64, collate_fn=list,
-                        num_workers=default_workers() if num_workers is None else num_workers)
-    formats: dict[str, Counter] = {"nature": Counter(), "ai": Counter()}
-    sizes: Counter = Counter()
-    class_sizes: dict[str, Counter] = {"nature": Counter(), "ai": Counter()}
-    per_generator: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    shorts: list[int] = []
-    detail: dict[str, list[float]] = {"nature": [], "ai": []}
-    bad: dict[str, str] = {}
-    names = ("nature", "ai")
-    for batch in progress(loader, desc="inspecting", total=len(loader)):
-        for i, fmt, w, h, d, err in batch:
-            if err is not None:
-                bad[files[i]] = err
-                continue
-            cls = names[probed.labels[i]]
-            detail[cls].append(d)
-            formats[cls][fmt] += 1
-            sizes[f"{w}x{h}"] += 1
-            class_sizes[cls][f"{w}x{h}"] += 1
-            per_generator.setdefault((probed.generators[i], cls), []).append((w, h))
-            shorts.append(min(w, h))
+    t = _tally(probed, files, max_pixels, num_workers)
     warnings = []
-    major = {c: (f.most_common(1)[0] if f else None) for c, f in formats.items()}
-    if major["ai"] and major["nature"]:
-        (fa, na), (fn, nn) = major["ai"], major["nature"]
-        share_a, share_n = na / sum(formats["ai"].values()), nn / sum(formats["nature"].values())
-        if fa != fn and share_a > 0.5 and share_n > 0.5:
-            warnings.append(
-                f"format shortcut: 'ai' images are mostly {fa} ({share_a:.0%}) but 'nature' images are mostly "
-                f"{fn} ({share_n:.0%}); a detector can learn the compression instead of the generator "
-                f"(use --jpeg-align Q to re-encode both classes)")
-    warnings.extend(size_shortcuts(per_generator))
-    detail_summary, detail_warning = detail_shortcut(detail["ai"], detail["nature"])
+    fmt_warning = format_shortcut(t.formats)
+    if fmt_warning:
+        warnings.append(fmt_warning)
+    warnings.extend(size_shortcuts(t.per_generator))
+    detail_summary, detail_warning = detail_shortcut(t.detail["ai"], t.detail["nature"])
     if detail_warning:
         warnings.append(detail_warning)
-    if bad:
-        warnings.append(f"{len(bad)} unreadable files (listed under 'unreadable')")
-    for g, splits in index.counts().items():
-        for s, c in splits.items():
-            for cls in ("nature", "ai"):
-                if c[cls] == 0:
-                    warnings.append(f"{g}/{s} has no '{cls}' images")
+    if t.bad:
+        warnings.append(f"{len(t.bad)} unreadable files (listed under 'unreadable')")
+    warnings.extend(_missing_classes(index))
     return {
         "root": index.root,
         "layout": index.layout,
         "total": len(index),
         "counts": index.counts(),
         "checked": len(files),
-        "formats": {c: dict(f.most_common()) for c, f in formats.items()},
+        "formats": {c: dict(f.most_common()) for c, f in t.formats.items()},
         "sizes": {
-            "most_common": dict(sizes.most_common(10)),
-            "by_class": {c: dict(f.most_common(5)) for c, f in class_sizes.items()},
-            "shorter_side": ({"min": min(shorts), "median": statistics.median(shorts), "max": max(shorts)}
-                             if shorts else None),
+            "most_common": dict(t.sizes.most_common(10)),
+            "by_class": {c: dict(f.most_common(5)) for c, f in t.class_sizes.items()},
+            "shorter_side": ({"min": min(t.shorts), "median": statistics.median(t.shorts), "max": max(t.shorts)}
+                             if t.shorts else None),
         },
         "local_detail": detail_summary,
-        "unreadable": bad,
+        "unreadable": t.bad,
         "warnings": warnings,
     }
+
+
+def _tally(probed: Index, files: list[str], max_pixels: int, num_workers: int | None) -> _Tally:
+    """Decode every file of ``probed`` (``files``: their paths) in ``num_workers`` workers and tally it."""
+    loader = DataLoader(_Probe(files, max_pixels), batch_size=64, collate_fn=list,
+                        num_workers=default_workers() if num_workers is None else num_workers)
+    t = _Tally()
+    names = ("nature", "ai")
+    for batch in progress(loader, desc="inspecting", total=len(loader)):
+        for i, fmt, w, h, d, err in batch:
+            if err is not None:
+                t.bad[files[i]] = err
+                continue
+            cls = names[probed.labels[i]]
+            t.detail[cls].append(d)
+            t.formats[cls][fmt] += 1
+            t.sizes[f"{w}x{h}"] += 1
+            t.class_sizes[cls][f"{w}x{h}"] += 1
+            t.per_generator.setdefault((probed.generators[i], cls), []).append((w, h))
+            t.shorts.append(min(w, h))
+    return t
+
+
+def format_shortcut(formats: dict[str, Counter]) -> str | None:
+    """A warning when most 'ai' images are in one file format and most 'nature' images in another."""
+    major = {c: (f.most_common(1)[0] if f else None) for c, f in formats.items()}
+    if not (major["ai"] and major["nature"]):
+        return None
+    (fa, na), (fn, nn) = major["ai"], major["nature"]
+    share_a, share_n = na / sum(formats["ai"].values()), nn / sum(formats["nature"].values())
+    if fa != fn and share_a > 0.5 and share_n > 0.5:
+        return (f"format shortcut: 'ai' images are mostly {fa} ({share_a:.0%}) but 'nature' images are mostly "
+                f"{fn} ({share_n:.0%}); a detector can learn the compression instead of the generator "
+                f"(use --jpeg-align Q to re-encode both classes)")
+    return None
+
+
+def _missing_classes(index: Index) -> list[str]:
+    """A warning for each generator/split of ``index`` lacking one class."""
+    return [f"{g}/{s} has no '{cls}' images" for g, splits in index.counts().items() for s, c in splits.items()
+            for cls in ("nature", "ai") if c[cls] == 0]
 
 
 FIXED_SIZE_SHARE = 0.9

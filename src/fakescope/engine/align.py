@@ -340,71 +340,75 @@ class AlignRun:
                 "psnr": round(psnr(real, fake), 4), "size": [int(real.shape[1]), int(real.shape[0])]}
 
     def run(self) -> dict:
+        """Align every source not yet in the journal, then write and return the manifest."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._check_options()
         journal_path = self.dir / JOURNAL
         done = _read_journal(journal_path)
-        unreadable: list[dict] = []
-        kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
-        written = 0
         t0 = time.perf_counter()
-        bs = self.opts.batch_size
-        pending: dict[tuple[int, int], list[_Item]] = {}
         bar = progress(None, desc=f"align {self.opts.autoencoder}", total=len(self.sources), unit="src")
-        with open(journal_path, "a", encoding="utf-8") as journal:
-            def record(it: _Item, recon: np.ndarray) -> None:
-                nonlocal written
-                rec = self._finish(it, recon)
-                journal.write(json.dumps(rec) + "\n")
-                journal.flush()
-                os.fsync(journal.fileno())
-                done[it.name] = rec
-                written += 1
-                if kill_after and written >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                bar.set_postfix_str(f"{written / (time.perf_counter() - t0):.2f} pairs/s, {written} new",
-                                    refresh=False)
-
-            def flush(group: list[_Item]) -> None:
-                for it, recon in zip(group, self._reconstruct(group)):
-                    record(it, recon)
-
-            for src in self.sources:
-                ks = range(self.opts.crops_per_image) if self.opts.crop is not None else [None]
-                if all(_pair_name(src, k, self.ext) in done for k in ks):  # finished: not even decoded
-                    bar.update(1)
-                    continue
-                try:
-                    items = _items_of(src, self.opts, self.ae.spec.factor, self.ext)
-                except ImageReadError as e:
-                    unreadable.append({"path": src, "error": e.reason})
-                    bar.update(1)
-                    continue
-                for it in items:
-                    if it.name in done:
-                        continue
-                    recon = self._reused_reconstruction(it) if self.reused else None
-                    if recon is not None:
-                        record(it, recon)
-                        continue
-                    key = tuple(it.image.shape[-2:])
-                    pending.setdefault(key, []).append(it)
-                    if len(pending[key]) >= bs:
-                        flush(pending.pop(key))
-                bar.update(1)
-            for key in list(pending):
-                group = pending.pop(key)
-                for i in range(0, len(group), bs):
-                    flush(group[i:i + bs])
+        with open(journal_path, "a", encoding="utf-8") as f:
+            journal = _Journal(f, done, bar, t0)
+            unreadable = self._align_sources(journal)
         bar.close()
-        seconds = time.perf_counter() - t0
-        pairs = [done[n] for n in sorted(done)]  # every pair on disk, this run's and earlier runs' (resume, --limit)
-        manifest = {
+        manifest = self._manifest(done, unreadable, journal.written, time.perf_counter() - t0)
+        write_json(self.dir / MANIFEST, manifest)
+        return manifest
+
+    def _align_sources(self, journal: _Journal) -> list[dict]:
+        """Pass each source's pairs not yet done through the autoencoder, in batches of one size; a source
+        whose every pair is done is not even decoded. Returns the sources that could not be read."""
+        unreadable: list[dict] = []
+        pending: dict[tuple[int, int], list[_Item]] = {}
+        for src in self.sources:
+            ks = range(self.opts.crops_per_image) if self.opts.crop is not None else [None]
+            if all(_pair_name(src, k, self.ext) in journal.done for k in ks):  # finished: not even decoded
+                journal.bar.update(1)
+                continue
+            try:
+                items = _items_of(src, self.opts, self.ae.spec.factor, self.ext)
+            except ImageReadError as e:
+                unreadable.append({"path": src, "error": e.reason})
+                journal.bar.update(1)
+                continue
+            for it in items:
+                self._queue(it, journal, pending)
+            journal.bar.update(1)
+        bs = self.opts.batch_size
+        for key in list(pending):
+            group = pending.pop(key)
+            for i in range(0, len(group), bs):
+                self._flush(group[i:i + bs], journal)
+        return unreadable
+
+    def _queue(self, it: _Item, journal: _Journal, pending: dict[tuple[int, int], list[_Item]]) -> None:
+        """Record ``it`` at once from a reused reconstruction, else queue it with the items of its size
+        (a full batch is passed through the autoencoder); nothing for an item already done."""
+        if it.name in journal.done:
+            return
+        recon = self._reused_reconstruction(it) if self.reused else None
+        if recon is not None:
+            journal.record(it.name, self._finish(it, recon))
+            return
+        key = tuple(it.image.shape[-2:])
+        pending.setdefault(key, []).append(it)
+        if len(pending[key]) >= self.opts.batch_size:
+            self._flush(pending.pop(key), journal)
+
+    def _flush(self, group: list[_Item], journal: _Journal) -> None:
+        """Reconstruct one batch of same-size items, write and record each pair."""
+        for it, recon in zip(group, self._reconstruct(group)):
+            journal.record(it.name, self._finish(it, recon))
+
+    def _manifest(self, done: dict[str, dict], unreadable: list[dict], written: int, seconds: float) -> dict:
+        """The manifest of the root: every pair on disk, this run's and earlier runs' (resume, ``--limit``)."""
+        pairs = [done[n] for n in sorted(done)]
+        return {
             "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "autoencoder": self.opts.autoencoder,
             "autoencoder_spec": self.ae.spec.to_json(), "weights_sha256": self.ae.weights_sha256,
             "weights": self.ae.weights_source,
-            "options": {**self.opts.recorded(), "limit": self.opts.limit, "batch_size": bs, "device": str(self.device),
-                        "reuse": self.reuse_dir},
+            "options": {**self.opts.recorded(), "limit": self.opts.limit, "batch_size": self.opts.batch_size,
+                        "device": str(self.device), "reuse": self.reuse_dir},
             "fakescope_version": __version__, "sources": len(self.sources), "unreadable": unreadable,
             "counts": {s: sum(p["split"] == s for p in pairs) for s in ("train", "val")},
             "new_pairs": written, "seconds": round(seconds, 3),
@@ -413,8 +417,30 @@ class AlignRun:
             if pairs else None,
             "pairs": pairs,
         }
-        write_json(self.dir / MANIFEST, manifest)
-        return manifest
+
+
+class _Journal:
+    """A run's open journal: each finished pair is appended and fsynced at once, so a killed run loses at
+    most the pair being written. Counts the pairs written and shows the rate on the progress bar."""
+
+    def __init__(self, file, done: dict[str, dict], bar, t0: float) -> None:
+        self.file = file
+        self.done = done
+        self.bar = bar
+        self.t0 = t0
+        self.written = 0
+        self.kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+
+    def record(self, name: str, rec: dict) -> None:
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.done[name] = rec
+        self.written += 1
+        if self.kill_after and self.written >= self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.bar.set_postfix_str(f"{self.written / (time.perf_counter() - self.t0):.2f} pairs/s, "
+                                 f"{self.written} new", refresh=False)
 
 
 def align(srcs: list[str], out: str, opts: AlignOptions, *, weights: str | None = None, device: str = "auto",

@@ -124,28 +124,13 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
     options = replace(runtime_options if runtime_options is not None else RuntimeOptions(), compile=False)
     model, config, pipeline, rt = prepare(run_dir, options, geometry=geometry)
     dev, prec = rt.device, rt.precision
-    if pipeline.geometry == "crops":
-        pipeline = replace(pipeline, geometry="center_crop")
+    pipeline = _attacked_geometry(pipeline)
     craft_prec = resolve_precision("fp32" if options.precision == "auto" else options.precision, dev, inference=True)
     target = _Judged(model, prec, dev)
     crafter = _Judged(model, craft_prec, dev) if craft_prec != prec else None
-    src_model, src_pipeline = None, None
-    if source is not None:
-        src, _, src_pipeline, _ = prepare(source, replace(options, precision=craft_prec.name),
-                                          geometry=geometry)
-        if src_pipeline.geometry == "crops":
-            src_pipeline = replace(src_pipeline, geometry="center_crop")
-        if src.preprocess.input_size != model.preprocess.input_size:
-            raise FakescopeError(f"expected --source to take the same input size as the target run, got "
-                                 f"{src.preprocess.input_size} and {model.preprocess.input_size}")
-        src_model = _Judged(src, craft_prec, dev)
-        if src_pipeline == pipeline:
-            src_pipeline = None
-    index = index_root(data).select(generators, split)
-    if limit:
-        index = limit_per_class(index, limit)
-    if len(index) == 0:
-        raise FakescopeError(f"no images in {data} for split {split!r}")
+    src_model, src_pipeline = (None, None) if source is None else \
+        _transfer_source(source, options, craft_prec, geometry, model, pipeline, dev)
+    index = _attack_index(data, generators, split, limit)
     torch.manual_seed(seed)
     result = robustness(target, _batches(index, pipeline, rt, src_pipeline), attack=attack,
                         eps_list=eps_list, steps=steps, step_size=step_size, direction=direction, seed=seed,
@@ -153,15 +138,43 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
                         attack_options=attack_options)
     result["model"] = {"name": config["model"]["name"], "run": str(Path(run_dir).resolve()),
                        "source": str(Path(source).resolve()) if source else None}
-    result["data"] = {"root": index.root, "split": split, "generators": index.generator_names, "n_files": len(index),
-                      "limit_per_class": limit, "native_size": pipeline.native_size,
-                      "source_native_size": (src_pipeline or pipeline).native_size if source else None,
-                      "test_geometry": pipeline.geometry}
-    result["threshold"] = decision.threshold
-    result["threshold_source"] = decision.source
-    result["calibrated"] = decision.calibrated
-    result["raw_threshold"] = raw_threshold
-    result["precision"] = prec.name
-    result["attack_precision"] = craft_prec.name
-    result["seed"] = seed
+    result["data"] = _data_section(index, split, limit, pipeline, src_pipeline, transfer=bool(source))
+    result.update(threshold=decision.threshold, threshold_source=decision.source, calibrated=decision.calibrated,
+                  raw_threshold=raw_threshold, precision=prec.name, attack_precision=craft_prec.name, seed=seed)
     return result
+
+
+def _attacked_geometry(pipeline):
+    """``pipeline``, its ``crops`` geometry replaced by ``center_crop``: a perturbation lives in one square input."""
+    return replace(pipeline, geometry="center_crop") if pipeline.geometry == "crops" else pipeline
+
+
+def _transfer_source(source, options: RuntimeOptions, craft_prec: Precision, geometry: str | None, model, pipeline,
+                     dev):
+    """``(source model, its pipeline)`` for a transfer attack crafted on the run ``source``: the model in
+    ``craft_prec``, the pipeline None where it is the target's own. The input sizes must agree."""
+    src, _, src_pipeline, _ = prepare(source, replace(options, precision=craft_prec.name), geometry=geometry)
+    src_pipeline = _attacked_geometry(src_pipeline)
+    if src.preprocess.input_size != model.preprocess.input_size:
+        raise FakescopeError(f"expected --source to take the same input size as the target run, got "
+                             f"{src.preprocess.input_size} and {model.preprocess.input_size}")
+    src_model = _Judged(src, craft_prec, dev)
+    return src_model, (None if src_pipeline == pipeline else src_pipeline)
+
+
+def _data_section(index, split: str, limit: int | None, pipeline, src_pipeline, *, transfer: bool) -> dict:
+    """The result's ``data``: the images attacked and the preprocessing they went through."""
+    return {"root": index.root, "split": split, "generators": index.generator_names, "n_files": len(index),
+            "limit_per_class": limit, "native_size": pipeline.native_size,
+            "source_native_size": (src_pipeline or pipeline).native_size if transfer else None,
+            "test_geometry": pipeline.geometry}
+
+
+def _attack_index(data, generators, split: str, limit: int | None):
+    """``data``'s images of ``split`` and ``generators``, at most ``limit`` per class; an error when none."""
+    index = index_root(data).select(generators, split)
+    if limit:
+        index = limit_per_class(index, limit)
+    if len(index) == 0:
+        raise FakescopeError(f"no images in {data} for split {split!r}")
+    return index

@@ -455,24 +455,13 @@ def predict_to_folder(run_dir, out_dir, paths: Iterable[str] = (), *, files_from
     (``p_ai`` unrounded), plus ``width``, ``height``, ``format`` and ``bytes``; its options mean the same
     (``runtime_options`` too, default ``predict``'s: see :func:`~fakescope.engine.evaluation.predict_paths`)."""
 
-    if engine not in ENGINES:
-        raise FakescopeError(f"expected --engine to be one of {', '.join(ENGINES)}, got {engine!r}")
-    if threshold is not None:
-        threshold = checked("threshold", threshold, parsing.threshold, source="predict_to_folder")
-    if shard_size < 1:
-        raise FakescopeError(f"expected --shard-size to be a positive integer, got {shard_size}")
-    paths = list(paths)
-    if not paths and files_from is None:
-        raise FakescopeError("expected image paths or --files-from LIST, got neither")
+    threshold, paths = _checked_request(engine, threshold, shard_size, paths, files_from)
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     options = runtime_options if runtime_options is not None else RuntimeOptions(max_file_size=PREDICT_MAX_FILE_SIZE)
     options = replace(options, max_pixels=options.max_pixels or DEFAULT_MAX_PIXELS)
     t0 = time.perf_counter()
-    # the ray engine's driver only needs the run's pipeline and classes: its actors load the model
-    driver = RuntimeOptions(device="cpu", precision="fp32", max_pixels=options.max_pixels,
-                            max_file_size=options.max_file_size) if engine == "ray" else options
-    predictor = Predictor(run_dir, driver, native_size=native_size, backend=backend, onnx_path=onnx_path,
-                          geometry=geometry)
+    predictor = Predictor(run_dir, _driver_options(options, engine), native_size=native_size, backend=backend,
+                          onnx_path=onnx_path, geometry=geometry)
     config, pipeline = predictor.config, predictor.pipeline
     if predictor.classes is None:
         config = {**config, "classes": None}
@@ -490,12 +479,40 @@ def predict_to_folder(run_dir, out_dir, paths: Iterable[str] = (), *, files_from
                         actors=actors, gpus_per_actor=gpus_per_actor, provenance=provenance)
     else:
         mine = run_torch(job, predictor, provenance=provenance)
+    return _gather_summary(job, mine, t0)
+
+
+def _checked_request(engine: str, threshold: float | None, shard_size: int, paths: Iterable[str],
+                     files_from) -> tuple[float | None, list[str]]:
+    """``(threshold, paths as a list)``, checked, once the engine, the shard size and the inputs asked for are
+    valid."""
+    if engine not in ENGINES:
+        raise FakescopeError(f"expected --engine to be one of {', '.join(ENGINES)}, got {engine!r}")
+    if threshold is not None:
+        threshold = checked("threshold", threshold, parsing.threshold, source="predict_to_folder")
+    if shard_size < 1:
+        raise FakescopeError(f"expected --shard-size to be a positive integer, got {shard_size}")
+    paths = list(paths)
+    if not paths and files_from is None:
+        raise FakescopeError("expected image paths or --files-from LIST, got neither")
+    return threshold, paths
+
+
+def _driver_options(options: RuntimeOptions, engine: str) -> RuntimeOptions:
+    """This process's runtime options: ``options``, but the ray engine's driver only needs the run's
+    pipeline and classes (its actors load the model), so it holds them on the CPU in fp32."""
+    return RuntimeOptions(device="cpu", precision="fp32", max_pixels=options.max_pixels,
+                          max_file_size=options.max_file_size) if engine == "ray" else options
+
+
+def _gather_summary(job: Job, mine: dict, t0: float) -> dict:
+    """The folder's summary, this run's counts gathered from every rank; rank 0 writes it and removes the
+    temporary files a killed run left for shards done since (other ranks return ``{}``)."""
     parts = runtime.all_gather_objects(mine)
     seconds = time.perf_counter() - t0
     total = {"files": sum(p["files"] for p in parts), "shards_written": sum(p["shards_written"] for p in parts)}
     summary = summarize(job.out_dir, total, seconds) if runtime.is_main() else {}
     if runtime.is_main():
-        # temporary files left by a killed run, for shards done since
         for p in (job.out_dir / SHARD_DIR).glob(f".{SHARD_PREFIX}*{SHARD_SUFFIX}.tmp"):
             if shard_path(job.out_dir, int(p.name[len(SHARD_PREFIX) + 1:].split(".")[0])).exists():
                 p.unlink(missing_ok=True)

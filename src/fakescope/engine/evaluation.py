@@ -95,18 +95,46 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     if threshold is not None:
         threshold = checked("threshold", threshold, parsing.threshold, source="evaluate_run")
     decision = resolve_decision(run_dir, threshold, uncalibrated)
-    try:
-        degradations = parse_degradations(degrade)
-    except ValueError as e:
-        raise FakescopeError(str(e)) from None
+    degradations = _degradations(degrade)
     model, config, pipeline, rt = prepare(run_dir, runtime_options, native_size=native_size, jpeg_align=jpeg_align,
                                           geometry=geometry)
-    index = index_root(data).select(generators, split)
-    if len(index) == 0:
-        raise FakescopeError(f"no images in {data} for split {split!r}")
+    index = _evaluation_index(data, generators, split)
     result = evaluate_index(model, index, pipeline, rt, threshold=decision.threshold, degradations=degradations,
                             calibrate=decision.p_ai if decision.calibrated else None, classes=config.get("classes"))
     scores = result.pop("scores")
+    _describe_evaluation(result, run_dir, config, index, split, pipeline, decision)
+    warnings: list[str] = []
+    if decision.calibrated:
+        result["calibration"] = _calibration_summary(decision.calibration, scores, index, split, warnings)
+    result["rates"] = _rates(result)
+    result["guarantee_check"] = None
+    if decision.promise_applies:
+        result["guarantee_check"] = promise_check(decision.calibration, result, warnings)
+    result["warnings"] = warnings
+    result["precision"] = rt.precision.name
+    result["scores"] = scores
+    return result
+
+
+def _degradations(degrade):
+    """The parsed ``degrade`` specification (a :class:`FakescopeError` when it does not parse)."""
+    try:
+        return parse_degradations(degrade)
+    except ValueError as e:
+        raise FakescopeError(str(e)) from None
+
+
+def _evaluation_index(data, generators, split: str):
+    """``data``'s index restricted to ``generators`` and ``split``; an error when that leaves no image."""
+    index = index_root(data).select(generators, split)
+    if len(index) == 0:
+        raise FakescopeError(f"no images in {data} for split {split!r}")
+    return index
+
+
+def _describe_evaluation(result: dict, run_dir, config: dict, index, split: str, pipeline, decision) -> None:
+    """Add to ``result`` what was evaluated and how: the model, the data, the task and the decision threshold
+    (``calibration`` left None: :func:`_calibration_summary` fills it for a calibrated run)."""
     result["model"] = {"name": config["model"]["name"], "run": str(Path(run_dir).resolve()),
                        "options": config["model"].get("options", {})}
     result["data"] = {"root": index.root, "split": split, "generators": index.generator_names,
@@ -117,27 +145,27 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     result["threshold_source"] = decision.source
     result["calibrated"] = decision.calibrated
     result["calibration"] = None
-    warnings = []
-    if decision.calibrated:
-        cal = decision.calibration
-        both = 0 < int(np.sum(scores["labels"])) < len(scores["labels"])  # as in the metrics: null otherwise
-        raw = calibration_metrics(scores["labels"], scores["p_ai_raw"]) if both else {"ece": None, "brier": None}
-        result["calibration"] = {"temperature": cal.temperature, "target_fpr": cal.target_fpr,
-                                 "calibrated_threshold": cal.threshold, "fitted_on": cal.data,
-                                 "uncalibrated": {"ece": raw["ece"], "brier": raw["brier"]}}
-        if same_set(cal.data, {"root": index.root, "split": split}):
-            warnings.append(f"evaluated on the calibration set itself ({index.root}, split {split!r}): the "
-                            f"threshold's false-positive rate and the ECE here are optimistic")
-    result["rates"] = {"method": "clopper-pearson", "confidence": INTERVAL_CONFIDENCE,
-                       "overall": error_rates(result["overall"]["confusion"]),
-                       "per_generator": {g: error_rates(m["confusion"]) for g, m in result["per_generator"].items()}}
-    result["guarantee_check"] = None
-    if decision.promise_applies:
-        result["guarantee_check"] = promise_check(decision.calibration, result, warnings)
-    result["warnings"] = warnings
-    result["precision"] = rt.precision.name
-    result["scores"] = scores
-    return result
+
+
+def _calibration_summary(cal, scores: dict, index, split: str, warnings: list[str]) -> dict:
+    """The calibration used (with the uncalibrated ECE and Brier score); a warning in ``warnings`` when
+    the evaluated set is the calibration set itself."""
+    both = 0 < int(np.sum(scores["labels"])) < len(scores["labels"])  # as in the metrics: null otherwise
+    raw = calibration_metrics(scores["labels"], scores["p_ai_raw"]) if both else {"ece": None, "brier": None}
+    summary = {"temperature": cal.temperature, "target_fpr": cal.target_fpr,
+               "calibrated_threshold": cal.threshold, "fitted_on": cal.data,
+               "uncalibrated": {"ece": raw["ece"], "brier": raw["brier"]}}
+    if same_set(cal.data, {"root": index.root, "split": split}):
+        warnings.append(f"evaluated on the calibration set itself ({index.root}, split {split!r}): the "
+                        f"threshold's false-positive rate and the ECE here are optimistic")
+    return summary
+
+
+def _rates(result: dict) -> dict:
+    """False- and true-positive rates with Clopper–Pearson intervals, overall and per generator."""
+    return {"method": "clopper-pearson", "confidence": INTERVAL_CONFIDENCE,
+            "overall": error_rates(result["overall"]["confusion"]),
+            "per_generator": {g: error_rates(m["confusion"]) for g, m in result["per_generator"].items()}}
 
 
 def promise_check(cal, result: dict, warnings: list[str]) -> dict:

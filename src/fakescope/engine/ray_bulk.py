@@ -212,37 +212,24 @@ def run_ray(job, *, pipeline, scorer: dict, runtime_options: RuntimeOptions, add
 
 def _run(ray, job, *, pipeline, scorer: dict, runtime_options: RuntimeOptions, actors, gpus_per_actor, provenance,
          window_rows) -> dict:
-    import pyarrow as pa
-
-
+    """Score ``job``'s pending shards window by window (a window: up to ``window_rows`` inputs of whole
+    shards) on a started Ray instance; ``{"files", "shards_written"}``."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = _enabled()
     res = ray.cluster_resources()
     if actors is None:
-        gpus = float(res.get("GPU", 0))
-        actors = max(1, int(gpus // gpus_per_actor)) if gpus_per_actor > 0 and gpus else \
-            max(1, int(res.get("CPU", 2)) // 2)
+        actors = _default_actors(res, gpus_per_actor)
     o = runtime_options
     bs = o.batch_size or default_batch_size(pipeline.input_size)
-    s = pipeline.stage_size()
-    stage_shape = (pipeline.crops, 3, s, s) if pipeline.geometry == "crops" else (3, s, s)
-    decode_kw = {"pipeline": pipeline, "stage_shape": stage_shape, "max_pixels": o.max_pixels,
-                 "max_file_size": o.max_file_size, "provenance": provenance}
+    decode_kw = _decode_kwargs(pipeline, o, provenance)
     # the actors decode nothing and are not compiled: their device, precision, pixel limit and threads
     actor = RuntimeOptions(device=o.device, precision=o.precision, max_pixels=o.max_pixels, threads=o.threads)
     scorer_kw = {**scorer, "runtime_options": actor}
     kill = KillHook()
     done = {"files": 0, "shards_written": 0}
     for window in _windows(job.pending_shards(), window_rows):
-        shard_col = [i for i, paths, _ in window for _ in paths]
-        pos_col = [k for _, paths, _ in window for k in range(len(paths))]
-        path_col = [p for _, paths, _ in window for p in paths]
-        table = pa.table({"shard": pa.array(shard_col, pa.int64()), "pos": pa.array(pos_col, pa.int64()),
-                          "path": pa.array(path_col, pa.string())})
-        del shard_col, pos_col, path_col
-        blocks = [table.slice(o, bs) for o in range(0, table.num_rows, bs)]
-        ds = ray.data.from_arrow(blocks)
+        ds = _window_dataset(ray, window, bs)
         # decoding: CPU tasks spread over the cluster (a scheduling strategy of their own keeps Ray from
         # fusing them into the actors); scoring: the actor pool
         ds = ds.map_batches(decode_batch, fn_kwargs=decode_kw, batch_size=bs, batch_format="numpy", num_cpus=1,
@@ -250,24 +237,60 @@ def _run(ray, job, *, pipeline, scorer: dict, runtime_options: RuntimeOptions, a
         ds = ds.map_batches(Scorer, fn_constructor_kwargs=scorer_kw, batch_size=bs, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None,
                             num_cpus=1, scheduling_strategy="DEFAULT")
-        manifests = {i: man for i, _, man in window}
-        writers: dict = {}
-        try:
-            for b in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2):
-                rows = _rows(b, job.attribution)
-                shards = np.asarray(b["shard"])
-                for sh in dict.fromkeys(shards.tolist()):
-                    w = writers.get(sh) or writers.setdefault(sh, job.writer(sh, manifests[sh]))
-                    w.write([r for r, x in zip(rows, shards.tolist(), strict=True) if x == sh])
-                    if w.stats["n"] == manifests[sh]["n"]:
-                        w.commit()
-                        del writers[sh]
-                        done["files"] += manifests[sh]["n"]
-                        done["shards_written"] += 1
-                        kill.committed()
-        finally:
-            for w in writers.values():
-                w.abort()
-        if writers:
-            raise RuntimeError(f"Ray returned incomplete shards {sorted(writers)}")
+        _write_window(ds, window, job, kill, done)
     return done
+
+
+def _default_actors(res: dict, gpus_per_actor: float) -> int:
+    """Scoring actors when none are asked for: one per ``gpus_per_actor`` GPUs of the cluster (``res``: its
+    resources), else half its CPUs; at least 1."""
+    gpus = float(res.get("GPU", 0))
+    return max(1, int(gpus // gpus_per_actor)) if gpus_per_actor > 0 and gpus else \
+        max(1, int(res.get("CPU", 2)) // 2)
+
+
+def _decode_kwargs(pipeline, o: RuntimeOptions, provenance: bool) -> dict:
+    """:func:`decode_batch`'s keyword arguments: the pipeline, the shape it stages images at, the reader's limits."""
+    s = pipeline.stage_size()
+    stage_shape = (pipeline.crops, 3, s, s) if pipeline.geometry == "crops" else (3, s, s)
+    return {"pipeline": pipeline, "stage_shape": stage_shape, "max_pixels": o.max_pixels,
+            "max_file_size": o.max_file_size, "provenance": provenance}
+
+
+def _window_dataset(ray, window: list, bs: int):
+    """A Ray dataset of one window's inputs (columns ``shard``, ``pos``, ``path``), in blocks of ``bs`` rows."""
+    import pyarrow as pa
+
+    shard_col = [i for i, paths, _ in window for _ in paths]
+    pos_col = [k for _, paths, _ in window for k in range(len(paths))]
+    path_col = [p for _, paths, _ in window for p in paths]
+    table = pa.table({"shard": pa.array(shard_col, pa.int64()), "pos": pa.array(pos_col, pa.int64()),
+                      "path": pa.array(path_col, pa.string())})
+    del shard_col, pos_col, path_col
+    blocks = [table.slice(o, bs) for o in range(0, table.num_rows, bs)]
+    return ray.data.from_arrow(blocks)
+
+
+def _write_window(ds, window: list, job, kill: KillHook, done: dict) -> None:
+    """Write the scored rows of ``ds`` into their shards, committing each shard once complete (counted in
+    ``done``); a shard left incomplete is aborted and an error."""
+    manifests = {i: man for i, _, man in window}
+    writers: dict = {}
+    try:
+        for b in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=2):
+            rows = _rows(b, job.attribution)
+            shards = np.asarray(b["shard"])
+            for sh in dict.fromkeys(shards.tolist()):
+                w = writers.get(sh) or writers.setdefault(sh, job.writer(sh, manifests[sh]))
+                w.write([r for r, x in zip(rows, shards.tolist(), strict=True) if x == sh])
+                if w.stats["n"] == manifests[sh]["n"]:
+                    w.commit()
+                    del writers[sh]
+                    done["files"] += manifests[sh]["n"]
+                    done["shards_written"] += 1
+                    kill.committed()
+    finally:
+        for w in writers.values():
+            w.abort()
+    if writers:
+        raise RuntimeError(f"Ray returned incomplete shards {sorted(writers)}")
