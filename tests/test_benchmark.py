@@ -189,11 +189,8 @@ def test_rerun_reuses_finished_runs(bench, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished run was retrained or re-evaluated")
 
-    monkeypatch.setattr("fakescope.engine.train.train", boom)
-    monkeypatch.setattr("fakescope.engine.evaluation.evaluate_run", boom)
-    monkeypatch.setattr("fakescope.study.runs._agreement", boom)
-    monkeypatch.setattr("fakescope.engine.calibrate.calibrate_run", boom)
-    monkeypatch.setattr("fakescope.explain.gallery", boom)
+    for name in ("train", "evaluate_run", "_agreement", "calibrate_run", "gallery", "attack_run"):
+        monkeypatch.setattr(f"fakescope.study.runs.{name}", boom)  # the names the study calls
     again = B.run_benchmark(cfg)
     for label, m in res["models"].items():
         assert again["models"][label]["overall"] == m["overall"]

@@ -55,7 +55,7 @@ def test_downscale_to_one_pixel_works(tmp_path):
 
 def test_typical_size_does_not_depend_on_where_the_data_lives(tmp_path, monkeypatch):
     """The sample is chosen by path relative to the data, so moving the data keeps the same files."""
-    from fakescope.data import dataset, io
+    from fakescope.data import dataset
 
     first = tmp_path / "a" / "data"
     for i in range(40):
@@ -63,8 +63,8 @@ def test_typical_size_does_not_depend_on_where_the_data_lives(tmp_path, monkeypa
         d.mkdir(parents=True, exist_ok=True)
         _png(d / f"{i:03d}.png", 20 + i, 30 + i)
     probed = []
-    real_probe = io.probe_image
-    monkeypatch.setattr(io, "probe_image", lambda f, *a: probed.append(f) or real_probe(f, *a))
+    real_probe = dataset.probe_image
+    monkeypatch.setattr(dataset, "probe_image", lambda f, *a: probed.append(f) or real_probe(f, *a))
     results, samples = [], []
     where = first
     for dest in ("b/data", "c/deeper/still/data", "d/x"):

@@ -145,7 +145,7 @@ def test_evaluation_reuse_key_covers_every_ingredient(env, trained, tmp_path, mo
 
     cfg, run = trained
     run = _copy_run(run, tmp_path / "run")
-    calls = _counting(monkeypatch, "fakescope.engine.evaluation.evaluate_run")
+    calls = _counting(monkeypatch, "fakescope.study.runs.evaluate_run")  # where the study calls it
 
     def ev(c=cfg, r=run, **kw):
         before = len(calls)
@@ -191,7 +191,7 @@ def test_attack_reuse_key_covers_every_ingredient(env, trained, tmp_path, monkey
 
     cfg, run = trained
     run = _copy_run(run, tmp_path / "run")
-    calls = _counting(monkeypatch, "fakescope.engine.attack.attack_run")
+    calls = _counting(monkeypatch, "fakescope.study.runs.attack_run")  # where the study calls it
 
     def atk(c=cfg):
         before = len(calls)
