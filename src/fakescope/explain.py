@@ -176,7 +176,6 @@ def explain_files(run_dir: str | os.PathLike, paths: list[str], *,
     Returns ``{"method", "layer", "model", "run", "threshold", "images": [{"path", "name", "p_ai",
     "verdict", "overlay_image" (HxWx3 uint8 at the image's size), "seen_box", "cam_max", "peak_xy"}
     | {"path", "error"}]}``."""
-
     if method != "gradcam":
         raise FakescopeError(f"expected --method gradcam, got {method!r}")
     options = runtime_options if runtime_options is not None else EXPLAIN_RUNTIME
@@ -264,7 +263,6 @@ def gallery(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: str =
     :func:`fakescope.report.plots.gallery_plot`, and ``title``); nothing is written: see
     :func:`fakescope.report.artifacts.write_gallery`. ``runtime_options`` (default :data:`EXPLAIN_RUNTIME`):
     the device and the pixel limit (the pool is scored in fp32, without the feature cache)."""
-
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     index = limit_per_class(index_root(data).select(generators, split), pool)
     files = [index.abspath(i) for i in range(len(index))]

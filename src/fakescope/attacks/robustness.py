@@ -162,7 +162,6 @@ def robustness(model: nn.Module, batches: Iterable[tuple], *, attack: str,
     ``{"index", "eps", "clean", "adv"}`` with the images as ``S x S x 3`` uint8 arrays
     (:func:`fakescope.report.artifacts.write_examples` saves them as PNGs).
     """
-
     cls = attack_class(attack)
     _check_models(model, source_model)
     if direction not in DIRECTIONS:
@@ -232,7 +231,6 @@ def _crafter(model: nn.Module, source_model: nn.Module | None, crafter: nn.Modul
 def _attack_at(attack: str, crafter: nn.Module, eps: float, seed: int, threshold: float,
                options: dict) -> Attack | None:
     """The attack at ``eps``; None at eps = 0 (never attacked: the clean predictions are reused)."""
-
     return create_attack(attack, crafter, eps=eps, seed=seed, threshold=threshold, **options) if eps > 0 else None
 
 

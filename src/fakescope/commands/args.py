@@ -22,7 +22,6 @@ class Parser(argparse.ArgumentParser):
 
 def argtype(check: Callable, name: str) -> Callable:
     """A :mod:`fakescope.parsing` check as an argparse type (its ValueError becomes the usage error)."""
-
     def convert(s: str):
         try:
             return check(s)

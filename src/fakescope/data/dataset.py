@@ -125,7 +125,6 @@ def estimate_decode_ms(files: Sequence[str], stage_size: int | None = None, samp
     the pixel count; JPEG decodes faster per pixel than PNG. ``stage_size`` is accepted for the
     callers' convenience and does not change the estimate. Unreadable samples are skipped; 0.0
     when none can be read."""
-
     costs = []
     picks = list(files[:: max(1, len(files) // sample)])[:sample]  # evenly spread, deterministic
     for f in picks:

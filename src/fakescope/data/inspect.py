@@ -214,7 +214,6 @@ def size_shortcuts(per_generator: dict[tuple[str, str], list[tuple[int, int]]]) 
 
 def sample_images(index: Index, per_class: int = 6, size: int = 96) -> list[tuple[str, list]]:
     """Rows for the sample grid: ``(generator / class, [HxWx3 uint8])``, readable files only."""
-
     rows = []
     picked = limit_per_class(index, per_class * 3)
     for g in picked.generator_names:

@@ -116,7 +116,6 @@ def attack_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, attack: s
     ``runtime_options``: device, precision (see the module docstring), batch size (None:
     :data:`BATCH_SIZE`) and workers; the feature cache, ``max_pixels`` and ``compile`` are not used
     (the attack decodes with the reader's defaults and differentiates the eager model)."""
-
     if threshold is not None:
         threshold = checked("threshold", threshold, parsing.threshold, source="attack_run")
     decision = resolve_decision(run_dir, threshold, uncalibrated)

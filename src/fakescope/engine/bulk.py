@@ -369,7 +369,6 @@ def run_torch(job: Job, predictor, *, provenance: bool) -> dict:
     """Score this rank's pending shards with ``predictor`` (a :class:`~fakescope.engine.predictor.Predictor`,
     whose runtime options also give the batch size, workers and thread cap);
     ``{"files", "shards_written"}`` of this rank."""
-
     options = predictor.options
     batch_size = options.batch_size or default_batch_size(predictor.pipeline.input_size)
     rank, world = runtime.rank(), runtime.world_size()
@@ -454,7 +453,6 @@ def predict_to_folder(run_dir, out_dir, paths: Iterable[str] = (), *, files_from
     The rows hold what :func:`~fakescope.engine.evaluation.predict_paths` reports for the same files
     (``p_ai`` unrounded), plus ``width``, ``height``, ``format`` and ``bytes``; its options mean the same
     (``runtime_options`` too, default ``predict``'s: see :func:`~fakescope.engine.evaluation.predict_paths`)."""
-
     threshold, paths = _checked_request(engine, threshold, shard_size, paths, files_from)
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     options = runtime_options if runtime_options is not None else RuntimeOptions(max_file_size=PREDICT_MAX_FILE_SIZE)

@@ -153,7 +153,6 @@ class Scoring:
         probabilities): ``p_ai`` (calibrated, unrounded float64), ``verdict``, ``threshold``,
         ``threshold_source``, ``calibrated`` and for an attribution run ``generator``/``generator_p``
         -- or ``{"error"}`` where the score is not a finite number, as ``predict`` reports it."""
-
         d = self.decision
         raw = np.asarray(scores[:, 0], dtype=np.float64)
         p = np.asarray(d.p_ai(raw), dtype=np.float64)

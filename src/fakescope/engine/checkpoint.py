@@ -133,7 +133,6 @@ def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], so
 def build_model(config: dict):
     """Rebuild the model described by a run config (an attribution run's head with one output per
     class), without downloading pretrained weights."""
-
     m = config["model"]
     options = dict(m.get("options") or {})
     options.pop("pretrained_file", None)

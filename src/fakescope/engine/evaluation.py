@@ -45,7 +45,6 @@ def native_size_for(config: dict, override: str | int | None) -> int | None:
 
 def geometry_for(config: dict, model, override: str | None) -> str:
     """The test-time geometry: ``override`` (``--test-geometry``), else the run's recorded one, else the model's."""
-
     return check_geometry(override or config.get("test_geometry") or model.test_geometry)
 
 
@@ -268,7 +267,6 @@ def prepare_onnx(run_dir, onnx_path=None, *, native_size=None, geometry: str | N
     default ``RUN/model.onnx``, on ``threads`` intra-op threads, None: onnxruntime's choice): the export
     must be of this run's model; images are prepared exactly as for the PyTorch backend (native size,
     JPEG alignment)."""
-
     config = read_config(run_dir)
     det = OnnxDetector(onnx_path or Path(run_dir) / "model.onnx", threads=threads)
     if det.metadata.get("model") != config["model"]["name"]:

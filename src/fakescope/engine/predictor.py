@@ -67,7 +67,6 @@ class Predictor:
 
     def decode(self, data: bytes, name: str = "upload") -> tuple[Decoded, torch.Tensor]:
         """``(decoded image, stage image uint8 of shape stage_shape)``; raises ``ImageReadError`` for a bad image."""
-
         d = read_image_bytes(data, name, max_pixels=self.max_pixels, max_file_size=self.max_file_size,
                              reduce_to=self.pipeline.reduce_size())
         try:

@@ -190,7 +190,6 @@ def run_ray(job, *, pipeline, scorer: dict, runtime_options: RuntimeOptions, add
     ``address``: None starts a local Ray instance on this machine's CPUs; ``auto`` or ``HOST:PORT``
     joins an existing cluster. ``actors`` scoring actors (default: one per GPU with ``gpus_per_actor``,
     else half the cluster's CPUs, at least 1), each with ``gpus_per_actor`` GPUs."""
-
     ray = import_ray()
     started = not ray.is_initialized()
     if started:

@@ -180,7 +180,6 @@ class Runtime:
     @property
     def max_pixels(self) -> int:
         """The pixel limit, with the reader's default (120 M) for None."""
-
         return self.options.max_pixels or DEFAULT_MAX_PIXELS
 
     @property

@@ -174,7 +174,6 @@ def write_calibration_files(run_dir: str | os.PathLike, calibration) -> dict:
     """Store a :class:`fakescope.calibration.Calibration` in its run: ``calibration.json`` (atomic), and
     nothing else (the caller refreshes the model card, :func:`fakescope.report.model_card.refresh_model_card`,
     which reads only the run's files). Returns its path (rank 0 writes; the others only get the path)."""
-
     paths = {"calibration": str(calibration_path(run_dir))}
     if ranks.is_main():
         write_calibration(run_dir, calibration)
@@ -207,7 +206,6 @@ def write_explanation(result: dict, folder: str | os.PathLike) -> dict:
 def write_gallery(result: dict, folder: str | os.PathLike) -> dict:
     """``gallery.png`` (the captioned grid), the overlays (``overlays/``) and ``gallery.json`` for
     :func:`fakescope.explain.gallery`'s result; returns the JSON written (``png``: the grid's path or None)."""
-
     folder = Path(folder)
     written = write_explanation({"images": result["items"]}, folder / "overlays")["images"]
     png = gallery_plot(result["grid"], folder / "gallery.png", title=result["title"]) if result["grid"] else None

@@ -127,7 +127,6 @@ def cross_tables(result: dict) -> tuple[list[str], list[list]]:
 
 def write_cross(result: dict, stem: str | os.PathLike) -> dict:
     """``stem.md`` (the matrix with row averages) and ``stem.png`` (its heatmap); returns the paths."""
-
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     m = np.array([[np.nan if v is None else v for v in row] for row in result["matrix"]], dtype=float)

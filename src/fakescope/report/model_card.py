@@ -313,7 +313,6 @@ INSPECT = "data_inspect.json"
 def write_model_card(run_dir: str | os.PathLike, inspect: dict | None = None) -> Path:
     """Write ``RUN/MODEL_CARD.md`` atomically; returns its path. A given ``inspect`` summary is kept in
     ``RUN/data_inspect.json`` for later rewrites of the card (e.g. after ``evaluate``)."""
-
     run_dir = Path(run_dir)
     if inspect is not None:
         write_json(run_dir / INSPECT, {k: v for k, v in inspect.items() if k != "unreadable"})
@@ -342,7 +341,6 @@ def refresh_model_card(run_dir: str | os.PathLike) -> Path | None:
 def inspect_training_data(config: dict, sample: int = 16) -> dict | None:
     """The ``data inspect`` summary of a run's training root (``sample`` decoded files per group), or None
     when the root is gone."""
-
     data = config.get("data") or {}
     roots = data.get("roots") or [data.get("root")]
     if not all(r and Path(r).is_dir() for r in roots):

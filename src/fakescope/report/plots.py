@@ -59,7 +59,6 @@ def reliability_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str
     """Reliability diagram: mean ``p_ai`` against the share of AI images in ``n_bins`` equal-mass bins,
     one line per ``{name: (labels, p_ai)}``, with each line's ECE in the legend; the diagonal is perfect
     calibration."""
-
     fig, ax = _subplots((4.6, 4.6))
     drawn = 0
     for name, (y, p) in curves.items():

@@ -182,7 +182,6 @@ def ensure_run(opts, run_dir: Path, *, force: bool = False, what: str = "") -> t
 
     Returns ``(training summary, trained)``. An interrupted run with the same configuration is
     resumed; a run with another configuration (or any run, with ``force``) is replaced."""
-
     run_dir = Path(run_dir)
     resume = False
     key = training_key(opts)
@@ -236,7 +235,6 @@ def evaluate_cached(cfg: BenchmarkConfig, run_dir: Path, *, generators: list[str
                     what: str = "") -> dict:
     """``evaluate_run`` with its files in ``RUN/eval-<root>-<split>[-jpegQ]`` (see
     :func:`fakescope.report.artifacts.eval_folder`), reused while :func:`evaluation_key` is unchanged."""
-
     folder = eval_folder(run_dir, cfg.data, cfg.split, jpeg_align)
 
     def compute() -> dict:
@@ -260,7 +258,6 @@ def calibrate_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str
     """Calibrate a run on its own held-out training images (``--split holdout``) for ``cfg.calibrate`` at
     ``cfg.calibrate_confidence`` (the rule of ``fakescope calibrate``; reused while the weights, the run's
     configuration, the target and the confidence are unchanged)."""
-
     key = result_key(cfg, run_dir, precision=cfg.precision, data={"split": "holdout"}, target_fpr=cfg.calibrate,
                      confidence=cfg.calibrate_confidence, calibration_sha256=None)  # the calibration: its output
 
@@ -317,7 +314,6 @@ def attack_key(cfg: BenchmarkConfig, run_dir) -> dict:
 
 def robustness_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: str) -> dict:
     """Robust accuracy of one run under ``cfg.attack`` (reused while :func:`attack_key` is unchanged)."""
-
     a = cfg.attack
     folder = attack_folder(run_dir, a["name"])
 
@@ -387,7 +383,6 @@ def real_photos_cached(cfg: BenchmarkConfig, run_dir: str | os.PathLike, what: s
         {"folder", "n", "called_ai", "fpr", "threshold", "threshold_source", "test_geometry",
          "errors": {path: reason}, "p_ai": {path: P(ai)}}   (paths relative to the folder)
     """
-
     folder = Path(cfg.real_photos)
     files = sorted(list_images([str(folder)]))
     h = hashlib.sha256()
