@@ -33,7 +33,7 @@ from fakescope.data.layout import index_root, limit_per_class
 from fakescope.data.transforms import Pipeline
 from fakescope.engine import runtime
 from fakescope.engine.checkpoint import load_run
-from fakescope.engine.evaluation import geometry_for, native_size_for, prepare
+from fakescope.engine.evaluation import geometry_for, max_side_for, native_size_for, prepare
 from fakescope.engine.infer import score_files
 from fakescope.errors import FakescopeError, ImageReadError
 from fakescope.options import RuntimeOptions
@@ -215,7 +215,8 @@ def _explain_pipeline(config: dict, model, native_size) -> Pipeline:
     geometry = geometry_for(config, model, None)
     return Pipeline(model.preprocess.input_size, native_size_for(config, native_size),
                     config.get("train", {}).get("jpeg_align"),
-                    geometry="center_crop" if geometry == "crops" else geometry)
+                    geometry="center_crop" if geometry == "crops" else geometry,
+                    max_side=max_side_for(config, None))
 
 
 def _unique_name(stem: str, used: set[str]) -> str:

@@ -97,6 +97,22 @@ def add_geometry(p: argparse.ArgumentParser, what: str = "override the run's tes
                         f"image's pixel scale) or crops (mean score of a 3x3 grid of such squares)")
 
 
+def max_side(value: str) -> str | int:
+    """``--max-side``: ``off``, ``auto`` or a positive number of pixels."""
+    v = value.strip().lower()
+    if v in ("off", "auto"):
+        return v
+    if v.isdigit() and int(v) > 0:
+        return int(v)
+    raise argparse.ArgumentTypeError(f"expected --max-side auto, off or a positive integer, got {value!r}")
+
+
+def add_max_side(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-side", type=max_side, default=None, metavar="N|off",
+                   help="override the run's max side: down-scale any image whose longer side exceeds N pixels to "
+                        "N first (off: read every image at its own pixel scale; default: the run's)")
+
+
 def add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=required,

@@ -21,6 +21,7 @@ def add_parser(sub):
     e.add_argument("--degrade", action="append", default=None, metavar="KIND:LEVELS",
                    help="jpeg:95,75,50,30 | blur:1,2,3 | resize:0.5,0.25 (repeatable)")
     a.add_geometry(e)
+    a.add_max_side(e)
     a.add_runtime(e)
     return e
 
@@ -35,7 +36,7 @@ def run(args) -> int:
         args.run, args.data, split=args.split, generators=args.generators, threshold=args.threshold,
         uncalibrated=args.uncalibrated,
         native_size=args.native_size, jpeg_align=args.jpeg_align, degrade=args.degrade, geometry=args.test_geometry,
-        runtime_options=a.runtime_from_args(args),
+        runtime_options=a.runtime_from_args(args), max_side=args.max_side,
     )
     outputs = write_evaluation(result, args.out or eval_folder(args.run, args.data, args.split, args.jpeg_align),
                                args.json_out)

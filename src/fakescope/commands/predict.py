@@ -29,6 +29,7 @@ def add_parser(sub):
     p.add_argument("--max-file-size", type=a.positive_int, default=50 * 2**20, help="bytes (default 50 MiB)")
     p.add_argument("--native-size", default=None, help="override the run's native size: N or off")
     a.add_geometry(p)
+    a.add_max_side(p)
     a.add_runtime(p)
     from fakescope.engine.bulk import DEFAULT_SHARD_SIZE, ENGINES
 
@@ -61,7 +62,7 @@ def run_bulk(args, runtime_options) -> int:
         overwrite=args.overwrite, engine=args.engine, threshold=args.threshold, uncalibrated=args.uncalibrated,
         native_size=args.native_size, backend=args.backend, onnx_path=args.onnx, provenance=not args.no_provenance,
         geometry=args.test_geometry, ray_address=args.ray_address, actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor, runtime_options=runtime_options)
+        gpus_per_actor=args.gpus_per_actor, runtime_options=runtime_options, max_side=args.max_side)
     if not runtime.is_main():
         return 0
     print(_json.dumps(summary, indent=2) if args.format == "json" else summary_text(summary))
@@ -87,7 +88,8 @@ def run(args) -> int:
         paths += list(read_list(args.files_from))
     rows = predict_paths(args.run, paths, threshold=args.threshold, uncalibrated=args.uncalibrated,
                          backend=args.backend, onnx_path=args.onnx, provenance=not args.no_provenance,
-                         native_size=args.native_size, geometry=args.test_geometry, runtime_options=runtime_options)
+                         native_size=args.native_size, geometry=args.test_geometry, runtime_options=runtime_options,
+                         max_side=args.max_side)
     attribution = any("generator" in r for r in rows)
     columns = (*COLUMNS[:3], "generator", "generator_p", *COLUMNS[3:]) if attribution else COLUMNS
     if not runtime.is_main():

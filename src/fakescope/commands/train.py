@@ -31,6 +31,10 @@ def add_parser(sub):
     t.add_argument("--val-fraction", type=a.number, default=0.1)
     t.add_argument("--limit", type=a.positive_int, default=None, help="at most N images per generator and class")
     t.add_argument("--native-size", default="auto", help="auto, off or N (pixels)")
+    t.add_argument("--max-side", type=a.positive_int, default=None, metavar="N",
+                   help="down-scale any image whose longer side exceeds N pixels to N first, at training and at "
+                        "test (recorded in the run): the model never reads an image at a finer pixel scale than "
+                        "its training data's (default: off)")
     pr = t.add_mutually_exclusive_group()
     pr.add_argument("--paired", dest="paired", action="store_true", default=None,
                     help="aligned pairs (a root made by `data align`): both members of each pair in the same batch "
@@ -143,7 +147,7 @@ def run(args) -> int:
             batch_size=full.batch_size, lr=full.lr, lr_schedule=full.lr_schedule, patience=full.patience,
             task=full.task, test_geometry=full.test_geometry,
             seed=full.seed, val_fraction=full.val_fraction, limit=full.limit, native_size=full.native_size,
-            jpeg_align=full.jpeg_align, augment=_augment(args),
+            max_side=full.max_side, jpeg_align=full.jpeg_align, augment=_augment(args),
             model_options=a.model_options_from_args(full), device=full.device,
             precision=full.precision, use_cache=not full.no_cache, cache_dir=full.cache_dir,
             adv_train=full.adv_train, adv_eps=full.adv_eps, adv_steps=full.adv_steps, adv_mix=full.adv_mix,

@@ -104,6 +104,17 @@ def downscale(img: torch.Tensor, factor: float) -> torch.Tensor:
     return TF.resize(img, size, antialias=True)
 
 
+def cap_side(img: torch.Tensor, max_side: int) -> torch.Tensor:
+    """Down-scale (antialiased, aspect ratio kept) so that the longer side is ``max_side``; an image
+    whose longer side is at most ``max_side`` is returned unchanged (never up-scaled)."""
+    h, w = img.shape[-2:]
+    long = max(h, w)
+    if long <= max_side:
+        return img
+    size = [max(1, round(h * max_side / long)), max(1, round(w * max_side / long))]
+    return TF.resize(img, size, antialias=True)
+
+
 DEGRADATIONS = {"jpeg": jpeg, "blur": blur, "resize": downscale}
 """Degradation name -> function(img, level). Levels: JPEG quality, blur sigma, scale factor."""
 
@@ -168,6 +179,9 @@ class Augment:
 class Pipeline:
     """Everything between the decoded image and the model's input, in this order:
 
+    0. ``max_side``: an image whose longer side exceeds it is first down-scaled (antialiased) so that
+       its longer side is ``max_side``: the model never reads an image at a finer pixel scale than its
+       training data's (a 5,120-px wallpaper is read as a 640-px photo); smaller images are untouched,
     1. ``jpeg_align`` (shortcut control) and ``degrade`` (evaluation under degradation),
     2. training augmentation (JPEG/blur on the original, then crop and flip),
     3. the geometry: with ``resize`` (the seed's models) the native-size step (``fit`` to the
@@ -186,10 +200,14 @@ class Pipeline:
     degrade: tuple[str, float] | None = None
     augment: Augment = field(default_factory=Augment)
     geometry: str = "resize"
+    max_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"expected a geometry among {', '.join(GEOMETRIES)}, got {self.geometry!r}")
+        if self.max_side is not None and (isinstance(self.max_side, bool) or int(self.max_side) != self.max_side
+                                          or self.max_side < 1):
+            raise ValueError(f"expected max_side None or a positive integer, got {self.max_side!r}")
 
     @property
     def crops(self) -> int:
@@ -202,6 +220,8 @@ class Pipeline:
         return self.stage_size() if self.geometry == "resize" else None
 
     def pre_native(self, img: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+        if self.max_side is not None:
+            img = cap_side(img, self.max_side)
         if self.jpeg_align is not None:
             img = jpeg_align(img, self.jpeg_align)
         if self.degrade is not None:

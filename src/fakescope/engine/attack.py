@@ -166,7 +166,7 @@ def _data_section(index, split: str, limit: int | None, pipeline, src_pipeline, 
     return {"root": index.root, "split": split, "generators": index.generator_names, "n_files": len(index),
             "limit_per_class": limit, "native_size": pipeline.native_size,
             "source_native_size": (src_pipeline or pipeline).native_size if transfer else None,
-            "test_geometry": pipeline.geometry}
+            "test_geometry": pipeline.geometry, "max_side": pipeline.max_side}
 
 
 def _attack_index(data, generators, split: str, limit: int | None):

@@ -338,6 +338,8 @@ def make_job(run_dir, out_dir, *, paths=(), files_from=None, shard_size: int = D
         "test_geometry": pipeline.geometry, "native_size": pipeline.native_size, "jpeg_align": pipeline.jpeg_align,
         "options": options,
     }
+    if pipeline.max_side is not None:  # only when set: a job folder written before max_side existed still matches
+        fingerprint["max_side"] = pipeline.max_side
     job_meta = {"format_version": FORMAT_VERSION, "run_name": run_dir.name, "run": str(run_dir),
                 "model": config["model"]["name"], "weights_sha256": sha, "classes": classes}
     return Job(Path(out_dir), fingerprint, shard_size, bool(classes), job_meta, Scoring(decision, classes),
@@ -446,7 +448,8 @@ def predict_to_folder(run_dir, out_dir, paths: Iterable[str] = (), *, files_from
                       threshold: float | None = None, uncalibrated: bool = False, native_size=None,
                       backend: str = "torch", onnx_path=None, provenance: bool = True,
                       geometry: str | None = None, ray_address: str | None = None, actors: int | None = None,
-                      gpus_per_actor: float = 0.0, runtime_options: RuntimeOptions | None = None) -> dict:
+                      gpus_per_actor: float = 0.0, runtime_options: RuntimeOptions | None = None,
+                      max_side=None) -> dict:
     """Score ``paths`` and the ``files_from`` list into Parquet shards in ``out_dir`` (see the module
     docstring); returns the summary (also written to ``out_dir/summary.json`` by rank 0).
 
@@ -459,7 +462,7 @@ def predict_to_folder(run_dir, out_dir, paths: Iterable[str] = (), *, files_from
     options = replace(options, max_pixels=options.max_pixels or DEFAULT_MAX_PIXELS)
     t0 = time.perf_counter()
     predictor = Predictor(run_dir, _driver_options(options, engine), native_size=native_size, backend=backend,
-                          onnx_path=onnx_path, geometry=geometry)
+                          onnx_path=onnx_path, geometry=geometry, max_side=max_side)
     config, pipeline = predictor.config, predictor.pipeline
     if predictor.classes is None:
         config = {**config, "classes": None}
@@ -472,7 +475,8 @@ def predict_to_folder(run_dir, out_dir, paths: Iterable[str] = (), *, files_from
     if engine == "ray":
         del predictor
         scorer = {"run_dir": str(os.path.abspath(run_dir)), "threshold": threshold, "uncalibrated": uncalibrated,
-                  "native_size": native_size, "geometry": geometry, "backend": backend, "onnx_path": onnx_path}
+                  "native_size": native_size, "max_side": max_side, "geometry": geometry, "backend": backend,
+                  "onnx_path": onnx_path}
         mine = _run_ray(job, pipeline=pipeline, scorer=scorer, runtime_options=options, address=ray_address,
                         actors=actors, gpus_per_actor=gpus_per_actor, provenance=provenance)
     else:

@@ -43,17 +43,31 @@ def native_size_for(config: dict, override: str | int | None) -> int | None:
     return n
 
 
+def max_side_for(config: dict, override: str | int | None) -> int | None:
+    """The run's recorded ``max_side`` (None: off), or an override: ``auto`` (the run's), ``off`` or N."""
+    if override is None or override == "auto":
+        return config.get("max_side")
+    if override == "off":
+        return None
+    n = override if isinstance(override, int) and not isinstance(override, bool) else None
+    if n is None and isinstance(override, str) and override.strip().isdigit():
+        n = int(override)
+    if n is None or n <= 0:
+        raise FakescopeError(f"expected --max-side auto, off or a positive integer, got {override!r}")
+    return n
+
+
 def geometry_for(config: dict, model, override: str | None) -> str:
     """The test-time geometry: ``override`` (``--test-geometry``), else the run's recorded one, else the model's."""
     return check_geometry(override or config.get("test_geometry") or model.test_geometry)
 
 
 def prepare(run_dir, runtime_options: RuntimeOptions | None = None, *, native_size=None, jpeg_align=None,
-            geometry: str | None = None):
+            geometry: str | None = None, max_side=None):
     """``(model, config, pipeline, rt)`` for inference with a run: the model on ``rt.device`` in
     ``rt.precision``'s memory format (compiled with ``runtime_options.compile``), ``rt`` the resolved
     :class:`~fakescope.engine.runtime.Runtime`; the pipeline applies the run's test-time geometry
-    unless ``geometry`` overrides it."""
+    unless ``geometry`` overrides it, and the run's ``max_side`` unless ``max_side`` does."""
     options = runtime_options if runtime_options is not None else RuntimeOptions()
     runtime.init_distributed(options.device)
     model, config = load_run(run_dir)
@@ -63,14 +77,14 @@ def prepare(run_dir, runtime_options: RuntimeOptions | None = None, *, native_si
     if jpeg_align is None:
         jpeg_align = config.get("train", {}).get("jpeg_align")
     pipeline = Pipeline(model.preprocess.input_size, native_size_for(config, native_size), jpeg_align,
-                        geometry=geometry_for(config, model, geometry))
+                        geometry=geometry_for(config, model, geometry), max_side=max_side_for(config, max_side))
     return model, config, pipeline, rt
 
 
 def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: str = "val", generators=None,
                  threshold: float | None = None, uncalibrated: bool = False, native_size=None,
                  jpeg_align: int | None = None, degrade=None, geometry: str | None = None,
-                 runtime_options: RuntimeOptions | None = None) -> dict:
+                 runtime_options: RuntimeOptions | None = None, max_side=None) -> dict:
     """Evaluate a run on ``data``'s ``split``: the evaluate JSON as a dict, plus ``scores`` (the
     per-image ``files``, ``labels``, ``p_ai`` and ``generators`` as arrays). Writes nothing: the
     JSON, figures and ``scores.npz`` are :func:`fakescope.report.artifacts.write_evaluation`'s job.
@@ -96,7 +110,7 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, *, split: 
     decision = resolve_decision(run_dir, threshold, uncalibrated)
     degradations = _degradations(degrade)
     model, config, pipeline, rt = prepare(run_dir, runtime_options, native_size=native_size, jpeg_align=jpeg_align,
-                                          geometry=geometry)
+                                          geometry=geometry, max_side=max_side)
     index = _evaluation_index(data, generators, split)
     result = evaluate_index(model, index, pipeline, rt, threshold=decision.threshold, degradations=degradations,
                             calibrate=decision.p_ai if decision.calibrated else None, classes=config.get("classes"))
@@ -138,7 +152,7 @@ def _describe_evaluation(result: dict, run_dir, config: dict, index, split: str,
                        "options": config["model"].get("options", {})}
     result["data"] = {"root": index.root, "split": split, "generators": index.generator_names,
                       "n_files": len(index), "native_size": pipeline.native_size, "jpeg_align": pipeline.jpeg_align,
-                      "test_geometry": pipeline.geometry}
+                      "test_geometry": pipeline.geometry, "max_side": pipeline.max_side}
     result["task"] = config.get("task", "binary")
     result["threshold"] = decision.threshold
     result["threshold_source"] = decision.source
@@ -195,7 +209,8 @@ def promise_check(cal, result: dict, warnings: list[str]) -> dict:
 
 def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, uncalibrated: bool = False,
                   native_size=None, backend: str = "torch", onnx_path=None, provenance: bool = True,
-                  geometry: str | None = None, runtime_options: RuntimeOptions | None = None) -> list[dict]:
+                  geometry: str | None = None, runtime_options: RuntimeOptions | None = None,
+                  max_side=None) -> list[dict]:
     """One row per image: ``{"path", "p_ai", "verdict", "threshold", "threshold_source", "calibrated",
     "provenance"}`` or ``{"path", "error"[, "provenance"]}``; bad files never stop the rest.
     An attribution run adds ``generator`` (the most probable class, ``nature`` included),
@@ -222,10 +237,11 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
     probs = None
     if backend == "onnxruntime":
         det, config, pipeline = prepare_onnx(run_dir, onnx_path, native_size=native_size, geometry=geometry,
-                                             threads=options.threads)
+                                             threads=options.threads, max_side=max_side)
         p, errors = score_files_onnx(det, files, pipeline, options, raw=True)
     else:
-        model, config, pipeline, rt = prepare(run_dir, options, native_size=native_size, geometry=geometry)
+        model, config, pipeline, rt = prepare(run_dir, options, native_size=native_size, geometry=geometry,
+                                              max_side=max_side)
         p, errors, probs = score_variants(model, files, [pipeline], rt.replace(use_cache=False), desc="predicting",
                                           with_probs=True)
         p = p[0]
@@ -246,7 +262,6 @@ def predict_paths(run_dir, paths: list[str], *, threshold: float | None = None, 
             if classes:
                 row.update(attribution_fields(probs[i], classes))
         if provenance:
-
             row["provenance"] = inspect_provenance(f)
         rows.append(row)
     return rows
@@ -262,19 +277,19 @@ def attribution_fields(probs: np.ndarray, classes: list[str]) -> dict:
 
 
 def prepare_onnx(run_dir, onnx_path=None, *, native_size=None, geometry: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, max_side=None):
     """``(OnnxDetector, config, pipeline)`` for scoring a run with its ONNX export (``onnx_path``,
     default ``RUN/model.onnx``, on ``threads`` intra-op threads, None: onnxruntime's choice): the export
     must be of this run's model; images are prepared exactly as for the PyTorch backend (native size,
-    JPEG alignment)."""
+    max side, JPEG alignment)."""
     config = read_config(run_dir)
     det = OnnxDetector(onnx_path or Path(run_dir) / "model.onnx", threads=threads)
     if det.metadata.get("model") != config["model"]["name"]:
         raise FakescopeError(f"expected an ONNX export of this run's model {config['model']['name']}, got "
                              f"{det.metadata.get('model')} in {det.path}")
-
     pipeline = Pipeline(det.input_size, native_size_for(config, native_size), config.get("train", {}).get("jpeg_align"),
-                        geometry=check_geometry(geometry or config.get("test_geometry") or "resize"))
+                        geometry=check_geometry(geometry or config.get("test_geometry") or "resize"),
+                        max_side=max_side_for(config, max_side))
     return det, config, pipeline
 
 

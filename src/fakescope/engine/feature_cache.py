@@ -71,7 +71,9 @@ def extractor_key(model, pipeline: Pipeline, precision: Precision, device: torch
         "backbone": getattr(model, "backbone_name", type(model).__name__),
         "weights": weights_digest(model.backbone),
         "preprocess": model.preprocess.to_dict(),
-        "pipeline": {k: v for k, v in asdict(pipeline).items() if k != "augment"},
+        # max_side only when set: the keys of every cache written before it existed stay valid
+        "pipeline": {k: v for k, v in asdict(pipeline).items()
+                     if k != "augment" and not (k == "max_side" and v is None)},
         "precision": precision.name,
         "device": torch.device(device).type,
         "max_pixels": max_pixels or DEFAULT_MAX_PIXELS,

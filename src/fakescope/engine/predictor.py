@@ -32,7 +32,7 @@ class Predictor:
     ``decode`` may run in any thread; ``score`` runs the model and belongs to one thread at a time."""
 
     def __init__(self, run_dir, runtime_options: RuntimeOptions | None = None, *, native_size=None,
-                 backend: str = "torch", onnx_path=None, geometry: str | None = None) -> None:
+                 backend: str = "torch", onnx_path=None, geometry: str | None = None, max_side=None) -> None:
         options = runtime_options if runtime_options is not None else RuntimeOptions()
         self.run_dir = Path(run_dir)
         self.backend = backend
@@ -40,13 +40,14 @@ class Predictor:
         self.onnx = None
         if backend == "onnxruntime":
             self.onnx, self.config, self.pipeline = prepare_onnx(run_dir, onnx_path, native_size=native_size,
-                                                                geometry=geometry, threads=options.threads)
+                                                                geometry=geometry, threads=options.threads,
+                                                                max_side=max_side)
             self.model, self.device = None, torch.device("cpu")
             self.precision = runtime.resolve_precision("fp32", self.device, inference=True)
             self.threads = None
         elif backend == "torch":
             self.model, self.config, self.pipeline, rt = prepare(run_dir, options, native_size=native_size,
-                                                                 geometry=geometry)
+                                                                 geometry=geometry, max_side=max_side)
             self.device, self.precision = rt.device, rt.precision
             self.model.eval()
             self.threads = runtime.fewest_threads(runtime.model_threads(self.model, self.device), options.threads)

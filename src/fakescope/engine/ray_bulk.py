@@ -93,10 +93,10 @@ class Scorer:
 
     def __init__(self, run_dir, *, threshold: float | None = None, uncalibrated: bool = False, native_size=None,
                  geometry: str | None = None, backend: str = "torch", onnx_path=None,
-                 runtime_options: RuntimeOptions | None = None, keep_images: bool = False) -> None:
+                 runtime_options: RuntimeOptions | None = None, keep_images: bool = False, max_side=None) -> None:
 
         self.predictor = Predictor(run_dir, runtime_options, native_size=native_size, backend=backend,
-                                   onnx_path=onnx_path, geometry=geometry)
+                                   onnx_path=onnx_path, geometry=geometry, max_side=max_side)
         self.scoring = Scoring(resolve_decision(run_dir, threshold, uncalibrated), self.predictor.classes)
         self.keep_images = keep_images
 
@@ -182,7 +182,7 @@ def run_ray(job, *, pipeline, scorer: dict, runtime_options: RuntimeOptions, add
     """Run ``job``'s pending shards through Ray Data; ``{"files", "shards_written"}``.
 
     ``scorer``: the :class:`Scorer` keyword arguments other than its runtime options (``run_dir``,
-    ``threshold``, ``uncalibrated``, ``native_size``, ``geometry``, ``backend``, ``onnx_path``).
+    ``threshold``, ``uncalibrated``, ``native_size``, ``max_side``, ``geometry``, ``backend``, ``onnx_path``).
     ``runtime_options``: the batch size (None: :func:`~fakescope.engine.infer.default_batch_size`),
     the reader's limits (``max_pixels`` as resolved, ``max_file_size``) and the actors' device,
     precision and thread cap.

@@ -60,6 +60,7 @@ class TrainOptions:
     val_fraction: float = 0.1
     limit: int | None = None
     native_size: str = "auto"
+    max_side: int | None = None
     jpeg_align: int | None = None
     augment: Augment | None = None
     model_options: dict = field(default_factory=dict)
@@ -233,6 +234,9 @@ def _check_numbers(opts: TrainOptions) -> None:
     if bad:
         raise FakescopeError(f"expected --epochs >= 1, --batch-size >= 1, --lr > 0 and --patience >= 0, got "
                              f"{opts.epochs}, {opts.batch_size}, {opts.lr}, {opts.patience}")
+    if opts.max_side is not None and (isinstance(opts.max_side, bool) or not isinstance(opts.max_side, int)
+                                      or opts.max_side < 1):
+        raise FakescopeError(f"expected --max-side a positive number of pixels, got {opts.max_side!r}")
 
 
 # --- step 2: data ---------------------------------------------------------------------------------
@@ -332,6 +336,7 @@ def _run_config(opts: TrainOptions, model, native: int | None, splits: _Splits, 
         "model": {"name": opts.model, "options": options, "pretrained_file": opts.model_options.get("pretrained_file")},
         "preprocess": model.preprocess.to_dict(),
         "native_size": native,
+        "max_side": opts.max_side,
         "data": _data_config(opts, splits),
         "seed": opts.seed,
         "task": opts.task,
@@ -668,7 +673,8 @@ def _train_pipeline(model, opts: TrainOptions, native: int | None) -> Pipeline:
     """The training preprocessing (with the options' augmentation)."""
     # crop geometries train on one input-size square at the image's pixel scale (random with augment.native_crop)
     geometry = "resize" if (opts.test_geometry or model.test_geometry) == "resize" else "center_crop"
-    pipeline = Pipeline(model.preprocess.input_size, native, opts.jpeg_align, None, opts.augment, geometry=geometry)
+    pipeline = Pipeline(model.preprocess.input_size, native, opts.jpeg_align, None, opts.augment, geometry=geometry,
+                        max_side=opts.max_side)
     return pipeline
 
 

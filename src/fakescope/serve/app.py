@@ -202,7 +202,8 @@ class ServedModel:
         data["jpeg_align"] = self.predictor.pipeline.jpeg_align
         return {"name": self.name, "default": False, "model": cfg["model"]["name"],
                 "options": cfg["model"].get("options") or {}, "input_size": self.predictor.pipeline.input_size,
-                "native_size": self.predictor.pipeline.native_size, "threshold": self.decision.threshold,
+                "native_size": self.predictor.pipeline.native_size, "max_side": self.predictor.pipeline.max_side,
+                "threshold": self.decision.threshold,
                 "threshold_source": self.decision.source, "calibrated": self.decision.calibrated,
                 "guarantee": self.decision.guarantee(),
                 "test_geometry": self.predictor.pipeline.geometry, "classes": self.predictor.classes,
