@@ -93,7 +93,8 @@ def images(tmp_path_factory):
 def _crops_run(path: Path, max_side: int | None) -> Path:
     run = make_run(path)
     cfg = ckpt.read_config(run)
-    ckpt.write_config(run, {**cfg, "test_geometry": "crops", "max_side": max_side})
+    ckpt.write_config(run, {**cfg, "test_geometry": "crops", "max_side": max_side,
+                            "preprocess": create_model("cnn32").preprocess.to_dict()})
     return run
 
 
@@ -149,3 +150,13 @@ def test_train_records_max_side_and_trains_on_capped_images(tmp_path, monkeypatc
     assert cfg["max_side"] == 40 and cfg["train"]["max_side"] == 40
     with pytest.raises(FakescopeError, match="expected --max-side a positive number of pixels, got 0"):
         train(TrainOptions(model="cnn32", data=str(data), epochs=1, num_workers=0, max_side=0), tmp_path / "bad")
+
+
+def test_the_model_card_says_how_an_image_is_read(tmp_path):
+    from fakescope.report.model_card import build_model_card
+
+    card = build_model_card(_crops_run(tmp_path / "run", 640))
+    assert "an image whose longer side exceeds 640 px is first down-scaled to 640 px" in card
+    assert "3 x 3 grid of 32-px crops at the image's own pixel scale" in card and "max_side: 640" in card
+    plain = build_model_card(make_run(tmp_path / "plain", native_size=32))
+    assert "first down-scaled" not in plain and "typical size (32 px)" in plain

@@ -114,6 +114,8 @@ def _front_matter(r: _Run) -> list[str]:
         "label_map": {"nature": 0, "ai": 1},
         "input_size": _input_size(r),
         "native_size": r.cfg.get("native_size"),
+        "max_side": r.cfg.get("max_side"),
+        "test_geometry": r.cfg.get("test_geometry") or "resize",
         "calibrated": cal is not None,
         "threshold": cal.get("threshold") if cal else 0.5,
         "false_positive_promise": ((cal or {}).get("guarantee") or {}).get("promise"),
@@ -129,9 +131,22 @@ def _input_size(r: _Run):
 def _title(r: _Run) -> list[str]:
     """Title, and what the model takes and returns."""
     return [f"# {r.model.get('name', 'detector')} — AI-generated image detector (fakescope run `{r.path.name}`)", "",
-            "Outputs `p_ai` = P(image is AI-generated); label map nature = 0, ai = 1. Input: an RGB image; it is "
-            f"brought to the training data's typical size ({r.cfg.get('native_size') or 'not set'} px), then to the "
-            f"model's input size ({_input_size(r)} px, centre square); normalisation is inside the model.", ""]
+            "Outputs `p_ai` = P(image is AI-generated); label map nature = 0, ai = 1. Input: an RGB image; "
+            f"{_geometry_text(r)}; normalisation is inside the model.", ""]
+
+
+def _geometry_text(r: _Run) -> str:
+    """How an input image becomes the model's input (max side, then the test geometry)."""
+    size, cap = _input_size(r), r.cfg.get("max_side")
+    first = f"an image whose longer side exceeds {cap} px is first down-scaled to {cap} px; " if cap else ""
+    geometry = r.cfg.get("test_geometry") or "resize"
+    if geometry == "crops":
+        return first + (f"its score is the mean over a 3 x 3 grid of {size}-px crops at the image's own pixel scale "
+                        f"(never a whole-image resize)")
+    if geometry == "center_crop":
+        return first + f"the model reads its centre {size}-px square at the image's own pixel scale"
+    return first + (f"it is brought to the training data's typical size ({r.cfg.get('native_size') or 'not set'} "
+                    f"px), then to the model's input size ({size} px, centre square)")
 
 
 def _model(r: _Run) -> list[str]:
