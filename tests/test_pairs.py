@@ -174,7 +174,7 @@ def _paired_batch(tmp_path, augment, keyed: bool, **kw):
 
 
 FULL_AUG = Augment(jpeg_prob=0.5, jpeg_quality=(30, 90), blur_prob=0.5, blur_sigma=(0.5, 2.0), flip=True,
-                   native_crop=True, scale=(0.6, 1.0))
+                   native_crop=True, scale=(0.6, 1.0), color_prob=0.8, gray_prob=0.3)
 
 
 def test_paired_batch_halves_share_crop_flip_and_augmentation(tmp_path, monkeypatch):

@@ -61,6 +61,11 @@ def add_parser(sub):
                    help="crop geometries: a random input-size square at the image's pixel scale (not the centre)")
     g.add_argument("--aug-scale", default=None, metavar="LO,HI",
                    help="down-scale each image by a random factor in [LO, HI] first, e.g. 0.5,1 (scale augmentation)")
+    g.add_argument("--aug-color", type=a.fraction, default=None, metavar="P",
+                   help="probability of colour jitter (brightness, contrast, saturation, hue)")
+    g.add_argument("--aug-color-strength", type=a.fraction, default=None, metavar="S",
+                   help="colour jitter factors in [1-S, 1+S], hue shift in [-S/4, S/4] (0.4)")
+    g.add_argument("--aug-gray", type=a.fraction, default=None, metavar="P", help="probability of greyscale")
     v = t.add_argument_group("adversarial training")
     v.add_argument("--adv-train", default=None, choices=["pgd", "fgsm"], help="train on adversarial examples")
     v.add_argument("--adv-eps", type=a.number, default=2 / 255)
@@ -78,7 +83,7 @@ def add_parser(sub):
 _NOT_OPTIONS = {"help", "out", "resume"}
 _DEFAULTS: dict = {}
 _AUG = ("aug_jpeg", "aug_jpeg_quality", "aug_blur", "aug_blur_sigma", "aug_crop", "aug_flip", "aug_native_crop",
-        "aug_scale")
+        "aug_scale", "aug_color", "aug_color_strength", "aug_gray")
 _MODEL = ("filters", "pretrained_file", "no_pretrained", "freeze")
 _RENAMED = {"workers": "num_workers", "no_cache": "use_cache"}
 
@@ -106,7 +111,9 @@ def _augment(args) -> Augment | None:
                    blur_sigma=_range("--aug-blur-sigma", args.aug_blur_sigma or "0,3", float),
                    crop=1.0 if args.aug_crop is None else args.aug_crop, flip=bool(args.aug_flip),
                    native_crop=bool(args.aug_native_crop),
-                   scale=_scale(args.aug_scale))
+                   scale=_scale(args.aug_scale), color_prob=args.aug_color or 0.0,
+                   color_strength=0.4 if args.aug_color_strength is None else args.aug_color_strength,
+                   gray_prob=args.aug_gray or 0.0)
 
 
 def _given(args) -> dict:

@@ -155,7 +155,11 @@ class Augment:
     (1 = off); ``flip``: random horizontal flip; ``native_crop``: for models with a crop test
     geometry, a randomly placed input-size square at the image's own pixel scale (instead of the
     centre one); ``scale``: the image first down-scaled by a random factor in this range (``(1, 1)``
-    = off), so that the pixel scale of the training images is not a feature.
+    = off), so that the pixel scale of the training images is not a feature; ``color_prob``/``color_strength``:
+    random colour jitter (brightness, contrast and saturation factors in ``[1 - s, 1 + s]``, hue shift in
+    ``[-s/4, s/4]``, in random order, torchvision's ``ColorJitter``), so that colourfulness is not a feature;
+    ``gray_prob``: random conversion to greyscale (kept as three equal channels). The colour steps act on
+    the final crop (they are per pixel, but for contrast, which uses the crop's mean).
     """
 
     jpeg_prob: float = 0.0
@@ -166,11 +170,38 @@ class Augment:
     flip: bool = False
     native_crop: bool = False
     scale: tuple[float, float] = (1.0, 1.0)
+    color_prob: float = 0.0
+    color_strength: float = 0.4
+    gray_prob: float = 0.0
 
     @property
     def active(self) -> bool:
         return (self.jpeg_prob > 0 or self.blur_prob > 0 or self.crop < 1 or self.flip or self.native_crop
-                or tuple(self.scale) != (1.0, 1.0))
+                or tuple(self.scale) != (1.0, 1.0) or self.color_prob > 0 or self.gray_prob > 0)
+
+
+COLOR_STEPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+
+
+def color_jitter(img: torch.Tensor, strength: float, rng: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and saturation scaled by random factors in ``[1 - strength, 1 + strength]`` and
+    the hue shifted by a random amount in ``[-strength / 4, strength / 4]``, the four in a random order
+    (torchvision's ``ColorJitter(s, s, s, s / 4)``); ``uint8`` in and out."""
+    s = float(strength)
+    factors = [1 - s + 2 * s * torch.rand((), generator=rng).item() for _ in COLOR_STEPS]
+    hue = (torch.rand((), generator=rng).item() - 0.5) * s / 2
+    for k in torch.randperm(4, generator=rng).tolist():
+        img = TF.adjust_hue(img, hue) if k == 3 else COLOR_STEPS[k](img, max(0.0, factors[k]))
+    return img
+
+
+def colour_augment(img: torch.Tensor, augment: Augment, rng: torch.Generator) -> torch.Tensor:
+    """The colour steps of ``augment`` (jitter, then greyscale), each drawn from ``rng``."""
+    if augment.color_prob > 0 and torch.rand((), generator=rng) < augment.color_prob:
+        img = color_jitter(img, augment.color_strength, rng)
+    if augment.gray_prob > 0 and torch.rand((), generator=rng) < augment.gray_prob:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    return img
 
 
 
@@ -256,12 +287,16 @@ class Pipeline:
     def to_stage(self, img: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
         img = self.pre_native(img, rng)
         if self.geometry == "resize":
-            return fit(img, self.stage_size())
-        if rng is not None and self.augment.native_crop:
-            return random_crop(img, self.input_size, rng)
-        if self.geometry == "crops":
+            img = fit(img, self.stage_size())
+        elif rng is not None and self.augment.native_crop:
+            img = random_crop(img, self.input_size, rng)
+        elif self.geometry == "crops":
             return torch.stack(grid_crops(img, self.input_size))
-        return center_crop(img, self.input_size)
+        else:
+            img = center_crop(img, self.input_size)
+        if rng is not None and (self.augment.color_prob > 0 or self.augment.gray_prob > 0):
+            img = colour_augment(img, self.augment, rng)
+        return img
 
     def finish(self, img: torch.Tensor) -> torch.Tensor:
         """Stage image(s) -> model input size; works on one image or a batch."""

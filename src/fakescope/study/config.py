@@ -210,7 +210,8 @@ def _names(v) -> list[str]:
 _AUGMENT = {"jpeg_prob": parsing.fraction, "jpeg_quality": lambda v: parsing.value_range(v, parsing.quality),
             "blur_prob": parsing.fraction, "blur_sigma": lambda v: parsing.value_range(v, parsing.number),
             "crop": parsing.fraction, "flip": parsing.boolean, "native_crop": parsing.boolean,
-            "scale": lambda v: _scale_range(parsing.value_range(v, parsing.number))}
+            "scale": lambda v: _scale_range(parsing.value_range(v, parsing.number)),
+            "color_prob": parsing.fraction, "color_strength": parsing.fraction, "gray_prob": parsing.fraction}
 
 
 def _scale_range(r: tuple) -> tuple:
