@@ -76,3 +76,47 @@ def test_the_train_command_and_configuration_files_take_the_colour_options():
     assert check_augment({"color_prob": 0.5, "gray_prob": 0.1}) == {"color_prob": 0.5, "gray_prob": 0.1}
     with pytest.raises(FakescopeError, match="color_prob"):
         check_augment({"color_prob": 2})
+
+
+def _detail(img: torch.Tensor) -> float:
+    f = img.float().mean(0)
+    return float((4 * f[1:-1, 1:-1] - f[:-2, 1:-1] - f[2:, 1:-1] - f[1:-1, :-2] - f[1:-1, 2:]).abs().mean())
+
+
+def test_nature_blur_smooths_real_images_only_and_keeps_the_draws_in_step():
+    img = _colourful(64, 64)
+    pipe = Pipeline(32, geometry="center_crop", augment=Augment(native_crop=True, flip=True, nature_blur_prob=1.0,
+                                                                nature_blur_sigma=(1.5, 1.5)))
+    out = {}
+    for label in (0, 1, None):
+        rng = torch.Generator().manual_seed(5)
+        out[label] = pipe(img, rng, label)
+        out[f"next{label}"] = torch.rand((), generator=rng).item()
+    assert torch.equal(out[1], out[None])  # an AI image (or an unlabelled one) is never blurred by it
+    assert _detail(out[0]) < 0.7 * _detail(out[1])  # the real one is smoother...
+    assert out["next0"] == out["next1"] == out["nextNone"]  # ...and the generator is in the same state
+
+
+def test_the_dataset_hands_each_files_label_to_the_augmentation(tmp_path):
+    from PIL import Image
+
+    from fakescope.data.dataset import ImageDataset
+
+    Image.fromarray(_colourful(64, 64).permute(1, 2, 0).numpy()).save(tmp_path / "x.png")
+    files = [str(tmp_path / "x.png")] * 2
+    pipe = Pipeline(32, geometry="center_crop", augment=Augment(native_crop=True, nature_blur_prob=1.0))
+    labelled = ImageDataset(files, pipe, stage_only=True, aug_keys=[0, 0], labels=[0, 1])
+    real, fake = labelled[0]["image"], labelled[1]["image"]
+    assert _detail(real) < _detail(fake)
+    plain = ImageDataset(files, pipe, stage_only=True, aug_keys=[0, 0])
+    assert torch.equal(plain[0]["image"], plain[1]["image"]) and torch.equal(plain[0]["image"], fake)
+    with pytest.raises(ValueError, match="expected one label per file"):
+        ImageDataset(files, pipe, labels=[0])
+
+
+def test_the_train_command_takes_nature_blur():
+    args = build_parser().parse_args(["train", "--model", "cnn32", "--data", "d", "--out", "o",
+                                      "--aug-nature-blur", "0.5", "--aug-nature-blur-sigma", "1,3"])
+    aug = _augment(args)
+    assert (aug.nature_blur_prob, aug.nature_blur_sigma) == (0.5, (1.0, 3.0)) and aug.active
+    assert check_augment({"nature_blur_prob": 0.3}) == {"nature_blur_prob": 0.3}

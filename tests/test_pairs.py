@@ -193,6 +193,22 @@ def test_paired_batch_halves_share_crop_flip_and_augmentation(tmp_path, monkeypa
     assert len({tuple(c[k, 0, 0, :2].tolist()) for k in range(0, len(c), 2)}) > 1  # crops do vary between pairs
 
 
+def test_nature_blur_reaches_the_real_member_of_each_training_pair(tmp_path, monkeypatch):
+    import fakescope.engine.sources as sources
+
+    monkeypatch.setattr(sources, "on_features", lambda model, opts: False)
+    monkeypatch.setattr(sources.runtime, "model_threads", lambda model, device: None)
+    aug = Augment(native_crop=True, flip=True, nature_blur_prob=1.0, nature_blur_sigma=(1.5, 1.5))
+    x = _paired_batch(tmp_path, aug, keyed=True, identity=True)  # identity autoencoder: twins are the same image
+
+    def detail(t):
+        f = t.float().mean(1)
+        return (4 * f[:, 1:-1, 1:-1] - f[:, :-2, 1:-1] - f[:, 2:, 1:-1] - f[:, 1:-1, :-2] - f[:, 1:-1, 2:]).abs().mean()
+
+    assert detail(x[0::2]) < 0.8 * detail(x[1::2])  # the real members (even rows) were blurred, the fakes not
+    assert torch.allclose(x[0::2].mean((1, 2, 3)), x[1::2].mean((1, 2, 3)), atol=0.02)  # same crop, same flip
+
+
 def test_paired_on_a_root_without_pairs_fails_in_one_line(tmp_path, capsys):
     root = make_dataset(tmp_path / "d", n_train=6, n_val=2)
     rc = main(["train", "--model", "cnn32", "--data", str(root), "--out", str(tmp_path / "run"), "--epochs", "1",

@@ -66,6 +66,10 @@ def add_parser(sub):
     g.add_argument("--aug-color-strength", type=a.fraction, default=None, metavar="S",
                    help="colour jitter factors in [1-S, 1+S], hue shift in [-S/4, S/4] (0.4)")
     g.add_argument("--aug-gray", type=a.fraction, default=None, metavar="P", help="probability of greyscale")
+    g.add_argument("--aug-nature-blur", type=a.fraction, default=None, metavar="P",
+                   help="probability of a Gaussian blur of the real images only, so that smoothness is not a "
+                        "feature of the AI class")
+    g.add_argument("--aug-nature-blur-sigma", default=None, metavar="LO,HI", help="its sigma range (0.5,2)")
     v = t.add_argument_group("adversarial training")
     v.add_argument("--adv-train", default=None, choices=["pgd", "fgsm"], help="train on adversarial examples")
     v.add_argument("--adv-eps", type=a.number, default=2 / 255)
@@ -83,7 +87,7 @@ def add_parser(sub):
 _NOT_OPTIONS = {"help", "out", "resume"}
 _DEFAULTS: dict = {}
 _AUG = ("aug_jpeg", "aug_jpeg_quality", "aug_blur", "aug_blur_sigma", "aug_crop", "aug_flip", "aug_native_crop",
-        "aug_scale", "aug_color", "aug_color_strength", "aug_gray")
+        "aug_scale", "aug_color", "aug_color_strength", "aug_gray", "aug_nature_blur", "aug_nature_blur_sigma")
 _MODEL = ("filters", "pretrained_file", "no_pretrained", "freeze")
 _RENAMED = {"workers": "num_workers", "no_cache": "use_cache"}
 
@@ -113,7 +117,8 @@ def _augment(args) -> Augment | None:
                    native_crop=bool(args.aug_native_crop),
                    scale=_scale(args.aug_scale), color_prob=args.aug_color or 0.0,
                    color_strength=0.4 if args.aug_color_strength is None else args.aug_color_strength,
-                   gray_prob=args.aug_gray or 0.0)
+                   gray_prob=args.aug_gray or 0.0, nature_blur_prob=args.aug_nature_blur or 0.0,
+                   nature_blur_sigma=_range("--aug-nature-blur-sigma", args.aug_nature_blur_sigma or "0.5,2", float))
 
 
 def _given(args) -> dict:

@@ -37,12 +37,14 @@ class ImageDataset(Dataset):
     batches), which keeps small images small in memory. Augmentation randomness is drawn from a
     generator seeded by ``(seed, epoch, index)``, so it is reproducible with any worker count;
     ``aug_keys`` replaces the index in that seed (files with one key draw the same crop, flip, blur,
-    JPEG and scale: the two members of an aligned pair, for ``train --paired``).
+    JPEG and scale: the two members of an aligned pair, for ``train --paired``). ``labels`` (0 nature,
+    1 ai, one per file) reach the augmentation, for its class-conditional steps (``nature_blur_prob``).
     """
 
     def __init__(self, files: list[str], pipeline: Pipeline, *, stage_only: bool = False, seed: int = 0,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_file_size: int | None = None,
-                 variants: Sequence[Pipeline] | None = None, aug_keys: Sequence[int] | None = None) -> None:
+                 variants: Sequence[Pipeline] | None = None, aug_keys: Sequence[int] | None = None,
+                 labels: Sequence[int] | None = None) -> None:
         self.files = files
         self.pipeline = pipeline
         self.variants = tuple(variants) if variants else None
@@ -56,6 +58,9 @@ class ImageDataset(Dataset):
         if aug_keys is not None and len(aug_keys) != len(files):
             raise ValueError(f"expected one augmentation key per file, got {len(aug_keys)} for {len(files)} files")
         self.aug_keys = list(aug_keys) if aug_keys is not None else None
+        if labels is not None and len(labels) != len(files):
+            raise ValueError(f"expected one label per file, got {len(labels)} for {len(files)} files")
+        self.labels = [int(y) for y in labels] if labels is not None else None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -67,14 +72,16 @@ class ImageDataset(Dataset):
         except ImageReadError as e:
             return {"index": i, "error": e.reason}
         rng = None
+        label = self.labels[i] if self.labels is not None else None
         if self.pipeline.augment.active:
             key = self.aug_keys[i] if self.aug_keys is not None else i
             rng = torch.Generator().manual_seed(torch_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + key))
         try:
             if self.variants:
-                x = torch.stack([v.to_stage(img, rng) if self.stage_only else v(img, rng) for v in self.variants])
+                x = torch.stack([v.to_stage(img, rng, label) if self.stage_only else v(img, rng, label)
+                                 for v in self.variants])
             else:
-                x = self.pipeline.to_stage(img, rng) if self.stage_only else self.pipeline(img, rng)
+                x = self.pipeline.to_stage(img, rng, label) if self.stage_only else self.pipeline(img, rng, label)
         except TransformError as e:  # e.g. a 70000-pixel-wide image cannot be re-encoded as JPEG; bugs propagate
             return {"index": i, "error": str(e)}
         return {"index": i, "image": x}

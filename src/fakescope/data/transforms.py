@@ -160,6 +160,12 @@ class Augment:
     ``[-s/4, s/4]``, in random order, torchvision's ``ColorJitter``), so that colourfulness is not a feature;
     ``gray_prob``: random conversion to greyscale (kept as three equal channels). The colour steps act on
     the final crop (they are per pixel, but for contrast, which uses the crop's mean).
+
+    ``nature_blur_prob``/``nature_blur_sigma``: a Gaussian blur of the *real* images only (label 0), after
+    the shared blur: where the generated images of a data set are smoother than its photos (multigen's
+    median Laplacian energy is a third of its photos'), smoothness stops telling the classes apart, and
+    smooth real photos stop being called AI. Its random draws are made for every image, so both members
+    of an aligned pair keep the same crop, flip, JPEG and scale.
     """
 
     jpeg_prob: float = 0.0
@@ -173,11 +179,14 @@ class Augment:
     color_prob: float = 0.0
     color_strength: float = 0.4
     gray_prob: float = 0.0
+    nature_blur_prob: float = 0.0
+    nature_blur_sigma: tuple[float, float] = (0.5, 2.0)
 
     @property
     def active(self) -> bool:
         return (self.jpeg_prob > 0 or self.blur_prob > 0 or self.crop < 1 or self.flip or self.native_crop
-                or tuple(self.scale) != (1.0, 1.0) or self.color_prob > 0 or self.gray_prob > 0)
+                or tuple(self.scale) != (1.0, 1.0) or self.color_prob > 0 or self.gray_prob > 0
+                or self.nature_blur_prob > 0)
 
 
 COLOR_STEPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
@@ -250,7 +259,8 @@ class Pipeline:
         the crop geometries, which read the image at its own pixel scale."""
         return self.stage_size() if self.geometry == "resize" else None
 
-    def pre_native(self, img: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+    def pre_native(self, img: torch.Tensor, rng: torch.Generator | None = None,
+                   label: int | None = None) -> torch.Tensor:
         if self.max_side is not None:
             img = cap_side(img, self.max_side)
         if self.jpeg_align is not None:
@@ -263,6 +273,12 @@ class Pipeline:
             if a.blur_prob > 0 and torch.rand((), generator=rng) < a.blur_prob:
                 lo, hi = a.blur_sigma
                 img = blur(img, lo + (hi - lo) * torch.rand((), generator=rng).item())
+            if a.nature_blur_prob > 0:  # drawn for both classes: a pair's twins stay in step
+                hit = bool(torch.rand((), generator=rng) < a.nature_blur_prob)
+                lo, hi = a.nature_blur_sigma
+                sigma = lo + (hi - lo) * torch.rand((), generator=rng).item()
+                if hit and label == 0:
+                    img = blur(img, sigma)
             if a.jpeg_prob > 0 and torch.rand((), generator=rng) < a.jpeg_prob:
                 lo, hi = a.jpeg_quality
                 img = jpeg(img, int(torch.randint(lo, hi + 1, (), generator=rng)))
@@ -284,8 +300,10 @@ class Pipeline:
         else the input size."""
         return (self.native_size or self.input_size) if self.geometry == "resize" else self.input_size
 
-    def to_stage(self, img: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
-        img = self.pre_native(img, rng)
+    def to_stage(self, img: torch.Tensor, rng: torch.Generator | None = None,
+                 label: int | None = None) -> torch.Tensor:
+        """``label`` (0 nature, 1 ai) matters only to class-conditional augmentation (``nature_blur_prob``)."""
+        img = self.pre_native(img, rng, label)
         if self.geometry == "resize":
             img = fit(img, self.stage_size())
         elif rng is not None and self.augment.native_crop:
@@ -302,5 +320,6 @@ class Pipeline:
         """Stage image(s) -> model input size; works on one image or a batch."""
         return fit(img, self.input_size)
 
-    def __call__(self, img: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
-        return self.finish(self.to_stage(img, rng))
+    def __call__(self, img: torch.Tensor, rng: torch.Generator | None = None,
+                 label: int | None = None) -> torch.Tensor:
+        return self.finish(self.to_stage(img, rng, label))

@@ -180,7 +180,8 @@ def make_source(model, files: list[str], labels: list[int], pipeline: Pipeline, 
                                    threads=1 if device.type == "cpu" else None, kind="features")
     else:
         kw = {"max_pixels": opts.max_pixels} if opts.max_pixels else {}
-        ds = ImageDataset(files, pipeline, stage_only=True, seed=opts.seed, aug_keys=aug_keys, **kw)
+        ds = ImageDataset(files, pipeline, stage_only=True, seed=opts.seed, aug_keys=aug_keys,
+                          labels=[min(int(v), 1) for v in labels], **kw)
         try:
             preload_now = should_preload(pipeline, len(files), mode=opts.preload)
         except ValueError as e:

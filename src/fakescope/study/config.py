@@ -211,7 +211,9 @@ _AUGMENT = {"jpeg_prob": parsing.fraction, "jpeg_quality": lambda v: parsing.val
             "blur_prob": parsing.fraction, "blur_sigma": lambda v: parsing.value_range(v, parsing.number),
             "crop": parsing.fraction, "flip": parsing.boolean, "native_crop": parsing.boolean,
             "scale": lambda v: _scale_range(parsing.value_range(v, parsing.number)),
-            "color_prob": parsing.fraction, "color_strength": parsing.fraction, "gray_prob": parsing.fraction}
+            "color_prob": parsing.fraction, "color_strength": parsing.fraction, "gray_prob": parsing.fraction,
+            "nature_blur_prob": parsing.fraction,
+            "nature_blur_sigma": lambda v: parsing.value_range(v, parsing.number)}
 
 
 def _scale_range(r: tuple) -> tuple:
