@@ -28,33 +28,28 @@ from fakescope.parsing import checked
 from fakescope.provenance import inspect_provenance
 
 
-def native_size_for(config: dict, override: str | int | None) -> int | None:
-    """The run's recorded native size, or an override: ``auto`` (the run's), ``off`` or N."""
+def _recorded_or_override(config: dict, key: str, flag: str, override: str | int | None) -> int | None:
+    """``config[key]`` when ``override`` is None or ``auto``; None for ``off``; else a positive integer."""
     if override is None or override == "auto":
-        return config.get("native_size")
-    if override == "off":
-        return None
-    try:
-        n = int(override)
-    except (TypeError, ValueError):
-        n = 0
-    if n <= 0:
-        raise FakescopeError(f"expected --native-size auto, off or a positive integer, got {override!r}")
-    return n
-
-
-def max_side_for(config: dict, override: str | int | None) -> int | None:
-    """The run's recorded ``max_side`` (None: off), or an override: ``auto`` (the run's), ``off`` or N."""
-    if override is None or override == "auto":
-        return config.get("max_side")
+        return config.get(key)
     if override == "off":
         return None
     n = override if isinstance(override, int) and not isinstance(override, bool) else None
     if n is None and isinstance(override, str) and override.strip().isdigit():
         n = int(override)
     if n is None or n <= 0:
-        raise FakescopeError(f"expected --max-side auto, off or a positive integer, got {override!r}")
+        raise FakescopeError(f"expected {flag} auto, off or a positive integer, got {override!r}")
     return n
+
+
+def native_size_for(config: dict, override: str | int | None) -> int | None:
+    """The run's recorded native size, or an override: ``auto`` (the run's), ``off`` or N."""
+    return _recorded_or_override(config, "native_size", "--native-size", override)
+
+
+def max_side_for(config: dict, override: str | int | None) -> int | None:
+    """The run's recorded ``max_side`` (None: off), or an override: ``auto`` (the run's), ``off`` or N."""
+    return _recorded_or_override(config, "max_side", "--max-side", override)
 
 
 def geometry_for(config: dict, model, override: str | None) -> str:

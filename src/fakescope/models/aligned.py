@@ -33,7 +33,9 @@ ALIGNED_RECIPE = Recipe(
     source="after Rajan et al. ICLR 2025 (aligned pairs): Adam lr 1e-4, batch 64 (32 pairs), both members of a "
            "pair in one batch with the same random native-scale crop, flip, Gaussian blur (sigma in [0, 3], "
            "p 0.5), JPEG (quality in [30, 100], p 0.5) and down-scaling (factor in [0.5, 1]); lr / 10 on a "
-           "validation-accuracy plateau (the authors' script adds colour jitter, cutout, noise and rot90: not here)",
+           "validation-accuracy plateau (the authors' script adds colour jitter, cutout, noise and rot90: "
+           "colour jitter and greyscale exist as --aug-color / --aug-gray, not in this recipe; cutout, noise "
+           "and rot90 do not)",
 )
 
 
