@@ -147,3 +147,11 @@ def test_check_promise_flags_an_interval_entirely_above_the_target():
     r = error_rates([[975, 25], [30, 70]])
     assert r["fpr"]["value"] == 0.025 and r["fpr"]["n"] == 1000 and r["tpr"]["value"] == 0.7
     assert r["tpr"]["interval"] == pytest.approx([stats.beta.ppf(0.025, 70, 31), stats.beta.ppf(0.975, 71, 30)])
+
+
+def test_a_holdout_of_several_roots_is_named_by_each_root_not_their_common_parent():
+    y, p = _scores()
+    data = {"root": "/tmp", "roots": ["/tmp/aligned", "/tmp/data/multigen"], "split": "holdout"}
+    cal = fit_calibration(y, p, 0.05, data=data)
+    assert cal.promise.startswith("at most 5 % of real images like those in aligned + multigen (the training "
+                                  "images the run did not train on) are called AI")

@@ -249,6 +249,11 @@ def test_several_roots_train_together_and_holdout_follows(tmp_path):
     held = holdout_index(cfg)
     assert set(held.generator_names) == {"alpha", "taefx"}
     assert len(held) == cfg["data"]["val_images"]
+    rc = main(["calibrate", str(out), "--split", "holdout", "--target-fpr", "0.5", "--confidence", "0"])
+    assert rc == 0
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["data"]["roots"] == [str(a), str(b)]  # the promise names both roots, not their parent folder
+    assert "of a + b (the training images the run did not train on)" in cal["guarantee"]["statement"]
 
 
 def test_two_roots_with_one_generator_name_fail_in_one_line(tmp_path, capsys):

@@ -251,13 +251,13 @@ def _pct(x: float) -> str:
 
 
 def calibration_set_name(data: dict | None) -> str:
-    """How the promise names the calibration set: the data root's folder name and which of its images
-    (no server paths)."""
+    """How the promise names the calibration set: the data root's folder name (``a + b`` for a holdout
+    drawn from several roots) and which of its images (no server paths)."""
     data = data or {}
-    root = data.get("root")
-    if not root:
+    roots = data.get("roots") or [data.get("root")]  # a run trained on several roots: name each of them
+    if not all(roots):
         return "the calibration set"
-    name = Path(os.fspath(root)).name or str(root)
+    name = " + ".join(Path(os.fspath(r)).name or str(r) for r in roots)
     if data.get("split") == "holdout":
         return f"{name} (the training images the run did not train on)"
     return f"{name} (split {data.get('split')})" if data.get("split") else name
