@@ -91,8 +91,7 @@ def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = N
     labels = np.asarray(index.labels)[ok]
     desc = {"root": root, "split": split, "generators": index.generator_names, "n_files": len(index),
             "unreadable": int((~ok).sum()), "limit": limit, "precision": rt.precision.name}
-    roots = (config.get("data") or {}).get("roots") or []
-    if split == HOLDOUT and len(roots) > 1:  # the index's root is then only the roots' common parent
-        desc["roots"] = list(roots)
+    if len(index.roots) > 1:  # the index's root is then only the roots' common parent
+        desc["roots"] = index.roots
     cal = fit_calibration(labels, p[ok], target_fpr, method=method, data=desc, confidence=float(confidence))
     return {"calibration": cal, "warnings": warnings}
